@@ -1,0 +1,2 @@
+class CheckpointError(ValueError):
+    """A model directory or checkpoint file that cannot be used; the message names the file."""

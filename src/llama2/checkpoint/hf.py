@@ -1,0 +1,250 @@
+"""Our native model directory, which is a Hugging Face ``LlamaForCausalLM`` directory.
+
+``config.json`` + ``model.safetensors`` (or shards + ``model.safetensors.index.json``) +
+``generation_config.json`` + ``tokenizer.model`` + ``tokenizer_config.json``: transformers,
+vLLM and llama.cpp's converter read it as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llama2.chat import CHAT_TEMPLATE
+from llama2.model import ModelConfig
+
+from .errors import CheckpointError
+
+SAFETENSORS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+# our parameter name -> transformers' name (one regex each, applied to the whole name)
+_TO_HF = [
+    (r"^tok_embeddings\.", "model.embed_tokens."),
+    (r"^norm\.", "model.norm."),
+    (r"^output\.", "lm_head."),
+    (r"^layers\.(\d+)\.attention\.w([qkvo])\.", r"model.layers.\1.self_attn.\2_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
+    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+]
+_FROM_HF = [
+    (r"^model\.embed_tokens\.", "tok_embeddings."),
+    (r"^model\.norm\.", "norm."),
+    (r"^lm_head\.", "output."),
+    (r"^model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.", r"layers.\1.attention.w\2."),
+    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.", r"layers.\1.feed_forward.w1."),
+    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"layers.\1.feed_forward.w2."),
+    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"layers.\1.feed_forward.w3."),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attention_norm."),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
+]
+
+
+def _rename(name: str, rules) -> str:
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name  # e.g. a reward model's "score.weight" is the same in both
+
+
+def to_hf_name(name: str) -> str:
+    return _rename(name, _TO_HF)
+
+
+def from_hf_name(name: str) -> str:
+    return _rename(name, _FROM_HF)
+
+
+# -- config -----------------------------------------------------------------------------
+def hf_config(cfg: ModelConfig, architecture: str = "LlamaForCausalLM", dtype=torch.float32, **extra) -> dict:
+    return {
+        "architectures": [architecture],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        # multiple_of / ffn_dim_multiplier are not HF fields; intermediate_size carries the width.
+        "llama2": {"multiple_of": cfg.multiple_of, "ffn_dim_multiplier": cfg.ffn_dim_multiplier},
+        **extra,
+    }
+
+
+def config_from_hf(cfg: dict, source: Path | str = "config.json") -> ModelConfig:
+    try:
+        if cfg.get("model_type", "llama") != "llama":
+            raise CheckpointError(f"{source}: model_type {cfg['model_type']!r} is not a Llama model")
+        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        extra = cfg.get("llama2", {})
+        model_cfg = ModelConfig(
+            dim=dim,
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            vocab_size=cfg["vocab_size"],
+            multiple_of=extra.get("multiple_of", 256),
+            ffn_dim_multiplier=extra.get("ffn_dim_multiplier"),
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            max_seq_len=cfg.get("max_position_embeddings", 4096),
+        )
+        if cfg.get("head_dim") not in (None, model_cfg.head_dim):
+            raise CheckpointError(f"{source}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    want = cfg.get("intermediate_size")
+    if want is not None and want != model_cfg.hidden_dim:
+        model_cfg.ffn_hidden = want  # a width Meta's (multiple_of, multiplier) rule did not give
+    return model_cfg
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found (not a model directory)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+
+
+# -- weights ----------------------------------------------------------------------------
+def weight_files(path: Path) -> list[Path]:
+    index = path / INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: invalid index ({e})") from None
+        files = [path / n for n in names]
+    else:
+        files = [path / SAFETENSORS]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: weight file not found")
+    return files
+
+
+def iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, tensor) pairs, read lazily one tensor at a time."""
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (OSError, RuntimeError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{file}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+
+
+def write_safetensors(
+    path: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> None:
+    """Write (name, tensor) pairs as ``model.safetensors`` or as shards with an index.
+
+    Tensors are consumed one shard at a time, so a lazy iterator never holds more than one
+    shard in memory.
+    """
+    shards: list[str] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+    current: dict[str, torch.Tensor] = {}
+    current_bytes = 0
+
+    def flush() -> None:
+        nonlocal current, current_bytes
+        name = f"model-{len(shards) + 1:05d}.safetensors.part"
+        _atomic_save(current, path / name)
+        shards.append(name)
+        for k in current:
+            weight_map[k] = name
+        current, current_bytes = {}, 0
+
+    for name, t in tensors:
+        size = t.numel() * t.element_size()
+        if current and current_bytes + size > max_shard_bytes:
+            flush()
+        current[name] = t.contiguous()
+        current_bytes += size
+        total += size
+    if not shards:  # everything fits in one file
+        _atomic_save(current, path / SAFETENSORS)
+        (path / INDEX).unlink(missing_ok=True)
+        return
+    flush()
+    n = len(shards)
+    renamed = {old: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, old in enumerate(shards)}
+    for old, new in renamed.items():
+        os.replace(path / old, path / new)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
+    _atomic_write_text(path / INDEX, json.dumps(index, indent=2))
+    (path / SAFETENSORS).unlink(missing_ok=True)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, file)
+
+
+def _atomic_write_text(file: Path, text: str) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+def write_json(file: Path, obj) -> None:
+    _atomic_write_text(file, json.dumps(obj, indent=2) + "\n")
+
+
+def write_tokenizer_files(path: Path, tokenizer, max_len: int) -> None:
+    """Copy ``tokenizer.model`` and describe it for transformers (with the chat template)."""
+    src = Path(tokenizer.path)
+    if src.resolve() != (path / "tokenizer.model").resolve():
+        shutil.copyfile(src, path / "tokenizer.model")
+    write_json(path / "tokenizer_config.json", {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": True,
+        "add_prefix_space": None,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len,
+        "chat_template": CHAT_TEMPLATE,
+    })
+    write_json(path / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})

@@ -1,0 +1,168 @@
+"""Meta's release format: ``params.json`` + ``consolidated.NN.pth`` (one file per model-parallel rank).
+
+Shards are merged by how Meta's model-parallel layers split each weight (facts §2), and the
+rows of wq/wk are permuted between Meta's adjacent-pair RoPE and our rotate-half layout.
+Everything is read memory-mapped and written one tensor or one shard at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from llama2.model import ModelConfig
+
+from .errors import CheckpointError
+
+# Weights whose output features are split across ranks (ColumnParallelLinear): concat on dim 0.
+_DIM0 = re.compile(r"(attention\.w[qkv]|feed_forward\.w[13])\.weight$|^output\.weight$")
+# Weights split on the input features (RowParallelLinear) and the parallel embedding: dim 1.
+_DIM1 = re.compile(r"(attention\.wo|feed_forward\.w2)\.weight$|^tok_embeddings\.weight$")
+
+
+def shard_dim(name: str) -> int | None:
+    """Dimension along which Meta splits ``name`` across ranks; None when it is replicated."""
+    if _DIM0.search(name):
+        return 0
+    if _DIM1.search(name):
+        return 1
+    return None
+
+
+def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta row 2i+c of each head becomes row c*head_dim/2 + i (adjacent pairs -> rotate half)."""
+    out_features, dim = w.shape
+    head_dim = out_features // n_heads
+    return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(out_features, dim)
+
+
+def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out_features, dim = w.shape
+    head_dim = out_features // n_heads
+    return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(out_features, dim)
+
+
+def is_meta_dir(path: Path) -> bool:
+    return (path / "params.json").is_file()
+
+
+def shard_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise CheckpointError(f"{path}: no consolidated.NN.pth files next to params.json")
+    return files
+
+
+def find_tokenizer(path: Path) -> Path | None:
+    """Meta's downloads keep tokenizer.model beside the weights or one folder up."""
+    for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_params(path: Path) -> ModelConfig:
+    file = path / "params.json"
+    try:
+        params = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+    known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+             "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "max_batch_size"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise CheckpointError(f"{file}: unknown field(s) {', '.join(unknown)}")
+    params.pop("max_batch_size", None)
+    if params.get("vocab_size", -1) == -1:
+        # -1 means "as many as the tokenizer has"; the embedding's shape says the same.
+        first = shard_files(path)[0]
+        emb = _load_shard(first)["tok_embeddings.weight"]
+        params["vocab_size"] = emb.shape[0]
+    try:
+        return ModelConfig(**params)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def _load_shard(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt file
+        raise CheckpointError(f"{file}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def iter_meta_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Merged tensors under our names, in our (rotate-half) layout, one at a time."""
+    shards = [_load_shard(f) for f in shard_files(path)]  # memory-mapped: nothing is read yet
+    for name in shards[0]:
+        if name == "rope.freqs":  # a precomputed buffer in some files, not a weight
+            continue
+        parts = []
+        for f, shard in zip(shard_files(path), shards):
+            if name not in shard:
+                raise CheckpointError(f"{f}: missing tensor {name!r} present in the first shard")
+            parts.append(shard[name])
+        dim = shard_dim(name)
+        t = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+        if name.endswith("attention.wq.weight"):
+            t = meta_to_hf_rows(t, cfg.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = meta_to_hf_rows(t, cfg.n_kv_heads)
+        yield name, t
+
+
+def meta_params(cfg: ModelConfig) -> dict:
+    if cfg.ffn_hidden is not None:
+        raise CheckpointError(
+            f"intermediate size {cfg.ffn_hidden} cannot be written as Meta's multiple_of/ffn_dim_multiplier"
+        )
+    params = {"dim": cfg.dim, "multiple_of": cfg.multiple_of, "n_heads": cfg.n_heads,
+              "n_layers": cfg.n_layers, "norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size}
+    if cfg.n_kv_heads != cfg.n_heads:
+        params["n_kv_heads"] = cfg.n_kv_heads
+    if cfg.ffn_dim_multiplier is not None:
+        params["ffn_dim_multiplier"] = cfg.ffn_dim_multiplier
+    if cfg.rope_theta != 10000.0:
+        params["rope_theta"] = cfg.rope_theta
+    return params
+
+
+def save_meta(
+    tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]],
+    cfg: ModelConfig,
+    path: Path,
+    n_shards: int = 1,
+    tokenizer_path: Path | None = None,
+) -> None:
+    """Write Meta's format. ``tensors()`` yields (our name, tensor) in our layout; it is called
+    once per output shard so that only one shard is ever materialised."""
+    path.mkdir(parents=True, exist_ok=True)
+    heads = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads}
+    for rank in range(n_shards):
+        shard: dict[str, torch.Tensor] = {}
+        for name, t in tensors():
+            kind = name.split(".")[-2] if name.count(".") >= 2 else ""
+            if kind in heads and ".attention." in name:
+                t = hf_to_meta_rows(t, heads[kind])
+            dim = shard_dim(name)
+            if dim is not None and n_shards > 1:
+                if t.shape[dim] % n_shards:
+                    raise CheckpointError(f"{name}: size {t.shape[dim]} does not split into {n_shards} shards")
+                t = t.chunk(n_shards, dim=dim)[rank]
+            shard[name] = t.clone()  # own storage: torch.save would otherwise write the whole base
+        tmp = path / f"consolidated.{rank:02d}.pth.tmp"
+        torch.save(shard, tmp)
+        os.replace(tmp, path / f"consolidated.{rank:02d}.pth")
+        del shard
+    for stale in path.glob("consolidated.*.pth"):
+        if int(stale.name.split(".")[1]) >= n_shards:
+            stale.unlink()
+    (path / "params.json").write_text(json.dumps(meta_params(cfg), indent=2) + "\n")
+    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (path / "tokenizer.model").resolve():
+        shutil.copyfile(tokenizer_path, path / "tokenizer.model")

@@ -1,0 +1,227 @@
+"""Text generation with the KV cache: batched prompts of any lengths, sampling, stop strings, streaming.
+
+Prompts of different lengths are left-padded into one batch. Each row's RoPE positions start
+at 0 at its first real token and a mask hides the padding, so every row decodes exactly as
+it would alone (Meta's generation.py instead forces prompt tokens step by step; padding lets
+the whole batch prefill in one forward pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from llama2.model import Transformer
+
+
+@dataclass
+class SamplingParams:
+    """Defaults are Meta's chat defaults (temperature 0.6, top-p 0.9); temperature 0 = greedy."""
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 256
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+
+class ContextOverflow(ValueError):
+    pass
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generator=None) -> Tensor:
+    """Pick the next token for each row of ``logits`` [B, V]."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        # Nucleus: keep the smallest prefix of the sorted distribution whose mass exceeds p.
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before > top_p, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    pads = torch.tensor([width - len(p) for p in prompts], device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+    return tokens, pads
+
+
+class Generator:
+    """Decodes with a model and its tokenizer; ``generate`` for batches, ``stream`` for text deltas."""
+
+    def __init__(self, model: Transformer, tokenizer=None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.config.max_seq_len
+
+    def check_prompt(self, prompt: Sequence[int], max_new_tokens: int = 0) -> None:
+        if not prompt:
+            raise ValueError("prompt is empty: it needs at least one token (e.g. BOS)")
+        if len(prompt) >= self.max_seq_len:
+            raise ContextOverflow(
+                f"prompt has {len(prompt)} tokens; the model's context is {self.max_seq_len} tokens"
+            )
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
+
+    @torch.inference_mode()
+    def steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Yield (next tokens [B], their log-probs [B], full log-softmax [B, V] or None) per step."""
+        for p in prompts:
+            self.check_prompt(p)
+        B = len(prompts)
+        tokens, pads = _left_pad(prompts, 0, self.device)
+        width = tokens.shape[1]
+        n_new = min(params.max_new_tokens, self.max_seq_len - width)
+        self.model.setup_cache(B, width + n_new)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        slots = torch.arange(width, device=self.device)
+        keys = slots.view(1, 1, 1, -1)
+        # Real keys only (slot >= pad), causally; a padding row may see itself so no softmax row is empty.
+        mask = (keys >= pads.view(B, 1, 1, 1)) & (keys <= slots.view(1, 1, -1, 1))
+        mask = mask | torch.eye(width, dtype=torch.bool, device=self.device)
+        positions = (slots.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+        try:
+            logits = self.model(tokens, positions=positions, slots=slots, mask=mask)[:, -1]
+            for step in range(n_new):
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                nxt = sample(logits, params.temperature, params.top_p, params.top_k, gen)
+                yield nxt, logprobs.gather(-1, nxt[:, None]).squeeze(-1), logprobs
+                if step == n_new - 1:
+                    break
+                slot = width + step
+                slots = torch.tensor([slot], device=self.device)
+                keys = torch.arange(slot + 1, device=self.device).view(1, 1, 1, -1)
+                mask = keys >= pads.view(B, 1, 1, 1)
+                positions = (slot - pads).view(B, 1)
+                logits = self.model(nxt.view(B, 1), positions=positions, slots=slots, mask=mask)[:, -1]
+        finally:
+            self.model.clear_cache()
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[Completion]:
+        """Complete each prompt (token ids). Rows stop independently at EOS / a stop string."""
+        params = params or SamplingParams()
+        if not prompts:
+            return []
+        outs = [Completion([], "", "length", prompt_tokens=len(p)) for p in prompts]
+        done = [False] * len(prompts)
+        eos = self.tokenizer.eos_id if self.tokenizer is not None else 2
+        for nxt, lp, full in self.steps(prompts, params):
+            for i, (t, logp) in enumerate(zip(nxt.tolist(), lp.tolist())):
+                if done[i]:
+                    continue
+                out = outs[i]
+                if params.stop_at_eos and t == eos:
+                    out.finish_reason, done[i] = "stop", True
+                    continue
+                out.tokens.append(t)
+                if params.logprobs:
+                    out.logprobs.append(logp)
+                    if params.top_logprobs:
+                        top = full[i].topk(params.top_logprobs)
+                        out.top_logprobs.append(dict(zip(top.indices.tolist(), top.values.tolist())))
+                if params.stop and self.tokenizer is not None:
+                    text = self.tokenizer.decode(out.tokens)
+                    if any(s in text for s in params.stop):
+                        out.finish_reason, done[i] = "stop", True
+            if all(done):
+                break
+        for out in outs:
+            if self.tokenizer is not None:
+                out.text = self.tokenizer.decode(out.tokens)
+                if params.stop:
+                    out.text = truncate_at_stop(out.text, params.stop)
+        return outs
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the completion of one prompt as text deltas while it is decoded."""
+        params = params or SamplingParams()
+        tokens: list[int] = []
+        sent = ""
+        hold = max((len(s) for s in params.stop), default=1) - 1  # may be the start of a stop string
+        for nxt, _, _ in self.steps([prompt], params):
+            t = int(nxt[0])
+            if params.stop_at_eos and t == self.tokenizer.eos_id:
+                break
+            tokens.append(t)
+            text = self.tokenizer.decode(tokens)
+            if params.stop and any(s in text for s in params.stop):
+                text = truncate_at_stop(text, params.stop)
+                if len(text) > len(sent):
+                    yield text[len(sent):]
+                return
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence of byte pieces: wait for the rest
+                continue
+            ready = text[: len(text) - hold] if hold else text
+            if len(ready) > len(sent) and ready.startswith(sent):
+                yield ready[len(sent):]
+                sent = ready
+        text = self.tokenizer.decode(tokens)
+        if len(text) > len(sent):
+            yield text[len(sent):]
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: Transformer, ids: Sequence[int], top: int = 0) -> tuple[list[float], list[dict[int, float]]]:
+    """Log-probability of each token given the ones before it (None-equivalent 0.0 for the first)."""
+    x = torch.tensor([list(ids)], device=next(model.parameters()).device)
+    logp = torch.log_softmax(model(x)[0].float(), dim=-1)
+    chosen = logp[:-1].gather(-1, x[0, 1:, None]).squeeze(-1).tolist()
+    tops: list[dict[int, float]] = []
+    if top:
+        values, indices = logp[:-1].topk(top, dim=-1)
+        tops = [dict(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
+    return chosen, tops
