@@ -90,7 +90,8 @@ PRESETS: dict[str, dict] = {
         rope_theta=1e6, max_seq_len=16384,
     ),
     "codellama-34b": dict(
-        dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, vocab_size=32016, ffn_dim_multiplier=1.0,
+        # 34B was released without infilling, so it keeps the 32,000-piece vocabulary.
+        dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, vocab_size=32000, ffn_dim_multiplier=1.0,
         rope_theta=1e6, max_seq_len=16384,
     ),
     # Small shapes for laptops, CI and the tiny end-to-end recipe (same architecture, GQA kept).
