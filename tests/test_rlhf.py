@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
+from llama2.data.preference import margin_for
 from llama2.train.rlhf import (
     combine_rewards,
     gae,
     logit,
-    margin_for,
     ppo_policy_loss,
     ppo_reward,
     ranking_loss,

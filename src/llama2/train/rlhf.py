@@ -9,30 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Table 27: margin m(r) by rating, "small" and "large" variants. The paper does not say which
-# the final models used; "small" is our default because it helped most on similar pairs.
-RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
-MARGINS = {
-    "none": {"significantly_better": 0.0, "better": 0.0, "slightly_better": 0.0, "negligibly_better": 0.0},
-    "small": {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0},
-    "large": {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0, "negligibly_better": 0.0},
-}
-
-
-def normalize_rating(rating: str) -> str:
-    r = rating.strip().lower().replace(" ", "_").replace("-", "_")
-    if r == "unsure":  # the paper pools "negligibly better / unsure"
-        return "negligibly_better"
-    if r not in RATINGS:
-        raise ValueError(f"unknown rating {rating!r}; expected one of {', '.join(RATINGS)} or unsure")
-    return r
-
-
-def margin_for(rating: str, table: str = "small") -> float:
-    if table not in MARGINS:
-        raise ValueError(f"unknown margin table {table!r}; choose none, small or large")
-    return MARGINS[table][normalize_rating(rating)]
-
 
 def ranking_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | float = 0.0) -> Tensor:
     """§3.2.2: L = -log(sigmoid(r(x, y_c) - r(x, y_r) - m(r))), averaged over pairs."""
