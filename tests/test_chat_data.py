@@ -93,13 +93,13 @@ def test_packed_conversations_neither_attend_to_nor_learn_from_each_other(llama_
     def loss_a(batch):
         logits = model(batch["tokens"], positions=batch["positions"], mask=batch["mask"])
         n = len(a) - 1
-        return torch.nn.functional.cross_entropy(logits[0, :n], batch["targets"][0, :n], ignore_index=IGNORE)
+        return torch.nn.functional.cross_entropy(logits[0, :n], batch["labels"][0, :n], ignore_index=IGNORE)
 
     assert packed["tokens"].shape == (1, seq_len)
     with torch.no_grad():
         torch.testing.assert_close(loss_a(packed), loss_a(alone))
     # the boundary target (first token of b, a BOS in a prompt) is never learned
-    assert packed["targets"][0, len(a) - 1] == IGNORE
+    assert packed["labels"][0, len(a) - 1] == IGNORE
     # gradients of b's loss do not flow through a's tokens' representations: perturbing b leaves a's logits unchanged
     with torch.no_grad():
         before = model(packed["tokens"], positions=packed["positions"], mask=packed["mask"])[0, : len(a)]

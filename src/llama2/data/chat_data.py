@@ -135,7 +135,7 @@ def pack(examples: Sequence[Example], seq_len: int) -> tuple[list[Packed], int]:
 
 
 def collate(seqs: Sequence[Packed], seq_len: int, pad_id: int = 0, packed: bool = True) -> dict[str, torch.Tensor]:
-    """Right-pad to ``seq_len + 1`` and shift: tokens/targets [B, T], positions [B, T], mask [B,1,T,T].
+    """Right-pad to ``seq_len + 1`` and shift: tokens/labels [B, T], positions [B, T], mask [B,1,T,T].
 
     Padding tokens get label IGNORE and a document id of their own, so they neither learn nor
     are seen. Without packing (one example per row) only the causal + padding mask is needed.
@@ -161,4 +161,30 @@ def collate(seqs: Sequence[Packed], seq_len: int, pad_id: int = 0, packed: bool 
     mask = (same & causal).unsqueeze(1)
     if not packed:
         positions = idx.clone()
-    return {"tokens": ids[:, :-1], "targets": labels[:, 1:], "positions": positions, "mask": mask}
+    return {"tokens": ids[:, :-1], "labels": labels[:, 1:], "positions": positions, "mask": mask}
+
+
+class ChatSequences:
+    """Packed (or padded) chat sequences indexed like token windows, for the trainer's loaders."""
+
+    def __init__(self, seqs: Sequence[Packed], seq_len: int, pad_id: int = 0, packed: bool = True,
+                 name: str = "chat data"):
+        self.seqs, self.seq_len, self.pad_id, self.packed, self.name = list(seqs), seq_len, pad_id, packed, name
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        return collate([self.seqs[int(i)] for i in indices], self.seq_len, self.pad_id, self.packed)
+
+
+def build_sequences(examples: Sequence[Example], seq_len: int, packed: bool = True) -> tuple[list[Packed], int]:
+    """Pack examples (the paper's choice, §3.1) or give each its own padded row."""
+    if packed:
+        return pack(examples, seq_len)
+    rows, truncated = [], 0
+    for ex in examples:
+        n = min(len(ex), seq_len + 1)
+        truncated += n < len(ex)
+        rows.append(Packed(ex.ids[:n], ex.labels[:n], [0] * n))
+    return rows, truncated
