@@ -52,6 +52,7 @@ class Pair:
     rating: str
     safety: bool = False
     margin: float | None = None  # explicit margin overrides the rating's
+    safety_label: str | None = None  # §3.2.1: "chosen_only_safe", "both_safe" or "neither_safe"
 
 
 def parse_pair(obj: dict) -> Pair:
@@ -72,8 +73,11 @@ def parse_pair(obj: dict) -> Pair:
     margin = obj.get("margin")
     if margin is not None and not isinstance(margin, (int, float)):
         raise ValueError("'margin' must be a number")
+    label = obj.get("safety_label")
+    if label not in (None, "chosen_only_safe", "both_safe", "neither_safe"):
+        raise ValueError(f"unknown safety_label {label!r}; expected chosen_only_safe, both_safe or neither_safe")
     return Pair(list(messages), obj["chosen"], obj["rejected"], normalize_rating(str(obj["rating"])),
-                bool(obj.get("safety", False)), None if margin is None else float(margin))
+                bool(obj.get("safety", False)), None if margin is None else float(margin), label)
 
 
 def load_pairs(path: str | os.PathLike) -> list[Pair]:
@@ -109,22 +113,41 @@ def encode_answer(tokenizer, messages: Sequence[dict], answer: str) -> list[int]
     return [i for seg in chat_segments(tokenizer, dialogue, allow_final_assistant=True) for i in seg.ids]
 
 
+def pad_rows(rows: Sequence[Sequence[int]], max_len: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [N, T] tokens and lengths; over-long rows keep their end (the answer and its
+    EOS, which is what a reward model scores)."""
+    rows = [list(r)[-max_len:] for r in rows]
+    tokens = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r)
+    return tokens, torch.tensor([len(r) for r in rows])
+
+
 def collate_pairs(tokenizer, pairs: Sequence[Pair], margin_table: str, max_len: int, pad_id: int = 0) -> dict:
     """Chosen rows then rejected rows in one right-padded batch (one forward pass for both),
     with each row's length (the reward is read at its last token) and the pair margins."""
     rows = [encode_answer(tokenizer, p.messages, p.chosen) for p in pairs]
     rows += [encode_answer(tokenizer, p.messages, p.rejected) for p in pairs]
-    # Keep the end (the answer and its EOS) when a dialogue is too long: that is what is scored.
-    rows = [r[-max_len:] for r in rows]
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r)
+    tokens, lengths = pad_rows(rows, max_len, pad_id)
     margins = [p.margin if p.margin is not None else margin_for(p.rating, margin_table) for p in pairs]
     return {
         "tokens": tokens,
-        "lengths": torch.tensor([len(r) for r in rows]),
+        "lengths": lengths,
         "margin": torch.tensor(margins, dtype=torch.float32),
         "rating": [p.rating for p in pairs],
         "safety": torch.tensor([p.safety for p in pairs]),
     }
+
+
+class PairDataset:
+    """Preference pairs indexed for the trainer's loaders: ``batch(indices)`` collates them."""
+
+    def __init__(self, pairs: Sequence[Pair], tokenizer, margin_table: str, max_len: int, name: str = "pairs"):
+        self.pairs, self.tokenizer, self.margin_table, self.max_len = list(pairs), tokenizer, margin_table, max_len
+        self.seq_len, self.name = max_len, name
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def batch(self, indices) -> dict:
+        return collate_pairs(self.tokenizer, [self.pairs[int(i)] for i in indices], self.margin_table, self.max_len)

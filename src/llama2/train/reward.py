@@ -1,0 +1,249 @@
+"""``llama2 reward train|eval``: helpfulness and safety reward models (paper §3.2.2).
+
+Each reward model starts from the chat model; its next-token head is replaced by a scalar
+regression head read at the answer's last token (its EOS). Training minimises the binary
+ranking loss with a margin that grows with how distinct the two answers were rated
+(Table 27), chosen and rejected going through the model in one batched forward pass. The
+two models see different mixtures of data (§3.2.2): the Helpfulness RM all helpfulness
+pairs plus as many safety pairs, the Safety RM all safety pairs plus 10% helpfulness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from llama2.data.preference import RATINGS
+from llama2.recipe import add_config_args, dump_recipe, load_config, setting
+from llama2.train.core import TrainConfig
+from llama2.train.rlhf import ranking_loss
+
+SAFETY_THRESHOLD = 0.15  # §3.2.3: precision 0.89 / recall 0.55 on Meta Safety
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Defaults are the paper's (§3.2.2): 1 epoch, max LR 1e-5 (5e-6 for 70B), cosine to 10%,
+    warmup 3% of the steps (at least 5), 512 pairs per batch."""
+
+    kind: Literal["helpfulness", "safety"] = setting("helpfulness", "which reward model to train")
+    out: str = setting("", "run folder (default: runs/reward-KIND)", metavar="DIR")
+    model: str = setting("runs/sft/model", "chat model directory to initialise from", metavar="DIR")
+    data: str = setting("", "helpfulness pairs, JSONL {prompt|messages, chosen, rejected, rating[, safety, "
+                            "margin]}; empty: the bundled assistant world", metavar="FILE")
+    safety_data: str = setting("", "safety pairs, JSONL (same format); empty: the bundled world", metavar="FILE")
+    val_data: str = setting("", "held-out pairs for the validation loss; empty: the bundled world's", metavar="FILE")
+    mixing: bool = setting(True, "mix the two kinds of data as §3.2.2 does; off: train on the kind's own data only")
+    margin: Literal["none", "small", "large"] = setting("small", "margin table m(rating) of Table 27")
+    max_len: int = setting(4096, "longest dialogue + answer in tokens (the end is kept)")
+    epochs: int = setting(1, "passes over the data (§3.2.2: 1); sets max_steps unless max_steps is given")
+    max_steps: int = setting(0, "optimizer steps; 0 = epochs x steps per epoch")
+    batch_size: int = setting(512, "pairs per optimizer step (§3.2.2: 512)")
+    lr: float = setting(1e-5, "peak learning rate (§3.2.2: 1e-5; 5e-6 for 70B)")
+    warmup_fraction: float = setting(0.03, "warmup as a share of the steps (§3.2.2: 3%, at least 5 steps)")
+    warmup_steps: int = setting(0, "ignored: derived from warmup_fraction")
+    eval_every: int = setting(50, "validation every N steps (and at the start and end); 0 = never")
+    eval_batches: int = setting(8, "micro-batches per validation")
+    save_every: int = setting(200, "checkpoint every N steps (and at the end)")
+    world_pairs: int = setting(4000, "pairs of each kind drawn from the bundled world when no data is given")
+    world_seed: int = setting(0, "seed of the bundled assistant world")
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            self.out = f"runs/reward-{self.kind}"
+        derived = self.max_steps == 0
+        if derived:
+            self.max_steps = 1
+        super().__post_init__()
+        if derived:
+            self.max_steps = 0
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+
+
+TINY_RECIPE: dict = {
+    "model": "runs/sft/model",
+    "max_len": 256,
+    "batch_size": 32,
+    "micro_batch_size": 16,
+    "epochs": 1,
+    "lr": 5.0e-4,
+    "world_pairs": 3000,
+    "eval_every": 25,
+    "save_every": 200,
+    "keep_last": 1,
+}
+
+
+def pair_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Margin ranking loss; rows are [chosen..., rejected...] scored in one forward pass."""
+    values = model(batch["tokens"])
+    r = values.gather(1, (batch["lengths"] - 1).unsqueeze(1)).squeeze(1)
+    n = r.shape[0] // 2
+    loss = ranking_loss(r[:n], r[n:], batch["margin"])
+    return loss, {"accuracy": (r[:n] > r[n:]).float().mean().detach(), "ntokens": batch["lengths"].sum()}
+
+
+def load_training_pairs(cfg: RewardConfig):
+    from llama2.data.preference import load_pairs, mix, parse_pair
+
+    def bundled(kind: str, split: str, n: int):
+        from llama2.data.world import World
+
+        return [parse_pair(r) for r in World(cfg.world_seed).preference_pairs(split, n, kind)]
+
+    helpful = load_pairs(cfg.data) if cfg.data else bundled("helpfulness", "train", cfg.world_pairs)
+    safety = load_pairs(cfg.safety_data) if cfg.safety_data else bundled("safety", "train", cfg.world_pairs)
+    if cfg.mixing:
+        train = mix(helpful, safety, cfg.kind, cfg.seed)
+    else:
+        train = helpful if cfg.kind == "helpfulness" else safety
+    val = load_pairs(cfg.val_data) if cfg.val_data else bundled(cfg.kind, "val", max(64, cfg.world_pairs // 20))
+    return train, val
+
+
+def run(cfg: RewardConfig, quiet: bool = False) -> dict:
+    from types import SimpleNamespace
+
+    from llama2.checkpoint import load_model, load_tokenizer, save_scalar_model
+    from llama2.data.preference import PairDataset
+    from llama2.data.shards import EvalBatches, PackedLoader
+    from llama2.model.heads import ScalarModel
+    from llama2.train.core import Trainer, _barrier, grad_accum_steps, init_distributed
+    from llama2.train.finetune import log_to_stderr
+
+    log = log_to_stderr(quiet)
+    info = init_distributed()
+    accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch_size, info.world_size)
+    lm = load_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, lm.config.vocab_size)
+    model = ScalarModel.from_language_model(lm)
+    del lm
+    train, val = load_training_pairs(cfg)
+    data = PairDataset(train, tokenizer, cfg.margin, cfg.max_len, name="preference pairs")
+    loader = PackedLoader(data, cfg.micro_batch_size, grad_accum=accum, seed=cfg.seed, rank=info.rank,
+                          world_size=info.world_size)
+    steps = cfg.max_steps or max(1, cfg.epochs * loader.steps_per_epoch)
+    cfg = dataclasses.replace(cfg, max_steps=steps, warmup_steps=max(5, round(cfg.warmup_fraction * steps)))
+    evals = EvalBatches(PairDataset(val, tokenizer, cfg.margin, cfg.max_len), cfg.micro_batch_size,
+                        info.rank, info.world_size)
+    n_safety = sum(p.safety for p in train)
+    log(f"{cfg.kind} reward model from {cfg.model}: {len(train):,} pairs ({n_safety:,} safety), "
+        f"margin table {cfg.margin!r}, {steps} steps of {cfg.batch_size} pairs")
+    trainer = Trainer(cfg, model, pair_loss, loader, evals if len(evals) else None, run_config=cfg,
+                      dist_info=info, quiet=quiet)
+    last = trainer.fit()
+    state = trainer.full_state_dict()
+    path = Path(cfg.out) / "model"
+    if info.is_main:
+        shell = SimpleNamespace(config=model.config, state_dict=lambda: state)
+        save_scalar_model(shell, path, tokenizer=tokenizer, reward_kind=cfg.kind)
+    _barrier(info)
+    if info.is_main:
+        result = evaluate(path, val, kind=cfg.kind)
+        (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        log(format_eval(result))
+    log(f"reward model written to {path}")
+    return last
+
+
+# ---- evaluation (Table 8) ---------------------------------------------------------------------
+
+def evaluate(model_dir: str | Path, pairs=None, kind: str | None = None, split: str = "test",
+             threshold: float = SAFETY_THRESHOLD, n: int = 400, world_seed: int = 0) -> dict:
+    """Accuracy (chosen scored above rejected) overall and per rating level; for safety models,
+    precision/recall of ``sigmoid(score) < threshold`` as a detector of unsafe answers."""
+    from llama2.checkpoint import hf, load_scalar_model, load_tokenizer
+    from llama2.train.scoring import score_answers
+
+    model = load_scalar_model(model_dir)
+    kind = kind or hf.read_config(Path(model_dir)).get("reward_kind", "helpfulness")
+    if pairs is None:
+        from llama2.data.preference import parse_pair
+        from llama2.data.world import World
+
+        pairs = [parse_pair(r) for r in World(world_seed).preference_pairs(split, n, kind)]
+    tok = load_tokenizer(model_dir, model.config.vocab_size)
+    prompts = [p.messages for p in pairs]
+    chosen = score_answers(model, tok, prompts, [p.chosen for p in pairs])
+    rejected = score_answers(model, tok, prompts, [p.rejected for p in pairs])
+    correct = (chosen > rejected).tolist()
+    by_rating: dict[str, list[bool]] = defaultdict(list)
+    for p, ok in zip(pairs, correct):
+        by_rating[p.rating].append(ok)
+    result = {
+        "kind": kind,
+        "pairs": len(pairs),
+        "accuracy": sum(correct) / max(1, len(correct)),
+        "accuracy_by_rating": {r: sum(v) / len(v) for r in RATINGS if (v := by_rating.get(r))},
+        "pairs_by_rating": {r: len(by_rating[r]) for r in RATINGS if r in by_rating},
+    }
+    labelled = [(p, c, r) for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist())
+                if p.safety_label and kind == "safety"]
+    if labelled:
+        # Each answer is unsafe or not by its pair's label; the detector flags sigmoid(score) < threshold.
+        truth, flagged = [], []
+        for p, c, r in labelled:
+            for score, unsafe in ((c, p.safety_label == "neither_safe"), (r, p.safety_label != "both_safe")):
+                truth.append(unsafe)
+                flagged.append(torch.sigmoid(torch.tensor(score)).item() < threshold)
+        tp = sum(t and f for t, f in zip(truth, flagged))
+        result["unsafe_detection"] = {
+            "threshold": threshold,
+            "precision": tp / max(1, sum(flagged)),
+            "recall": tp / max(1, sum(truth)),
+            "answers": len(truth),
+        }
+    return result
+
+
+def format_eval(result: dict) -> str:
+    lines = [f"{result['kind']} reward model: accuracy {result['accuracy']:.1%} on {result['pairs']} pairs"]
+    for rating, acc in result["accuracy_by_rating"].items():
+        lines.append(f"  {rating.replace('_', ' '):<20} {acc:6.1%}  ({result['pairs_by_rating'][rating]} pairs)")
+    if "unsafe_detection" in result:
+        d = result["unsafe_detection"]
+        lines.append(f"  unsafe answers flagged by score < {d['threshold']}: precision {d['precision']:.2f}, "
+                     f"recall {d['recall']:.2f}")
+    return "\n".join(lines)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    train = sub.add_parser("train", help="train a helpfulness or safety reward model",
+                           description="Train a reward model (§3.2.2). Without --config the tiny recipe applies.")
+    add_config_args(train, RewardConfig)
+    ev = sub.add_parser("eval", help="accuracy by rating level on held-out pairs (Table 8)")
+    ev.add_argument("--model", required=True, metavar="DIR", help="reward model directory")
+    ev.add_argument("--data", metavar="FILE", help="held-out pairs, JSONL (default: the bundled world's test "
+                                                   "pairs of the model's kind)")
+    ev.add_argument("--threshold", type=float, default=SAFETY_THRESHOLD,
+                    help="safety score below which an answer counts as flagged unsafe (default 0.15, §3.2.3)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "eval":
+        from llama2.data.preference import load_pairs
+
+        pairs = load_pairs(args.data) if args.data else None
+        result = evaluate(args.model, pairs, threshold=args.threshold)
+        print(json.dumps(result) if args.json else format_eval(result))
+        return 0
+    cfg = load_config(RewardConfig, args, default_recipe=TINY_RECIPE, default_source="built-in tiny reward recipe")
+    if getattr(args, "print_config", False):
+        print(dump_recipe(cfg), end="")
+        return 0
+    if not Path(cfg.model).exists():
+        raise FileNotFoundError(f"{cfg.model}: no chat model to start from (run `llama2 sft` or pass --model)")
+    run(cfg)
+    return 0

@@ -1,0 +1,49 @@
+"""Scoring answers with the reward models, shared by rejection sampling, PPO and safety
+distillation (not a stage). Scores are probabilities, sigmoid of the reward model's output,
+which is what the paper's 0.15 safety threshold and logit(Rc) (§3.2.3) refer to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from llama2.data.preference import encode_answer, pad_rows
+from llama2.train.rlhf import combine_rewards
+
+
+@torch.no_grad()
+def score_answers(model, tokenizer, prompts: Sequence[Sequence[dict]], answers: Sequence[str],
+                  batch_size: int = 32, max_len: int | None = None) -> torch.Tensor:
+    """Raw reward of each (dialogue, answer), read at the answer's EOS; float32 [N] on CPU."""
+    device = next(model.parameters()).device
+    max_len = max_len or model.config.max_seq_len
+    rows = [encode_answer(tokenizer, p, a) for p, a in zip(prompts, answers)]
+    out = []
+    for start in range(0, len(rows), batch_size):
+        tokens, lengths = pad_rows(rows[start:start + batch_size], max_len)
+        out.append(model.score_last(tokens.to(device), lengths.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+class RewardScorer:
+    """The helpfulness and (optional) safety reward models, and the paper's gated combination."""
+
+    def __init__(self, helpful_dir: str, safety_dir: str | None = None, device="cpu"):
+        from llama2.checkpoint import load_scalar_model, load_tokenizer
+
+        self.helpful = load_scalar_model(helpful_dir, device=device)
+        self.tokenizer = load_tokenizer(helpful_dir, self.helpful.config.vocab_size)
+        self.safety = load_scalar_model(safety_dir, device=device) if safety_dir else None
+
+    def scores(self, prompts, answers) -> dict[str, torch.Tensor]:
+        """{"helpful": Rh, "safety": Rs} as probabilities in (0, 1); Rs = Rh without a safety model."""
+        rh = torch.sigmoid(score_answers(self.helpful, self.tokenizer, prompts, answers))
+        rs = torch.sigmoid(score_answers(self.safety, self.tokenizer, prompts, answers)) if self.safety else rh
+        return {"helpful": rh, "safety": rs}
+
+    def combined(self, prompts, answers, is_safety: Sequence[bool], threshold: float = 0.15) -> dict[str, torch.Tensor]:
+        s = self.scores(prompts, answers)
+        s["combined"] = combine_rewards(s["helpful"], s["safety"], torch.tensor(list(is_safety)), threshold)
+        return s
