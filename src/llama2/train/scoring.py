@@ -1,5 +1,5 @@
-"""Scoring answers with the reward models, shared by rejection sampling, PPO and safety
-distillation (not a stage). Scores are probabilities, sigmoid of the reward model's output,
+"""Sampling answers from a policy and scoring them with the reward models, shared by
+rejection sampling, PPO and safety distillation (not a stage). Scores are probabilities, sigmoid of the reward model's output,
 which is what the paper's 0.15 safety threshold and logit(Rc) (§3.2.3) refer to.
 """
 
@@ -47,3 +47,26 @@ class RewardScorer:
         s = self.scores(prompts, answers)
         s["combined"] = combine_rewards(s["helpful"], s["safety"], torch.tensor(list(is_safety)), threshold)
         return s
+
+
+def sample_answers(model, tokenizer, prompts: Sequence[Sequence[dict]], k: int, temperature: float, top_p: float = 1.0,
+                   max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64, progress=None) -> list[list[str]]:
+    """``k`` sampled answers for each dialogue (batched, KV cache); prompts too long for the
+    context get no answers (an empty list)."""
+    from llama2.chat import encode_chat
+    from llama2.generate import Generator, SamplingParams
+
+    gen = Generator(model, tokenizer)
+    limit = model.config.max_seq_len - max_new_tokens
+    encoded = [encode_chat(tokenizer, p) for p in prompts]
+    jobs = [(i, ids) for i, ids in enumerate(encoded) if len(ids) <= limit for _ in range(k)]
+    answers: list[list[str]] = [[] for _ in prompts]
+    for n, start in enumerate(range(0, len(jobs), batch_size)):
+        chunk = jobs[start:start + batch_size]
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                seed=seed * 100_003 + n)
+        for (i, _), out in zip(chunk, gen.generate([ids for _, ids in chunk], params)):
+            answers[i].append(out.text.strip())
+        if progress is not None:
+            progress(len(chunk))
+    return answers

@@ -1,0 +1,213 @@
+"""``llama2 rejection-sample``: rejection sampling fine-tuning (paper §3.2.3).
+
+Each iteration samples K answers per prompt from the latest policy, scores them with the
+reward models through the same safety-gated reward as PPO (Rc = Rs if the prompt is a safety
+prompt or Rs < 0.15, else Rh), keeps the best, and fine-tunes on the kept answers like SFT.
+A pool remembers the best answer of every prompt over ALL iterations, and by default the
+fine-tuning uses the pool: the paper found that training only on the last iteration's
+samples caused regressions. Writes ``reward_vs_k.json``: the mean and max reward among the
+first k samples, for k up to K (the shape of the paper's Figure 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from llama2.recipe import add_config_args, dump_recipe, load_config, setting
+from llama2.train.finetune import FinetuneConfig, finetune, log_to_stderr
+
+
+@dataclass
+class RejectionConfig(FinetuneConfig):
+    out: str = setting("runs/rejection", "run folder: iter-N/ (samples and fine-tuning), pool.jsonl, model/",
+                       metavar="DIR")
+    model: str = setting("runs/sft/model", "policy to sample from and fine-tune", metavar="DIR")
+    reward_model: str = setting("runs/reward-helpfulness/model", "helpfulness reward model", metavar="DIR")
+    safety_model: str = setting("runs/reward-safety/model", "safety reward model; empty: helpfulness only",
+                                metavar="DIR")
+    data: str = setting("", "prompts, JSONL {\"messages\"|\"prompt\", \"safety\": bool}; empty: the bundled world",
+                        metavar="FILE")
+    prompts: int = setting(1000, "prompts per iteration drawn from the bundled world when --data is empty")
+    k: int = setting(10, "answers sampled per prompt (the paper's figures go up to 100)")
+    temperature: float | None = setting(None, "sampling temperature; default 1.2 when k >= 10 (the best range for "
+                                              "10-100 samples was 1.2-1.3, §3.2.3), else 1.0")
+    top_p: float = setting(1.0, "nucleus sampling while exploring (1.0 = off)")
+    max_new_tokens: int = setting(128, "longest sampled answer")
+    iterations: int = setting(1, "rounds of sample -> select -> fine-tune")
+    pool: Literal["all", "last"] = setting("all", "train on the best answer per prompt over all iterations (§3.2.3) "
+                                                  "or over the last one only")
+    safety_threshold: float = setting(0.15, "Rs below this makes the safety reward decide (§3.2.3)")
+    epochs: int = setting(2, "fine-tuning passes over the selected answers")
+    world_seed: int = setting(0, "seed of the bundled assistant world")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k < 1 or self.iterations < 1:
+            raise ValueError(f"k and iterations must be >= 1, got k={self.k}, iterations={self.iterations}")
+        if self.temperature is None:
+            self.temperature = 1.2 if self.k >= 10 else 1.0
+
+
+TINY_RECIPE: dict = {
+    "out": "runs/rejection",
+    "model": "runs/sft/model",
+    "seq_len": 256,
+    "prompts": 300,
+    "k": 8,
+    "temperature": 1.0,
+    "max_new_tokens": 48,
+    "iterations": 1,
+    "batch_size": 16,
+    "micro_batch_size": 16,
+    "epochs": 2,
+    "lr": 3.0e-4,
+    "warmup_steps": 2,
+    "eval_every": 0,
+    "save_every": 200,
+    "keep_last": 1,
+}
+
+
+def load_prompts(cfg: RejectionConfig) -> list[dict]:
+    """Rows {"messages", "safety"}: the dialogue to answer and is_safety(prompt)."""
+    if cfg.data:
+        from llama2.chat import validate_dialogue
+        from llama2.data.chat_data import DataError, read_jsonl
+
+        rows = []
+        for n, obj in read_jsonl(cfg.data):
+            try:
+                msgs = obj.get("messages") or [{"role": "user", "content": obj["prompt"]}]
+                validate_dialogue(msgs)
+            except (KeyError, ValueError) as e:
+                raise DataError(f"{cfg.data}:{n}: {e if isinstance(e, ValueError) else 'expected messages or prompt'}") \
+                    from None
+            rows.append({"messages": msgs, "safety": bool(obj.get("safety", False))})
+        return rows
+    from llama2.data.world import World
+
+    return [{"messages": r["messages"], "safety": bool(r["safety"])}
+            for r in World(cfg.world_seed).rl_prompts("train", cfg.prompts)]
+
+
+def reward_vs_k(rewards: list[list[float]]) -> dict:
+    """Mean over prompts of the max and of the mean reward among the first k samples (Figure 7)."""
+    K = min((len(r) for r in rewards if r), default=0)
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 100, K) if 1 <= k <= K})
+    rows = [r for r in rewards if len(r) >= K]
+    return {
+        "k": ks,
+        "max": [statistics.fmean(max(r[:k]) for r in rows) for k in ks],
+        "mean": [statistics.fmean(statistics.fmean(r[:k]) for r in rows) for k in ks],
+        "prompts": len(rows),
+    }
+
+
+def sample_iteration(cfg: RejectionConfig, policy_dir: str, prompts: list[dict], iteration: int, log) -> list[dict]:
+    """K scored samples per prompt from ``policy_dir``; cached in iter-N/samples.jsonl."""
+    from llama2.checkpoint import load_model, load_tokenizer
+    from llama2.train.scoring import RewardScorer, sample_answers
+
+    folder = Path(cfg.out) / f"iter-{iteration}"
+    cache = folder / "samples.jsonl"
+    if cache.is_file():
+        log(f"iteration {iteration}: reusing {cache}")
+        return [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+    model = load_model(policy_dir)
+    tok = load_tokenizer(policy_dir, model.config.vocab_size)
+    from tqdm import tqdm
+
+    total = len(prompts) * cfg.k
+    with tqdm(total=total, desc=f"sampling K={cfg.k}", unit="answer", disable=None) as bar:
+        answers = sample_answers(model, tok, [p["messages"] for p in prompts], cfg.k, cfg.temperature, cfg.top_p,
+                                 cfg.max_new_tokens, seed=cfg.seed + iteration, progress=bar.update)
+    del model
+    scorer = RewardScorer(cfg.reward_model, cfg.safety_model or None)
+    flat = [(i, a) for i, ans in enumerate(answers) for a in ans]
+    scores = scorer.combined([prompts[i]["messages"] for i, _ in flat], [a for _, a in flat],
+                             [prompts[i]["safety"] for i, _ in flat], cfg.safety_threshold)
+    rows = [{"messages": p["messages"], "safety": p["safety"], "answers": [], "rewards": [], "iteration": iteration}
+            for p in prompts]
+    for j, (i, a) in enumerate(flat):
+        rows[i]["answers"].append(a)
+        rows[i]["rewards"].append(float(scores["combined"][j]))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, cache)
+    return rows
+
+
+def update_pool(pool: dict[str, dict], rows: list[dict]) -> None:
+    """Keep, per prompt, the best-rewarded answer seen in any iteration."""
+    for r in rows:
+        if not r["answers"]:
+            continue
+        best = max(range(len(r["answers"])), key=lambda j: r["rewards"][j])
+        key = json.dumps(r["messages"], sort_keys=True)
+        if key not in pool or r["rewards"][best] > pool[key]["reward"]:
+            pool[key] = {"messages": r["messages"], "answer": r["answers"][best], "reward": r["rewards"][best],
+                         "iteration": r["iteration"]}
+
+
+def run(cfg: RejectionConfig, quiet: bool = False) -> dict:
+    from llama2.checkpoint import load_tokenizer
+    from llama2.data.chat_data import tokenize_conversation
+
+    log = log_to_stderr(quiet)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(cfg)
+    policy = cfg.model
+    pool: dict[str, dict] = {}
+    summary: dict = {"iterations": []}
+    last: dict = {}
+    for it in range(1, cfg.iterations + 1):
+        rows = sample_iteration(cfg, policy, prompts, it, log)
+        curve = reward_vs_k([r["rewards"] for r in rows])
+        if cfg.pool == "last":
+            pool = {}
+        update_pool(pool, rows)
+        (out / "pool.jsonl").write_text("".join(json.dumps(v) + "\n" for v in pool.values()))
+        mean_best = statistics.fmean(v["reward"] for v in pool.values())
+        log(f"iteration {it}: reward of 1 sample {curve['mean'][0]:.3f}, best of {cfg.k} {curve['max'][-1]:.3f}; "
+            f"pool of {len(pool)} answers, mean reward {mean_best:.3f}")
+        summary["iterations"].append({"iteration": it, "reward_vs_k": curve, "pool_size": len(pool),
+                                      "pool_mean_reward": mean_best})
+        tok = load_tokenizer(policy)
+        examples = [tokenize_conversation(tok, v["messages"] + [{"role": "assistant", "content": v["answer"]}])
+                    for v in pool.values() if v["answer"]]
+        step_cfg = replace(cfg, out=str(out / f"iter-{it}"), model=policy)
+        last = finetune(step_cfg, examples, [], tok, run_config=cfg, quiet=quiet)
+        policy = str(out / f"iter-{it}" / "model")
+    (out / "reward_vs_k.json").write_text(json.dumps(summary, indent=2) + "\n")
+    final = out / "model"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(policy, final)
+    log(f"rejection-sampling model written to {final}")
+    return {**last, **summary}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "Without --config the tiny recipe applies (recipes/rejection-tiny.yaml)."
+    add_config_args(parser, RejectionConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(RejectionConfig, args, default_recipe=TINY_RECIPE, default_source="built-in tiny recipe")
+    if getattr(args, "print_config", False):
+        print(dump_recipe(cfg), end="")
+        return 0
+    for path in (cfg.model, cfg.reward_model, cfg.safety_model):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{path}: not found (train it first or pass its directory)")
+    run(cfg)
+    return 0
