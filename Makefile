@@ -11,7 +11,7 @@ $(BIN)/llama2: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[serve,gguf,plot,test]'
+	$(BIN)/pip install -q -e '.[serve,gguf,test]'
 	touch $(BIN)/llama2
 
 install: $(BIN)/llama2

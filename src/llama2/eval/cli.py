@@ -1,0 +1,96 @@
+"""``llama2 evaluate``: the assistant-world suite on a model directory (and lm-eval-style
+multiple-choice tasks in-process).
+
+The suite measures what each alignment stage exists to improve: task accuracy on helpful
+prompts, the safe-refusal rate on unsafe prompts, the false-refusal rate on benign prompts
+that only look unsafe (§4.2), and Ghost Attention adherence to a system instruction at turns
+1, 2, 4, 6, 10 and 20 (the shape of Table 30). Answers are greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+
+def chat_generate_fn(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 32):
+    """A ``generate_fn(list of dialogues) -> list of answers`` over our batched greedy decoder.
+    Dialogues longer than the context keep their system message and lose their oldest turns."""
+    from llama2.chat import encode_chat
+    from llama2.generate import Generator, SamplingParams
+
+    gen = Generator(model, tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    limit = model.config.max_seq_len - max_new_tokens
+
+    def encode(messages: Sequence[dict]) -> list[int]:
+        msgs = list(messages)
+        ids = encode_chat(tokenizer, msgs)
+        while len(ids) > limit and len([m for m in msgs if m["role"] != "system"]) > 1:
+            first = 1 if msgs[0]["role"] == "system" else 0
+            msgs = msgs[:first] + msgs[first + 2:]  # drop the oldest exchange, keep the system prompt
+            ids = encode_chat(tokenizer, msgs)
+        return ids[-limit:]
+
+    def generate(dialogues: Sequence[Sequence[dict]]) -> list[str]:
+        prompts = [encode(d) for d in dialogues]
+        # Similar lengths batch together: less padding.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            for i, c in zip(idx, gen.generate([prompts[i] for i in idx], params)):
+                out[i] = c.text.strip()
+        return out
+
+    return generate
+
+
+def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 100,
+                   gatt_turns: Sequence[int] = (1, 2, 4, 6, 10, 20), gatt_dialogues: int = 30,
+                   max_new_tokens: int = 64) -> dict:
+    """Run the assistant-world suite on a model directory; see llama2.eval.world.evaluate_world."""
+    from llama2.checkpoint import load_model, load_tokenizer
+    from llama2.eval.world import evaluate_world
+
+    model = load_model(model_dir)
+    tok = load_tokenizer(model_dir, model.config.vocab_size)
+    generate = chat_generate_fn(model, tok, max_new_tokens)
+    return evaluate_world(generate, split=split, max_items=max_items, gatt_turns=tuple(gatt_turns),
+                          gatt_dialogues=gatt_dialogues)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"),
+                        help="which split of the bundled assistant world (default: test, held out)")
+    parser.add_argument("--max-items", type=int, default=100,
+                        help="prompts per kind (task / unsafe / benign) (default: 100)")
+    parser.add_argument("--gatt-dialogues", type=int, default=30,
+                        help="constrained dialogues for GAtt adherence (default: 30)")
+    parser.add_argument("--gatt-turns", type=int, nargs="+", default=[1, 2, 4, 6, 10, 20], metavar="T",
+                        help="turns at which GAtt adherence is measured (default: 1 2 4 6 10 20, Table 30)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default: 64)")
+    parser.add_argument("--task", metavar="YAML",
+                        help="instead of the suite, score an lm-eval multiple-choice task file in-process")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.task:
+        from llama2.eval.multiple_choice import evaluate_task
+
+        result = evaluate_task(args.model, args.task)
+        print(json.dumps(result) if args.json else f"{result['task']}: accuracy {result['acc']:.4f} "
+                                                    f"on {result['n']} questions")
+        return 0
+    result = evaluate_model(args.model, args.split, args.max_items, args.gatt_turns, args.gatt_dialogues,
+                            args.max_new_tokens)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        from llama2.eval.world import format_table
+
+        print(format_table(result))
+    return 0

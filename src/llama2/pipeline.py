@@ -1,0 +1,343 @@
+"""``llama2 run``: the whole Llama 2 recipe, stage after stage, with a report.
+
+tokenizer -> data -> pretrain -> sft -> reward-helpfulness, reward-safety -> rejection -> ppo
+-> gatt -> guard -> evaluate. Each stage writes its own run folder under ``--out`` (the same
+folder the stage's own command would write) and, once finished, a ``.done.json`` marker
+with its wall time; re-running skips finished stages, and an interrupted stage resumes from
+its last checkpoint. The final chat model is copied to ``OUT/chat``; ``OUT/report.md`` and
+``OUT/report.html`` show what every stage did.
+
+A recipe is a plain YAML file: ``stages:`` maps each stage to the fields of its config (the
+same fields as the stage's command-line flags); paths between stages are filled in here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("tokenizer", "data", "pretrain", "sft", "reward-helpfulness", "reward-safety", "rejection", "ppo",
+          "gatt", "guard", "evaluate")
+# Models evaluated on the assistant-world suite, in the order of the paper's pipeline.
+EVALUATED = ("pretrain", "sft", "rejection", "ppo", "gatt")
+RECIPES_DIR = Path(__file__).resolve().parent / "resources" / "recipes"
+
+
+def find_recipe(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise FileNotFoundError(f"recipe file not found: {p}")
+        return p
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(f.stem for f in RECIPES_DIR.glob("*.yaml")))
+        raise ValueError(f"unknown recipe {name_or_path!r}; built-in recipes: {known} (or give a YAML file)")
+    return candidate
+
+
+def read_pipeline_recipe(path: Path) -> dict:
+    from llama2.recipe import read_recipe
+
+    recipe = read_recipe(path)
+    stages = recipe.get("stages") or {}
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"{path}: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+    extra = sorted(set(recipe) - {"name", "description", "seed", "stages", "estimated_seconds"})
+    if extra:
+        raise ValueError(f"{path}: unknown field(s) {', '.join(extra)}")
+    return recipe
+
+
+@dataclass
+class Context:
+    out: Path
+    recipe: dict
+    log: Callable[[str], None]
+
+    def settings(self, stage: str) -> dict:
+        return dict((self.recipe.get("stages") or {}).get(stage) or {})
+
+    def folder(self, stage: str) -> Path:
+        return self.out / stage
+
+    def model(self, stage: str) -> str:
+        return str(self.out / stage / "model")
+
+
+def _config(cls, ctx: Context, stage: str, **paths):
+    """The stage's config: recipe settings, then the paths the pipeline wires between stages."""
+    from llama2.recipe import from_dict
+
+    values = {**ctx.settings(stage), **paths}
+    values.setdefault("seed", ctx.recipe.get("seed", 0))
+    values.setdefault("progress", True)
+    return from_dict(cls, values, f"recipe stage {stage!r}")
+
+
+# ---- the stages -------------------------------------------------------------------------------
+
+def stage_tokenizer(ctx: Context) -> dict:
+    """A SentencePiece BPE tokenizer with Llama 2's settings on the corpus and the world's text."""
+    from llama2.data.corpus import default_corpus_files
+    from llama2.data.world import World
+    from llama2.tokenizer import train_tokenizer
+
+    s = ctx.settings("tokenizer")
+    folder = ctx.folder("tokenizer")
+    folder.mkdir(parents=True, exist_ok=True)
+    world = World(ctx.recipe.get("seed", 0))
+    world_text = folder / "world.txt"
+    lines = [world.knowledge_text()]
+    for row in world.sft_examples("train", s.get("world_examples", 2000)):
+        lines += [m["content"] for m in row["messages"]]
+    world_text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tok = train_tokenizer(list(default_corpus_files()) + [world_text], folder, vocab_size=s.get("vocab_size", 4096),
+                          verbose=False)
+    return {"vocab_size": tok.vocab_size}
+
+
+def stage_data(ctx: Context) -> dict:
+    """Token shards of the corpus plus the world's fact sheet (the base model's 'knowledge')."""
+    from llama2.data.corpus import default_corpus_files
+    from llama2.data.shards import prepare
+    from llama2.data.world import World
+
+    s = ctx.settings("data")
+    folder = ctx.folder("data")
+    folder.mkdir(parents=True, exist_ok=True)
+    knowledge = folder / "knowledge.txt"
+    # Repeated so the facts weigh something next to the novels.
+    text = World(ctx.recipe.get("seed", 0)).knowledge_text()
+    knowledge.write_text("\n\n".join([text] * s.get("knowledge_repeats", 20)), encoding="utf-8")
+    index = prepare(list(default_corpus_files()) + [knowledge], ctx.folder("tokenizer") / "tokenizer.model", folder,
+                    val_fraction=s.get("val_fraction", 0.02), progress=True, log=ctx.log)
+    return {"tokens": index["tokens"]}
+
+
+def stage_pretrain(ctx: Context) -> dict:
+    """Pretraining on the token shards (§2.2)."""
+    from llama2.train import pretrain
+
+    cfg = _config(pretrain.PretrainConfig, ctx, "pretrain", out=str(ctx.folder("pretrain")),
+                  data=str(ctx.folder("data")))
+    return pretrain.run(cfg)
+
+
+def stage_sft(ctx: Context) -> dict:
+    """Supervised fine-tuning on the assistant world (§3.1)."""
+    from llama2.train import sft
+
+    return sft.run(_config(sft.SFTConfig, ctx, "sft", out=str(ctx.folder("sft")), model=ctx.model("pretrain")))
+
+
+def _reward(kind: str):
+    def run(ctx: Context) -> dict:
+        from llama2.train import reward
+
+        stage = f"reward-{kind}"
+        cfg = _config(reward.RewardConfig, ctx, stage, kind=kind, out=str(ctx.folder(stage)), model=ctx.model("sft"))
+        return reward.run(cfg)
+    run.__doc__ = f"The {kind} reward model (§3.2.2)."
+    return run
+
+
+def stage_rejection(ctx: Context) -> dict:
+    """Rejection sampling: best of K answers under the reward models (§3.2.3)."""
+    from llama2.train import rejection
+
+    cfg = _config(rejection.RejectionConfig, ctx, "rejection", out=str(ctx.folder("rejection")),
+                  model=ctx.model("sft"), reward_model=ctx.model("reward-helpfulness"),
+                  safety_model=ctx.model("reward-safety"))
+    return rejection.run(cfg)
+
+
+def stage_ppo(ctx: Context) -> dict:
+    """PPO with the safety-gated reward and a KL penalty (§3.2.3)."""
+    from llama2.train import ppo
+
+    cfg = _config(ppo.PPOConfig, ctx, "ppo", out=str(ctx.folder("ppo")), model=ctx.model("rejection"),
+                  reward_model=ctx.model("reward-helpfulness"), safety_model=ctx.model("reward-safety"))
+    return ppo.run(cfg)
+
+
+def stage_gatt(ctx: Context) -> dict:
+    """Ghost Attention for multi-turn system instructions (§3.3)."""
+    from llama2.train import gatt
+
+    result = gatt.run(_config(gatt.GAttConfig, ctx, "gatt", out=str(ctx.folder("gatt")), model=ctx.model("ppo")))
+    chat = ctx.out / "chat"
+    if chat.exists():
+        shutil.rmtree(chat)
+    shutil.copytree(ctx.model("gatt"), chat)
+    return result
+
+
+def stage_guard(ctx: Context) -> dict:
+    """A Llama Guard-style safety classifier."""
+    from llama2.serve import guard
+
+    cfg = _config(guard.GuardConfig, ctx, "guard", out=str(ctx.folder("guard")), model=ctx.model("sft"))
+    return guard.run(cfg)
+
+
+def stage_evaluate(ctx: Context) -> dict:
+    """The assistant-world suite on every stage's model (cached per model), then the report."""
+    from llama2.eval.cli import evaluate_model
+
+    s = ctx.settings("evaluate")
+    results = {}
+    for stage in EVALUATED:
+        cache = ctx.folder(stage) / "eval.json"
+        if cache.is_file():
+            results[stage] = json.loads(cache.read_text())
+            continue
+        ctx.log(f"evaluating {stage} model on the assistant world ...")
+        results[stage] = evaluate_model(ctx.model(stage), split="test", max_items=s.get("max_items", 60),
+                                        gatt_dialogues=s.get("gatt_dialogues", 20),
+                                        max_new_tokens=s.get("max_new_tokens", 48))
+        cache.write_text(json.dumps(results[stage], indent=2) + "\n")
+    folder = ctx.folder("evaluate")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / "samples.json").write_text(json.dumps(sample_conversations(ctx), indent=2) + "\n")
+    return {stage: {k: v for k, v in r.items() if k in ("task_accuracy", "safe_refusal_rate", "false_refusal_rate")}
+            for stage, r in results.items()}
+
+
+def sample_conversations(ctx: Context, n_per_kind: int = 1) -> list[dict]:
+    """A few held-out prompts (a task, an unsafe request, a benign look-alike, a constrained
+    third turn) answered greedily by every stage's model, for the report."""
+    from llama2.checkpoint import load_model, load_tokenizer
+    from llama2.data.world import World
+    from llama2.eval.cli import chat_generate_fn
+
+    world = World(ctx.recipe.get("seed", 0))
+    prompts = []
+    for kind in ("task", "unsafe", "benign"):
+        prompts += [item.messages for item in world.items("test", kind)[:n_per_kind]]
+    dialogue = world.dialogues("test", 1, turns=3, constrained=True)[0]
+    prompts.append(dialogue.prompt(3))
+    samples = [{"messages": p, "answers": {}} for p in prompts]
+    for stage in EVALUATED:
+        model = load_model(ctx.model(stage))
+        generate = chat_generate_fn(model, load_tokenizer(ctx.model(stage), model.config.vocab_size), 48)
+        for s, answer in zip(samples, generate(prompts)):
+            s["answers"][stage] = answer
+    return samples
+
+
+RUNNERS: dict[str, Callable[[Context], dict]] = {
+    "tokenizer": stage_tokenizer,
+    "data": stage_data,
+    "pretrain": stage_pretrain,
+    "sft": stage_sft,
+    "reward-helpfulness": _reward("helpfulness"),
+    "reward-safety": _reward("safety"),
+    "rejection": stage_rejection,
+    "ppo": stage_ppo,
+    "gatt": stage_gatt,
+    "guard": stage_guard,
+    "evaluate": stage_evaluate,
+}
+
+
+# ---- orchestration ----------------------------------------------------------------------------
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def run_pipeline(recipe_name: str = "tiny", out: str | os.PathLike = "runs/demo", from_stage: str | None = None,
+                 until: str | None = None, quiet: bool = False) -> Path:
+    recipe_path = find_recipe(recipe_name)
+    recipe = read_pipeline_recipe(recipe_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(recipe_path, out / "recipe.yaml")
+    for name in (from_stage, until):
+        if name is not None and name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    ctx = Context(out, recipe, log)
+    if from_stage is not None:  # re-run from this stage on: forget it and everything after
+        for stage in STAGES[STAGES.index(from_stage):]:
+            if ctx.folder(stage).exists():
+                shutil.rmtree(ctx.folder(stage))
+    estimates = recipe.get("estimated_seconds") or {}
+    started = time.perf_counter()
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    for i, stage in enumerate(STAGES[: last + 1], 1):
+        marker = ctx.folder(stage) / ".done.json"
+        if marker.is_file():
+            took = json.loads(marker.read_text()).get("seconds", 0)
+            log(f"[{i}/{len(STAGES)}] {stage}: done ({_fmt(took)}), skipped")
+            continue
+        elapsed = time.perf_counter() - started
+        left = sum(estimates.get(s, 0) for s in STAGES[i - 1: last + 1])
+        eta = f", about {_fmt(left)} left" if left else ""
+        log(f"\n[{i}/{len(STAGES)}] {stage} — {RUNNERS[stage].__doc__.splitlines()[0] if RUNNERS[stage].__doc__ else ''}"
+            f" (elapsed {_fmt(elapsed)}{eta})")
+        t0 = time.perf_counter()
+        summary = RUNNERS[stage](ctx) or {}
+        seconds = time.perf_counter() - t0
+        ctx.folder(stage).mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stage": stage, "seconds": seconds, "summary": _jsonable(summary)}, indent=2))
+        os.replace(tmp, marker)
+        log(f"[{i}/{len(STAGES)}] {stage}: finished in {_fmt(seconds)}")
+    if until is None or until == "evaluate":
+        from llama2.report import write_report
+
+        report = write_report(out)
+        log(f"\nreport: {report} (and {report.with_suffix('.md')})")
+        log(f"chat with the result:   llama2 chat --model {out / 'chat'}")
+        log(f"serve it:               llama2 serve --model {out / 'chat'} --guard {out / 'guard' / 'model'}")
+    return out
+
+
+def _jsonable(obj):
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        if isinstance(obj, dict):
+            return {str(k): _jsonable(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [_jsonable(v) for v in obj]
+        return str(obj)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", default="tiny",
+                        help="a built-in recipe (tiny: ~15 min on a 2-core CPU; smoke: seconds per stage) "
+                             "or a YAML file (default: tiny)")
+    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default: runs/demo)")
+    parser.add_argument("--from", dest="from_stage", metavar="STAGE", choices=STAGES,
+                        help="re-run from this stage on (its folder and the later ones are replaced)")
+    parser.add_argument("--until", metavar="STAGE", choices=STAGES, help="stop after this stage")
+    parser.epilog = "Stages: " + " -> ".join(STAGES) + ". Re-running skips finished stages and resumes the " \
+                    "interrupted one; Ctrl-C stops cleanly."
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        run_pipeline(args.recipe, args.out, args.from_stage, args.until)
+    except KeyboardInterrupt:
+        print(f"\nstopped. Run the same command again to resume from the last checkpoint ({args.out}).",
+              file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,367 @@
+"""The run report of ``llama2 run``: the paper's figures and tables at tiny scale, from the run's
+own files (metrics.jsonl, eval.json, reward_vs_k.json, .done.json), as Markdown and HTML
+with PNG figures beside them. Every number shown is read from a file of the run.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+STAGE_LABELS = {"pretrain": "base (pretrained)", "sft": "SFT", "rejection": "rejection sampling", "ppo": "PPO",
+                "gatt": "GAtt (final chat model)"}
+RATING_LABELS = {"significantly_better": "significantly better", "better": "better",
+                 "slightly_better": "slightly better", "negligibly_better": "negligibly better / unsure"}
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def collect(run: Path) -> dict:
+    """Everything the report shows, gathered from the run folder."""
+    from llama2.pipeline import EVALUATED, STAGES
+
+    data: dict = {"stages": {}, "metrics": {}, "eval": {}}
+    for stage in STAGES:
+        done = _read_json(run / stage / ".done.json")
+        if done:
+            data["stages"][stage] = done
+    for stage in ("pretrain", "sft", "reward-helpfulness", "reward-safety", "ppo", "gatt", "guard"):
+        m = _read_metrics(run / stage / "metrics.jsonl")
+        if m:
+            data["metrics"][stage] = m
+    rs_iters = sorted((run / "rejection").glob("iter-*/metrics.jsonl"))
+    if rs_iters:
+        data["metrics"]["rejection"] = [r for f in rs_iters for r in _read_metrics(f)]
+    for stage in EVALUATED:
+        e = _read_json(run / stage / "eval.json")
+        if e:
+            data["eval"][stage] = e
+    data["reward_eval"] = {k: _read_json(run / f"reward-{k}" / "eval.json") for k in ("helpfulness", "safety")}
+    data["reward_vs_k"] = _read_json(run / "rejection" / "reward_vs_k.json")
+    data["guard_eval"] = _read_json(run / "guard" / "eval.json")
+    data["samples"] = _read_json(run / "evaluate" / "samples.json")
+    return data
+
+
+# ---- figures ----------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_losses(data: dict, path: Path) -> bool:
+    curves = {s: m for s, m in data["metrics"].items() if any("loss" in r for r in m)}
+    if not curves:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0), squeeze=False)
+    for ax, (stage, rows) in zip(axes[0], curves.items()):
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if stage == "rejection":  # several fine-tuning runs: number their steps consecutively
+            train = list(enumerate((loss for _, loss in train), 1))
+        if train:
+            ax.plot(*zip(*train), label="train", lw=1.2)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation", ms=3)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("loss")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def figure_reward_accuracy(data: dict, path: Path) -> bool:
+    evals = {k: v for k, v in data["reward_eval"].items() if v}
+    if not evals:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    ratings = list(RATING_LABELS)
+    width = 0.8 / len(evals)
+    for j, (kind, e) in enumerate(evals.items()):
+        acc = [e["accuracy_by_rating"].get(r, 0.0) * 100 for r in ratings]
+        ax.bar([i + j * width for i in range(len(ratings))], acc, width, label=f"{kind} RM")
+    ax.set_xticks([i + width * (len(evals) - 1) / 2 for i in range(len(ratings))])
+    ax.set_xticklabels([RATING_LABELS[r] for r in ratings], fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title("Reward-model accuracy by rating (Table 8 shape)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def figure_reward_vs_k(data: dict, path: Path) -> bool:
+    rvk = data.get("reward_vs_k")
+    if not rvk or not rvk.get("iterations"):
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    for it in rvk["iterations"]:
+        c = it["reward_vs_k"]
+        ax.plot(c["k"], c["max"], "o-", label=f"max, iteration {it['iteration']}")
+        ax.plot(c["k"], c["mean"], "s--", label=f"mean, iteration {it['iteration']}", alpha=0.7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("number of samples K")
+    ax.set_ylabel("combined reward")
+    ax.set_title("Rejection sampling: reward vs K (Figure 7 shape)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _ppo_series(rows: list[dict]) -> tuple[str | None, str | None]:
+    keys = set().union(*(r.keys() for r in rows)) if rows else set()
+    reward = next((k for k in ("reward_combined", "reward/combined", "mean_reward", "reward") if k in keys), None)
+    kl = next((k for k in ("kl", "kl_ref", "kl_to_ref", "mean_kl") if k in keys), None)
+    return reward, kl
+
+
+def figure_ppo(data: dict, path: Path) -> bool:
+    rows = data["metrics"].get("ppo") or []
+    reward, kl = _ppo_series(rows)
+    if not rows or reward is None:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    x = [r.get("iteration", r.get("step")) for r in rows if reward in r]
+    ax.plot(x, [r[reward] for r in rows if reward in r], "o-", color="C0", label="combined reward")
+    ax.set_xlabel("PPO iteration")
+    ax.set_ylabel("mean combined reward", color="C0")
+    if kl:
+        ax2 = ax.twinx()
+        ax2.plot([r.get("iteration", r.get("step")) for r in rows if kl in r], [r[kl] for r in rows if kl in r],
+                 "s--", color="C3", label="KL to reference")
+        ax2.set_ylabel("KL to the reference", color="C3")
+    ax.set_title("PPO: reward and KL per iteration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def figure_gatt(data: dict, path: Path) -> bool:
+    without, with_ = data["eval"].get("ppo"), data["eval"].get("gatt")
+    if not without or not with_:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    for label, e in (("without GAtt (PPO model)", without), ("with GAtt", with_)):
+        turns = sorted(e["gatt_adherence"], key=int)
+        ax.plot([int(t) for t in turns], [100 * e["gatt_adherence"][t] for t in turns], "o-", label=label)
+    ax.set_xlabel("dialogue turn")
+    ax.set_ylabel("instruction followed (%)")
+    ax.set_ylim(-5, 105)
+    ax.set_title("System-instruction adherence by turn (Table 30 shape)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def figure_stages(data: dict, path: Path) -> bool:
+    evals = data["eval"]
+    if not evals:
+        return False
+    plt = _plt()
+    names = list(evals)
+    series = [("task_accuracy", "task accuracy"), ("safe_refusal_rate", "safe refusal"),
+              ("false_refusal_rate", "false refusal (lower is better)")]
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    width = 0.8 / len(series)
+    for j, (key, label) in enumerate(series):
+        ax.bar([i + j * width for i in range(len(names))], [100 * (evals[n].get(key) or 0) for n in names], width,
+               label=label)
+    ax.set_xticks([i + width for i in range(len(names))])
+    ax.set_xticklabels([STAGE_LABELS.get(n, n) for n in names], fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7)
+    ax.set_title("Assistant-world suite after each stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---- text -------------------------------------------------------------------------------------
+
+def verdicts(data: dict) -> list[str]:
+    """Plain statements of whether each stage improved what it exists to improve."""
+    e, out = data["eval"], []
+
+    def compare(before: str, after: str, key: str, what: str, higher_is_better: bool = True) -> None:
+        if before in e and after in e and e[before].get(key) is not None and e[after].get(key) is not None:
+            a, b = e[before][key], e[after][key]
+            better = b > a if higher_is_better else b < a
+            same = abs(b - a) < 1e-9
+            word = "kept" if same else ("improved" if better else "did NOT improve")
+            out.append(f"{STAGE_LABELS.get(after, after)} {word} {what}: {_pct(a)} → {_pct(b)}")
+
+    compare("pretrain", "sft", "task_accuracy", "task accuracy")
+    compare("pretrain", "sft", "safe_refusal_rate", "the safe-refusal rate")
+    compare("sft", "rejection", "task_accuracy", "task accuracy")
+    compare("rejection", "ppo", "task_accuracy", "task accuracy")
+    compare("sft", "ppo", "safe_refusal_rate", "the safe-refusal rate")
+    compare("sft", "ppo", "false_refusal_rate", "the false-refusal rate", higher_is_better=False)
+    if "ppo" in e and "gatt" in e:
+        last = str(max((int(t) for t in e["gatt"]["gatt_adherence"]), default=0))
+        a, b = e["ppo"]["gatt_adherence"].get(last), e["gatt"]["gatt_adherence"].get(last)
+        if a is not None and b is not None:
+            word = "improved" if b > a else ("kept" if b == a else "did NOT improve")
+            out.append(f"GAtt {word} system-instruction adherence at turn {last}: {_pct(a)} → {_pct(b)}")
+    for kind, r in data["reward_eval"].items():
+        if r:
+            acc = r["accuracy_by_rating"]
+            ordered = acc.get("significantly_better", 0) >= acc.get("negligibly_better", 1)
+            out.append(f"the {kind} reward model ranks {_pct(r['accuracy'])} of held-out pairs correctly; "
+                       f"significantly-better pairs {_pct(acc.get('significantly_better'))} vs negligibly-better "
+                       f"{_pct(acc.get('negligibly_better'))}" + ("" if ordered else " (NOT ordered like the paper)"))
+    rvk = data.get("reward_vs_k")
+    if rvk and rvk.get("iterations"):
+        c = rvk["iterations"][0]["reward_vs_k"]
+        out.append(f"rejection sampling: the best of {c['k'][-1]} samples scores {c['max'][-1]:.3f} against "
+                   f"{c['max'][0]:.3f} for one sample")
+    return out
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> tuple[str, str]:
+    md = "| " + " | ".join(headers) + " |\n|" + "---|" * len(headers) + "\n"
+    md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
+    h = "<table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in headers) + "</tr>"
+    h += "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows) + "</table>"
+    return md, h
+
+
+def write_report(run: str | Path) -> Path:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png`` in the run folder."""
+    run = Path(run)
+    data = collect(run)
+    figdir = run / "figures"
+    figdir.mkdir(exist_ok=True)
+    figures = [
+        ("losses.png", "Loss curves of each training stage", figure_losses),
+        ("reward_accuracy.png", "Reward-model accuracy by rating level (the shape of the paper's Table 8)",
+         figure_reward_accuracy),
+        ("reward_vs_k.png", "Rejection sampling: max and mean reward among K samples (Figure 7 shape)",
+         figure_reward_vs_k),
+        ("ppo.png", "PPO: combined reward and KL to the reference per iteration", figure_ppo),
+        ("gatt.png", "System-instruction adherence by turn, with and without GAtt (Table 30 shape)", figure_gatt),
+        ("stages.png", "Task accuracy, safe-refusal and false-refusal rates after each stage", figure_stages),
+    ]
+    md: list[str] = ["# Llama 2 recipe at tiny scale: run report", "",
+                     f"Run folder: `{run}`. Every number below is read from the run's own files.", ""]
+    hp: list[str] = [f"<h1>Llama 2 recipe at tiny scale: run report</h1><p>Run folder: <code>{html.escape(str(run))}"
+                     "</code>. Every number below is read from the run's own files.</p>"]
+
+    lines = verdicts(data)
+    if lines:
+        md += ["## What each stage did", ""] + [f"- {v}" for v in lines] + [""]
+        hp.append("<h2>What each stage did</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in lines) + "</ul>")
+
+    if data["eval"]:
+        rows = []
+        for stage, e in data["eval"].items():
+            adh = e.get("gatt_adherence") or {}
+            last = max(adh, key=int) if adh else None
+            rows.append([STAGE_LABELS.get(stage, stage), _pct(e.get("task_accuracy")), _pct(e.get("safe_refusal_rate")),
+                         _pct(e.get("false_refusal_rate")), _pct(adh.get(last)) if last else "–"])
+        last_turn = max((int(t) for e in data["eval"].values() for t in (e.get("gatt_adherence") or {})), default=0)
+        t_md, t_html = _table(["model", "task accuracy", "safe refusal", "false refusal",
+                               f"instruction kept at turn {last_turn}"], rows)
+        md += ["## The assistant-world suite after each stage (held-out test split)", "", t_md]
+        hp.append("<h2>The assistant-world suite after each stage (held-out test split)</h2>" + t_html)
+
+    for file, caption, make in figures:
+        if make(data, figdir / file):
+            md += [f"### {caption}", "", f"![{caption}](figures/{file})", ""]
+            hp.append(f"<h3>{html.escape(caption)}</h3><img src='figures/{file}' alt='{html.escape(caption)}'>")
+
+    for kind, r in data["reward_eval"].items():
+        if not r:
+            continue
+        rows = [[RATING_LABELS[k], _pct(v), str(r["pairs_by_rating"].get(k, ""))]
+                for k, v in r["accuracy_by_rating"].items()]
+        rows.append(["overall", _pct(r["accuracy"]), str(r["pairs"])])
+        t_md, t_html = _table(["rating", "accuracy", "pairs"], rows)
+        title = f"{kind.capitalize()} reward model on held-out pairs"
+        md += [f"### {title}", "", t_md]
+        hp.append(f"<h3>{title}</h3>{t_html}")
+        if "unsafe_detection" in r:
+            d = r["unsafe_detection"]
+            note = (f"Flagging answers whose safety score is below {d['threshold']}: precision {d['precision']:.2f}, "
+                    f"recall {d['recall']:.2f} (the paper: 0.89 / 0.55 on Meta Safety).")
+            md += [note, ""]
+            hp.append(f"<p>{html.escape(note)}</p>")
+
+    if data["guard_eval"]:
+        g = data["guard_eval"]
+        rows = [[c, _pct(v.get("precision")), _pct(v.get("recall"))] for c, v in (g.get("per_category") or {}).items()]
+        if "overall" in g:
+            rows.append(["overall (unsafe vs safe)", _pct(g["overall"].get("precision")),
+                         _pct(g["overall"].get("recall"))])
+        t_md, t_html = _table(["category", "precision", "recall"], rows)
+        md += ["## Safety classifier (Llama Guard style) on held-out conversations", "", t_md]
+        hp.append("<h2>Safety classifier (Llama Guard style) on held-out conversations</h2>" + t_html)
+
+    if data["samples"]:
+        md += ["## Sample conversations before and after alignment", ""]
+        hp.append("<h2>Sample conversations before and after alignment</h2>")
+        for s in data["samples"]:
+            prompt = " / ".join(f"{m['role']}: {m['content']}" for m in s["messages"])
+            md += [f"**{prompt}**", ""] + [f"- {STAGE_LABELS.get(k, k)}: {v!r}" for k, v in s["answers"].items()] + [""]
+            hp.append(f"<p><b>{html.escape(prompt)}</b></p><ul>" + "".join(
+                f"<li>{html.escape(STAGE_LABELS.get(k, k))}: <code>{html.escape(v)}</code></li>"
+                for k, v in s["answers"].items()) + "</ul>")
+
+    if data["stages"]:
+        rows = []
+        for stage, d in data["stages"].items():
+            m = data["metrics"].get(stage) or []
+            tps = [r["tokens_per_s"] for r in m if r.get("tokens_per_s")]
+            rows.append([stage, f"{d['seconds']:.0f} s", f"{sum(tps) / len(tps):,.0f}" if tps else "–"])
+        total = sum(d["seconds"] for d in data["stages"].values())
+        rows.append(["total", f"{total:.0f} s ({total / 60:.1f} min)", ""])
+        t_md, t_html = _table(["stage", "wall time", "training tokens/s"], rows)
+        md += ["## Time per stage", "", t_md]
+        hp.append("<h2>Time per stage</h2>" + t_html)
+
+    (run / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em}"
+             "img{max-width:100%;border:1px solid #eee}")
+    (run / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>llama2 run report</title><style>{style}</style>"
+        f"</head><body>{''.join(hp)}</body></html>\n", encoding="utf-8")
+    return run / "report.html"

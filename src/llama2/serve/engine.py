@@ -1,0 +1,516 @@
+"""Continuous batching: concurrent requests decoded together, one forward pass per step.
+
+Picture the KV cache as a table with one row per running sequence (``max_batch_size`` rows)
+and one column per *slot* of a timeline shared by all rows. Each decode step writes one
+new column, at the ``cursor``, for every row at once — so the model's cache interface
+(``slots`` shared across the batch) is used as it is. A row's tokens sit in the slots
+``[start, cursor)``; its RoPE positions count from its own ``start`` and its mask hides
+everything left of it, so each row decodes as if it were alone.
+
+* **Join.** Between two steps, waiting requests take the free rows: their prompts are
+  prefilled together into the slots just left of the cursor, ``[cursor - len, cursor)``,
+  and from then on they decode in lock-step with the others. (When the cursor is closer
+  to the left edge than a prompt is long, the whole table first shifts right.)
+* **Leave.** A sequence that finishes or whose client went away is dropped at the next
+  step boundary: the last row moves into its place, so the running rows are always
+  ``0 .. n-1`` and every forward pass covers exactly them.
+* **Compact.** Once the oldest running row starts past the middle of the used part of
+  the timeline, everything shifts left, so attention never spans much dead space. No
+  sequence needs more than ``max_seq_len`` slots, so a full timeline can always be
+  compacted (see ``_make_room``).
+
+The engine runs in one background thread (``start``); requests are submitted from the
+asyncio event loop (``submit``) and their text comes back through a ``Handle``. A bounded
+waiting queue turns overload into ``QueueFull`` (the server answers 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from llama2.generate import SamplingParams, sample, truncate_at_stop
+from llama2.model import Transformer
+
+log = logging.getLogger("llama2.serve")
+
+# How many prompt tokens a completion's text is decoded after: SentencePiece drops the space
+# of a sequence's first piece, so "Paris" after "capital is" must be decoded in context to
+# come out as " Paris". A few tokens also cover a UTF-8 character split over byte pieces.
+TEXT_CONTEXT_TOKENS = 5
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting; try again later (HTTP 503)."""
+
+
+class EngineError(RuntimeError):
+    """The engine failed while decoding this request (HTTP 500); the server carries on."""
+
+
+@dataclass
+class Request:
+    """One sequence to decode. ``prompt`` ids are used exactly as given (BOS included)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    prompt_logprobs: int | None = None  # echo: log-prob of every prompt token (+ this many alternatives)
+    continue_prompt: bool = True  # text continues the prompt (completions) or stands alone (chat)
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)  # the k most likely ids, k = top_logprobs
+
+
+@dataclass
+class Result:
+    tokens: list[int]  # every sampled id, a final EOS included (it was sampled; its text is "")
+    text: str  # decoded, cut before the first stop string
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, when params.logprobs
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # first is None
+
+
+class Handle:
+    """The caller's end of one request: text deltas while it is decoded, then its Result.
+
+    Created on the event loop; the engine thread hands events over with
+    ``call_soon_threadsafe``, so consumers simply await an asyncio.Queue.
+    """
+
+    def __init__(self, engine: Engine, request: Request, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self.cancelled = False
+        self._engine = engine
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._result: Result | None = None
+
+    # -- engine thread -----------------------------------------------------------------
+    def _emit(self, event) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (server shut down): nobody is listening
+            pass
+
+    # -- event loop --------------------------------------------------------------------
+    async def deltas(self) -> AsyncIterator[str]:
+        """Text as it is decoded (stop strings already cut); afterwards ``result()`` is ready."""
+        while self._result is None:
+            event = await self._events.get()
+            if isinstance(event, Exception):
+                raise event
+            if isinstance(event, Result):
+                self._result = event
+            elif event:
+                yield event
+
+    async def result(self) -> Result:
+        async for _ in self.deltas():
+            pass
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop decoding this request (client gone); its row is freed at the next step."""
+        self.cancelled = True
+        self._engine._forget(self)
+
+
+class IncrementalDetokenizer:
+    """Text of a growing token list, one delta per token, decoding only a short window.
+
+    Text Generation Inference's scheme: decode the tokens since ``prefix`` with and without
+    the newest ones and emit the difference, once it no longer ends in an incomplete UTF-8
+    character. Decoding a window instead of everything keeps each step O(1).
+    """
+
+    def __init__(self, tokenizer, context: Sequence[int] = ()):
+        self.tokenizer = tokenizer
+        self.ids = list(context)
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished UTF-8 character at the very end)."""
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+
+class _Row:
+    """A running sequence: where it lives in the cache, what it has produced, how to sample it."""
+
+    def __init__(self, handle: Handle, start: int, tokenizer, max_seq_len: int, device):
+        req = handle.request
+        self.handle, self.params, self.start = handle, req.params, start
+        self.max_new = min(req.params.max_new_tokens, max_seq_len - len(req.prompt))
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] = []
+        self.generator = None
+        if req.params.seed is not None and req.params.temperature > 0:
+            # One generator per row, seeded like Generator.generate seeds its single one, so a
+            # seeded request draws the same tokens whether it runs alone or in a batch.
+            self.generator = torch.Generator(device=device).manual_seed(req.params.seed)
+        context = req.prompt[-TEXT_CONTEXT_TOKENS:] if req.continue_prompt else ()
+        self.detok = IncrementalDetokenizer(tokenizer, context)
+        self.stops = [s for s in req.params.stop if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1  # could be a stop string's start
+        self.text = ""
+        self.sent = 0  # characters of text already handed to the client
+        self.cut = False  # a stop string ended the text
+        self.finish_reason: str | None = None
+
+    @property
+    def last(self) -> int:
+        return self.tokens[-1]
+
+    def accept(self, token: int, eos_id: int, logprob: TokenLogprob | None) -> None:
+        """Record a sampled token, decide whether the sequence is done, emit the new text."""
+        self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if token == eos_id and self.params.stop_at_eos:
+            self.finish_reason = "stop"
+        else:
+            self._add_text(self.detok.push(token))
+        if self.finish_reason is None and len(self.tokens) >= self.max_new:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            self._add_text(self.detok.flush())  # an unfinished character at the very end
+        self._emit_ready()
+
+    def _add_text(self, delta: str) -> None:
+        if not delta or self.cut:
+            return
+        begin = max(0, len(self.text) - self.hold)  # a stop string may straddle two deltas
+        self.text += delta
+        if self.stops and any(s in self.text[begin:] for s in self.stops):
+            self.text = self.text[:begin] + truncate_at_stop(self.text[begin:], self.stops)
+            self.cut, self.finish_reason = True, "stop"
+
+    def _emit_ready(self) -> None:
+        ready = len(self.text) if self.finish_reason else len(self.text) - self.hold
+        if ready > self.sent:
+            self.handle._emit(self.text[self.sent : ready])
+            self.sent = ready
+        if self.finish_reason:
+            self.handle._emit(Result(self.tokens, self.text, self.finish_reason, self.logprobs,
+                                     self.prompt_logprobs))
+
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.handle.cancelled
+
+
+class _CacheView(nn.Module):
+    """What ``Attention`` expects of a cache, over rows ``lo:hi`` of the engine's tensors.
+
+    The engine owns the K/V storage; before each forward it points every layer at the rows
+    that take part, and writes land in place. (A Module, because once ``setup_cache`` has
+    run on a model, ``attention.cache`` only accepts Modules.)
+    """
+
+    def __init__(self, k: Tensor, v: Tensor):
+        super().__init__()
+        self.k, self.v = k, v  # plain attributes, not buffers: views of the engine's storage
+
+    def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+
+class Engine:
+    """Decodes many requests at once with one model; see the module docstring for the layout."""
+
+    def __init__(self, model: Transformer, tokenizer, max_batch_size: int = 8, max_queue: int = 64):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_id
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        cfg = model.config
+        self.max_seq_len = cfg.max_seq_len
+        self.capacity = cfg.max_seq_len  # slots per row; enough, see _make_room
+        ref = model.tok_embeddings.weight
+        self.device = ref.device
+        shape = (max_batch_size, cfg.n_kv_heads, self.capacity, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in model.layers]
+        self.values = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in model.layers]
+
+        self.rows: list[_Row] = []  # engine thread only; rows[i] lives in cache row i
+        self.cursor = 0  # the slot the next decode step writes
+        self.waiting: collections.deque[Handle] = collections.deque()  # guarded by _cv
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = collections.Counter()  # steps, prefills, shifts, cancelled, max_rows, ...
+
+    # -- the event-loop side ---------------------------------------------------------------
+    def submit(self, requests: Sequence[Request]) -> list[Handle]:
+        """Queue requests (all or none); call from a running event loop. Raises QueueFull."""
+        loop = asyncio.get_running_loop()
+        handles = [Handle(self, r, loop) for r in requests]
+        with self._cv:
+            if self._stopping:
+                raise EngineError("the server is shutting down")
+            if len(self.waiting) + len(handles) > self.max_queue:
+                raise QueueFull(
+                    f"the server is busy: {len(self.waiting)} requests are waiting "
+                    f"(at most {self.max_queue}); try again later"
+                )
+            self.waiting.extend(handles)
+            self._cv.notify()
+        return handles
+
+    def _forget(self, handle: Handle) -> None:
+        with self._cv:
+            try:
+                self.waiting.remove(handle)
+                self.stats["cancelled"] += 1
+            except ValueError:
+                pass  # already running: the engine drops the row at the next step
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    # -- the thread ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="llama2-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error = EngineError("the server is shutting down")
+        for handle in [r.handle for r in self.rows] + list(self.waiting):
+            handle._emit(error)
+        self.rows.clear()
+        self.waiting.clear()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self.rows and not self.waiting:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One step: drop finished rows, let waiting requests join, decode one token for all."""
+        joiners: list[Handle] = []
+        try:
+            self._release()
+            joiners = self._take_waiting()
+            if joiners:
+                self._prefill(joiners)
+                self._release()
+            if self.rows:
+                self._decode()
+        except Exception as e:  # a failed step must not kill the server
+            log.exception("engine step failed; failing the requests in it")
+            error = EngineError(f"generation failed: {type(e).__name__}: {e}")
+            for handle in {id(h): h for h in [r.handle for r in self.rows] + joiners}.values():
+                handle._emit(error)
+            self.rows.clear()
+
+    def _take_waiting(self) -> list[Handle]:
+        with self._cv:
+            joiners = []
+            while self.waiting and len(self.rows) + len(joiners) < self.max_batch_size:
+                joiners.append(self.waiting.popleft())
+            return joiners
+
+    # -- cache bookkeeping -----------------------------------------------------------------
+    def _attach(self, lo: int, hi: int) -> None:
+        for layer, k, v in zip(self.model.layers, self.keys, self.values):
+            layer.attention.cache = _CacheView(k[lo:hi], v[lo:hi])
+
+    def _detach(self) -> None:
+        for layer in self.model.layers:
+            layer.attention.cache = None
+
+    def _shift(self, by: int) -> None:
+        """Move every running row's slots by ``by`` (right if positive) along the timeline."""
+        n = len(self.rows)
+        if n:
+            lo = min(r.start for r in self.rows)
+            for buf in self.keys + self.values:
+                buf[:n, :, lo + by : self.cursor + by] = buf[:n, :, lo : self.cursor].clone()
+            for r in self.rows:
+                r.start += by
+        self.cursor += by
+        self.stats["shifts"] += 1
+
+    def _make_room(self) -> None:
+        """Shift left before a decode step when the cursor hit the end or dead space dominates.
+
+        A running row with p prompt tokens and g sampled ones has g < max_new <= max_seq_len - p
+        and writes its newest token at slot start + p + g - 1 = cursor, so
+        cursor - start < max_seq_len - 1: at cursor == capacity every row starts at >= 2.
+        """
+        first = min(r.start for r in self.rows)
+        if first > 0 and (self.cursor >= self.capacity or 2 * first >= self.cursor):
+            self._shift(-first)
+
+    def _release(self) -> None:
+        """Drop finished and cancelled rows, moving the last row into each gap."""
+        i = 0
+        while i < len(self.rows):
+            row = self.rows[i]
+            if not row.done():
+                i += 1
+                continue
+            if row.finish_reason is None:  # cancelled while running
+                with self._cv:  # (_forget counts from the event loop's thread)
+                    self.stats["cancelled"] += 1
+            last = len(self.rows) - 1
+            if i != last:
+                moved = self.rows[last]
+                for buf in self.keys + self.values:
+                    buf[i, :, moved.start : self.cursor] = buf[last, :, moved.start : self.cursor]
+                self.rows[i] = moved
+            self.rows.pop()
+
+    # -- the model -------------------------------------------------------------------------
+    def _prefill(self, joiners: list[Handle]) -> None:
+        """Run the new prompts in one left-padded forward, into rows n.. at [cursor - len, cursor)."""
+        joiners = [h for h in joiners if not h.cancelled]
+        if not joiners:
+            return
+        lens = [len(h.request.prompt) for h in joiners]
+        width = max(lens)
+        if not self.rows:
+            self.cursor = width  # a fresh timeline
+        elif self.cursor < width:
+            self._shift(width - self.cursor)
+        c, n, k, dev = self.cursor, len(self.rows), len(joiners), self.device
+
+        tokens = torch.zeros((k, width), dtype=torch.long, device=dev)
+        for j, h in enumerate(joiners):
+            tokens[j, width - lens[j] :] = torch.tensor(h.request.prompt, dtype=torch.long)
+        pads = torch.tensor([width - n_ for n_ in lens], device=dev)
+        slots = torch.arange(c - width, c, device=dev)
+        keys = torch.arange(c, device=dev).view(1, 1, 1, c)
+        query = slots.view(1, 1, width, 1)
+        starts = (c - torch.tensor(lens, device=dev)).view(k, 1, 1, 1)
+        # Own keys only (from the row's start), causally; a padding query may see itself so
+        # that no softmax row is empty (its output is never used).
+        mask = ((keys >= starts) & (keys <= query)) | (keys == query)
+        positions = (torch.arange(width, device=dev).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+        self._attach(n, n + k)
+        try:
+            h = self.model.hidden_states(tokens, positions=positions, slots=slots, mask=mask)
+        finally:
+            self._detach()
+        # Only the last position's logits are needed to continue, unless the prompt's own
+        # log-probs were asked for (echo): projecting every position to the vocabulary is
+        # the costliest part of a long prefill.
+        logits = self.model.output(h[:, -1]).float()
+        self.stats["prefills"] += 1
+
+        for j, handle in enumerate(joiners):
+            row = _Row(handle, c - lens[j], self.tokenizer, self.max_seq_len, dev)
+            self.rows.append(row)
+            want = handle.request.prompt_logprobs
+            if want is not None:
+                own = self.model.output(h[j, width - lens[j] :]).float()
+                row.prompt_logprobs = _prompt_logprobs(own, handle.request.prompt, want)
+            if row.max_new <= 0:
+                row.finish_reason = "length"
+                row._emit_ready()
+        self._sample(self.rows[n:], logits)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(self.rows))
+
+    def _decode(self) -> None:
+        """Feed every row its newest token at the cursor and sample the next one."""
+        self._make_room()
+        c, n, dev = self.cursor, len(self.rows), self.device
+        tokens = torch.tensor([r.last for r in self.rows], device=dev).view(n, 1)
+        starts = torch.tensor([r.start for r in self.rows], device=dev)
+        positions = (c - starts).view(n, 1)
+        mask = torch.arange(c + 1, device=dev).view(1, 1, 1, c + 1) >= starts.view(n, 1, 1, 1)
+        self._attach(0, n)
+        try:
+            logits = self.model(tokens, positions=positions, slots=torch.tensor([c], device=dev), mask=mask)
+        finally:
+            self._detach()
+        self.cursor += 1
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += n
+        self._sample(self.rows, logits[:, -1])
+
+    def _sample(self, rows: list[_Row], logits: Tensor) -> None:
+        """Pick each row's next token with its own sampling parameters."""
+        greedy = logits.argmax(dim=-1).tolist()  # one transfer for every greedy row
+        for i, row in enumerate(rows):
+            if row.done():
+                continue
+            p = row.params
+            if p.temperature == 0:
+                token = greedy[i]
+            else:
+                token = int(sample(logits[i : i + 1], p.temperature, p.top_p, p.top_k, row.generator)[0])
+            lp = None
+            if p.logprobs:
+                # Log-probs of the model's own distribution (before temperature / top-p), as
+                # OpenAI and vLLM report them.
+                full = torch.log_softmax(logits[i], dim=-1)
+                lp = TokenLogprob(token, float(full[token]), _top(full, p.top_logprobs))
+            row.accept(token, self.eos_id, lp)
+
+
+def _top(logprobs: Tensor, k: int) -> dict[int, float]:
+    if k <= 0:
+        return {}
+    values, ids = logprobs.topk(k)
+    return dict(zip(ids.tolist(), values.tolist()))
+
+
+def _prompt_logprobs(logits: Tensor, prompt: Sequence[int], k: int) -> list[TokenLogprob | None]:
+    """Log-prob of each prompt token given the ones before it; None for the first."""
+    logp = torch.log_softmax(logits[:-1], dim=-1)
+    ids = torch.tensor(prompt[1:], device=logits.device)
+    chosen = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
+    tops: list[dict[int, float]] = [{}] * len(chosen)
+    if k > 0:
+        values, indices = logp.topk(k, dim=-1)
+        tops = [dict(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    return [None] + [TokenLogprob(t, c, top) for t, c, top in zip(prompt[1:], chosen, tops)]
