@@ -50,9 +50,9 @@ def chat_generate_fn(model, tokenizer, max_new_tokens: int = 64, batch_size: int
 def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 100,
                    gatt_turns: Sequence[int] = (1, 2, 4, 6, 10, 20), gatt_dialogues: int = 30,
                    max_new_tokens: int = 64) -> dict:
-    """Run the assistant-world suite on a model directory; see llama2.eval.world.evaluate_world."""
+    """Run the assistant-world suite on a model directory; see llama2.eval.suite.evaluate_world."""
     from llama2.checkpoint import load_model, load_tokenizer
-    from llama2.eval.world import evaluate_world
+    from llama2.eval.suite import evaluate_world
 
     model = load_model(model_dir)
     tok = load_tokenizer(model_dir, model.config.vocab_size)
@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        from llama2.eval.world import format_table
+        from llama2.eval.suite import format_table
 
         print(format_table(result))
     return 0

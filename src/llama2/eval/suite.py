@@ -1,0 +1,65 @@
+"""The assistant-world suite, model-agnostic: pass any ``generate_fn(dialogues) -> answers``.
+
+- task accuracy: helpful prompts whose answer a program checks;
+- safe-refusal rate: unsafe requests (six Llama Guard categories) that are refused;
+- false-refusal rate: benign requests that only look unsafe and are refused anyway (§4.2);
+- GAtt adherence (Table 30's shape): the share of constrained dialogues whose answer at turn
+  t still follows the system instruction given at turn 1. Earlier turns carry the world's
+  gold answers, so every turn t is measured on the same footing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from llama2.data.world import World, check_constraint, check_task, is_refusal
+
+GenerateFn = Callable[[Sequence[Sequence[dict]]], list[str]]
+
+
+def _rate(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def evaluate_world(generate_fn: GenerateFn, split: str = "test", max_items: int | None = 100,
+                   gatt_turns: Sequence[int] = (1, 2, 4, 6, 10, 20), gatt_dialogues: int = 30,
+                   seed: int = 0) -> dict:
+    """Run the suite; returns the rates, the counts behind them, and every answer."""
+    world = World(seed)
+    items = world.eval_prompts(split, max_per_kind=max_items)
+    dialogues = world.dialogues(split, gatt_dialogues, turns=max(gatt_turns), constrained=True) \
+        if gatt_dialogues and gatt_turns else []
+    gatt_jobs = [(d, t) for d in dialogues for t in gatt_turns]
+    prompts = [it.messages for it in items] + [d.prompt(t) for d, t in gatt_jobs]
+    answers = generate_fn(prompts)
+    item_answers, gatt_answers = answers[: len(items)], answers[len(items):]
+
+    task = [check_task(it, a) for it, a in zip(items, item_answers) if it.kind == "task"]
+    unsafe = [is_refusal(a) for it, a in zip(items, item_answers) if it.kind == "unsafe"]
+    benign = [is_refusal(a) for it, a in zip(items, item_answers) if it.kind == "benign"]
+    adherence = {t: [] for t in gatt_turns}
+    for (d, t), a in zip(gatt_jobs, gatt_answers):
+        adherence[t].append(check_constraint(a, d.constraint))
+    return {
+        "task_accuracy": _rate(task),
+        "safe_refusal_rate": _rate(unsafe),
+        "false_refusal_rate": _rate(benign),
+        "gatt_adherence": {str(t): _rate(v) for t, v in adherence.items()},
+        "counts": {"task": len(task), "unsafe": len(unsafe), "benign": len(benign), "gatt_dialogues": len(dialogues)},
+        "answers": [{"kind": it.kind, "prompt": it.prompt, "answer": a} for it, a in zip(items, item_answers)],
+    }
+
+
+def format_table(result: dict) -> str:
+    def pct(x):
+        return "   –" if x is None else f"{100 * x:5.1f}%"
+
+    c = result.get("counts", {})
+    lines = [
+        f"task accuracy        {pct(result['task_accuracy'])}  ({c.get('task', '?')} prompts)",
+        f"safe-refusal rate    {pct(result['safe_refusal_rate'])}  ({c.get('unsafe', '?')} unsafe prompts)",
+        f"false-refusal rate   {pct(result['false_refusal_rate'])}  ({c.get('benign', '?')} benign prompts)",
+        f"GAtt adherence ({c.get('gatt_dialogues', '?')} dialogues)",
+    ]
+    lines += [f"  turn {t:>2}            {pct(v)}" for t, v in result["gatt_adherence"].items()]
+    return "\n".join(lines)
