@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -15,7 +15,8 @@ from llama2.model import ModelConfig, Transformer
 from . import hf, meta
 from .errors import CheckpointError
 
-__all__ = ["CheckpointError", "load_model", "save_model", "load_state", "load_tokenizer", "convert", "detect_format"]
+__all__ = ["CheckpointError", "load_model", "save_model", "load_state", "load_tokenizer", "convert", "detect_format",
+           "parse_dtype", "DTYPES", "load_scalar_model", "save_scalar_model"]
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -43,23 +44,43 @@ def load_state(path: str | os.PathLike) -> tuple[ModelConfig, dict, Iterator[tup
     return cfg, {"params": meta.meta_params(cfg)}, meta.iter_meta_tensors(path, cfg)
 
 
+def _locate(path: Path, name: str) -> tuple[Path, Path, str]:
+    """(weight file holding ``name`` or the best guess, config file, name as stored) for messages."""
+    if (path / "config.json").is_file():
+        key = hf.to_hf_name(name)
+        index = path / hf.INDEX
+        if index.is_file():
+            try:
+                return path / json.loads(index.read_text())["weight_map"][key], path / "config.json", key
+            except (KeyError, TypeError, ValueError):
+                return index, path / "config.json", key
+        return path / hf.SAFETENSORS, path / "config.json", key
+    files = sorted(path.glob("consolidated.*.pth"))
+    return (files[0] if files else path), path / "params.json", name
+
+
 def load_into(module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], source: Path, dtype=None) -> None:
-    """Assign checkpoint tensors to a module built on the meta device, checking names and shapes."""
+    """Assign checkpoint tensors to a module built on the meta device, checking names and shapes.
+    ``source`` is the model directory; messages name the file and tensor as stored there."""
     expected = dict(module.state_dict())
     state = {}
     for name, t in tensors:
         if name not in expected:
-            raise CheckpointError(f"{source}: unexpected tensor {name!r} (not part of this model)")
+            file, _, stored = _locate(source, name)
+            raise CheckpointError(f"{file}: unexpected tensor {stored!r} (not part of this model)")
         if tuple(t.shape) != tuple(expected[name].shape):
+            file, config, stored = _locate(source, name)
             raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the config implies "
+                f"{file}: tensor {stored!r} has shape {tuple(t.shape)}, but {config.name} implies "
                 f"{tuple(expected[name].shape)}"
             )
         state[name] = t.to(dtype) if dtype is not None else t
     missing = sorted(set(expected) - set(state))
     if missing:
+        file, _, _ = _locate(source, missing[0])
+        shown = [_locate(source, m)[2] for m in missing[:3]]
         more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}")
+        raise CheckpointError(f"{file}: missing tensor(s) {', '.join(shown)}{more}")
     module.load_state_dict(state, assign=True)
 
 
@@ -72,6 +93,27 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
         model = Transformer(cfg)
     load_into(model, tensors, path, dtype)
     return model.to(device).eval()
+
+
+def load_scalar_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu"):
+    """Load a reward (or value) model directory: a Llama trunk with a scalar ``score`` head."""
+    from llama2.model.heads import ScalarModel
+
+    path = Path(path)
+    cfg, raw, tensors = load_state(path)
+    if "LlamaForSequenceClassification" not in (raw.get("architectures") or []):
+        raise CheckpointError(f"{path}: not a reward model (config.json architectures is "
+                              f"{raw.get('architectures')}, expected LlamaForSequenceClassification)")
+    with torch.device("meta"):
+        model = ScalarModel(cfg)
+    load_into(model, tensors, path, dtype)
+    return model.to(device).eval()
+
+
+def save_scalar_model(model: nn.Module, path: str | os.PathLike, tokenizer=None, **extra_config) -> Path:
+    """Save a reward/value model so transformers' LlamaForSequenceClassification reads it."""
+    return save_model(model, path, tokenizer=tokenizer, architecture="LlamaForSequenceClassification",
+                      extra_config={"num_labels": 1, "pad_token_id": 0, **extra_config})
 
 
 def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None):
@@ -132,26 +174,69 @@ def _write_metadata(path: Path, cfg: ModelConfig, dtype, tokenizer, architecture
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, n_shards: int = 1,
-            max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES) -> Path:
+            max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None,
+            tokenizer: str | os.PathLike | None = None,
+            progress: Callable[[str], None] | None = None) -> Path:
     """Convert between formats without materialising two copies of the weights.
 
     ``to='hf'``: Meta (or HF) -> our HF-compatible directory. ``to='meta'``: -> Meta's format
-    with ``n_shards`` model-parallel files.
+    with ``n_shards`` model-parallel files. ``to='gguf'``: -> one llama.cpp GGUF file ``dst``.
+    ``dtype`` casts the weights (default: keep them); ``tokenizer`` overrides the
+    ``tokenizer.model`` found beside (or one folder above) the source; ``progress(name)`` is
+    called after each tensor is written.
     """
     src, dst = Path(src), Path(dst)
+    if to not in ("hf", "meta", "gguf"):
+        raise ValueError(f"unknown target format {to!r}; use 'hf', 'meta' or 'gguf'")
     if src.resolve() == dst.resolve():
-        raise CheckpointError(f"{dst}: output directory must differ from the input")
+        raise CheckpointError(f"{dst}: output must differ from the input")
+    if to == "gguf":
+        from .gguf import export_gguf
+
+        return export_gguf(src, dst, dtype=dtype, tokenizer_path=tokenizer, progress=progress)
+    if n_shards < 1:
+        raise ValueError(f"--shards must be at least 1, got {n_shards}")
+
+    def stream(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in tensors:
+            yield name, (t.to(dtype) if dtype is not None else t)
+            if progress is not None:
+                progress(name)
+
     cfg, _, tensors = load_state(src)
+    tok_file = Path(tokenizer) if tokenizer is not None else meta.find_tokenizer(src)
+    tok = load_tokenizer(tok_file, cfg.vocab_size) if tok_file is not None else None
     dst.mkdir(parents=True, exist_ok=True)
-    tok_file = meta.find_tokenizer(src)
     if to == "hf":
-        first = next(tensors)
-        hf.write_safetensors(dst, ((hf.to_hf_name(n), t) for n, t in itertools.chain([first], tensors)),
-                             max_shard_bytes)
-        tokenizer = load_tokenizer(tok_file, cfg.vocab_size) if tok_file is not None else None
-        _write_metadata(dst, cfg, first[1].dtype, tokenizer)
-    elif to == "meta":
-        meta.save_meta(lambda: load_state(src)[2], cfg, dst, n_shards, tok_file)
+        dtypes: set[torch.dtype] = set()
+
+        def renamed():
+            for n, t in stream(tensors):
+                dtypes.add(t.dtype)  # not the tensor itself: nothing may outlive its shard
+                yield hf.to_hf_name(n), t
+
+        hf.write_safetensors(dst, renamed(), max_shard_bytes)
+        if not dtypes:
+            raise CheckpointError(f"{src}: no tensors found")
+        store = dtype or (torch.float32 if torch.float32 in dtypes else next(iter(dtypes)))
+        _write_metadata(dst, cfg, store, tok)
     else:
-        raise ValueError(f"unknown target format {to!r}; use 'hf' or 'meta'")
+        meta.save_meta(lambda: stream(load_state(src)[2]), cfg, dst, n_shards, tok_file)
     return dst
+
+
+DTYPES = {
+    "f32": torch.float32, "fp32": torch.float32, "float32": torch.float32,
+    "f16": torch.float16, "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """'bf16' / 'float16' / ... -> torch dtype; None and 'auto' -> None (keep the checkpoint's)."""
+    if name is None or name == "auto":
+        return None
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of: f32, f16, bf16") from None

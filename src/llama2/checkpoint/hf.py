@@ -11,12 +11,12 @@ import json
 import os
 import re
 import shutil
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from llama2.chat import CHAT_TEMPLATE
 from llama2.model import ModelConfig
@@ -101,6 +101,14 @@ def config_from_hf(cfg: dict, source: Path | str = "config.json") -> ModelConfig
     try:
         if cfg.get("model_type", "llama") != "llama":
             raise CheckpointError(f"{source}: model_type {cfg['model_type']!r} is not a Llama model")
+        # Features Llama 2 does not have would otherwise load silently and give wrong outputs.
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (Llama uses silu)")
+        scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise CheckpointError(f"{source}: RoPE scaling {scaling!r} is not supported")
+        if cfg.get("tie_word_embeddings"):
+            raise CheckpointError(f"{source}: tie_word_embeddings is not supported (Llama 2 has an untied output)")
         dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
         theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         extra = cfg.get("llama2", {})
@@ -118,9 +126,11 @@ def config_from_hf(cfg: dict, source: Path | str = "config.json") -> ModelConfig
         )
         if cfg.get("head_dim") not in (None, model_cfg.head_dim):
             raise CheckpointError(f"{source}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+    except CheckpointError:
+        raise
     except KeyError as e:
         raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from None
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: {e}") from None
     want = cfg.get("intermediate_size")
     if want is not None and want != model_cfg.hidden_dim:
@@ -131,11 +141,14 @@ def config_from_hf(cfg: dict, source: Path | str = "config.json") -> ModelConfig
 def read_config(path: Path) -> dict:
     file = path / "config.json"
     try:
-        return json.loads(file.read_text())
+        cfg = json.loads(file.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{file}: not found (not a model directory)") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return cfg
 
 
 # -- weights ----------------------------------------------------------------------------
@@ -144,8 +157,8 @@ def weight_files(path: Path) -> list[Path]:
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: invalid index ({e})") from None
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: invalid index ({e!r})") from None
         files = [path / n for n in names]
     else:
         files = [path / SAFETENSORS]
@@ -155,17 +168,30 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def _open_error(file: Path, e: Exception) -> CheckpointError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(f"{file}: cannot read safetensors ({first})")
+
+
 def iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(transformers name, tensor) pairs, read lazily one tensor at a time."""
     for file in weight_files(path):
+        # safetensors raises its own SafetensorError (an Exception) for truncated/corrupt files.
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (OSError, RuntimeError, ValueError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{file}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+            handle = safe_open(str(file), framework="pt")
+            f = handle.__enter__()
+            names = list(f.keys())
+        except Exception as e:  # noqa: BLE001
+            raise _open_error(file, e) from None
+        try:
+            for name in names:
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:  # noqa: BLE001
+                    raise _open_error(file, e) from None
+                yield name, t
+        finally:
+            handle.__exit__(None, None, None)
 
 
 def write_safetensors(
@@ -212,9 +238,40 @@ def write_safetensors(
     (path / SAFETENSORS).unlink(missing_ok=True)
 
 
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a .safetensors file straight from the tensors' memory.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a ``bytes`` object, which
+    doubles the peak memory of a shard; this writes the same format without that copy.
+    """
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
     tmp = file.with_name(file.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_safetensors(tensors, tmp)
     os.replace(tmp, file)
 
 

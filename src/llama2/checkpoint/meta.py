@@ -48,6 +48,19 @@ def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(out_features, dim)
 
 
+_LAYER_ORDER = ["attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                "feed_forward.w2", "feed_forward.w3", "attention_norm", "ffn_norm"]
+
+
+def meta_order(name: str) -> tuple:
+    """Sort key giving the tensor order of Meta's own files (its modules' registration order)."""
+    m = re.match(r"^layers\.(\d+)\.(.+)\.weight$", name)
+    if m and m.group(2) in _LAYER_ORDER:
+        return (1, int(m.group(1)), _LAYER_ORDER.index(m.group(2)), "")
+    top = {"tok_embeddings.weight": 0, "norm.weight": 2, "output.weight": 3}
+    return (top.get(name, 4), 0, 0, name)
+
+
 def is_meta_dir(path: Path) -> bool:
     return (path / "params.json").is_file()
 
@@ -73,6 +86,8 @@ def read_params(path: Path) -> ModelConfig:
         params = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{file}: expected a JSON object of model hyperparameters")
     known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
              "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "max_batch_size"}
     unknown = sorted(set(params) - known)
@@ -82,7 +97,9 @@ def read_params(path: Path) -> ModelConfig:
     if params.get("vocab_size", -1) == -1:
         # -1 means "as many as the tokenizer has"; the embedding's shape says the same.
         first = shard_files(path)[0]
-        emb = _load_shard(first)["tok_embeddings.weight"]
+        emb = _load_shard(first).get("tok_embeddings.weight")
+        if emb is None or emb.dim() != 2:
+            raise CheckpointError(f"{first}: no 2-D tok_embeddings.weight to take vocab_size -1 from")
         params["vocab_size"] = emb.shape[0]
     try:
         return ModelConfig(**params)
@@ -117,17 +134,36 @@ def iter_meta_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch
         yield name, t
 
 
+def ffn_params(dim: int, hidden: int) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier) that Meta's rule turns into ``hidden``.
+
+    A Hugging Face config stores only the width (``intermediate_size``): 70B's 28672 comes back
+    as Meta's (4096, 1.3), Code Llama 34B's 22016 as (256, None). Widths no released model uses
+    get multiple_of = the width itself, which the rule rounds up to exactly that width."""
+    def width(multiple_of: int, multiplier: float | None) -> int:
+        return ModelConfig(dim=dim, n_heads=1, multiple_of=multiple_of, ffn_dim_multiplier=multiplier).hidden_dim
+
+    for multiplier in (None, 1.3, 1.0):
+        for multiple_of in (256, 4096, 1024, 512, 128, 64, 32, 16, 8):
+            if width(multiple_of, multiplier) == hidden:
+                return multiple_of, multiplier
+    base = int(2 * 4 * dim / 3)
+    multiplier = None if hidden >= base else (hidden + 0.5) / base  # int(multiplier * base) == hidden
+    if width(hidden, multiplier) != hidden:  # never write params that would load as another shape
+        raise CheckpointError(f"intermediate size {hidden} cannot be written as Meta's multiple_of/ffn_dim_multiplier")
+    return hidden, multiplier
+
+
 def meta_params(cfg: ModelConfig) -> dict:
+    multiple_of, multiplier = cfg.multiple_of, cfg.ffn_dim_multiplier
     if cfg.ffn_hidden is not None:
-        raise CheckpointError(
-            f"intermediate size {cfg.ffn_hidden} cannot be written as Meta's multiple_of/ffn_dim_multiplier"
-        )
-    params = {"dim": cfg.dim, "multiple_of": cfg.multiple_of, "n_heads": cfg.n_heads,
+        multiple_of, multiplier = ffn_params(cfg.dim, cfg.ffn_hidden)
+    params = {"dim": cfg.dim, "multiple_of": multiple_of, "n_heads": cfg.n_heads,
               "n_layers": cfg.n_layers, "norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size}
     if cfg.n_kv_heads != cfg.n_heads:
         params["n_kv_heads"] = cfg.n_kv_heads
-    if cfg.ffn_dim_multiplier is not None:
-        params["ffn_dim_multiplier"] = cfg.ffn_dim_multiplier
+    if multiplier is not None:
+        params["ffn_dim_multiplier"] = multiplier
     if cfg.rope_theta != 10000.0:
         params["rope_theta"] = cfg.rope_theta
     return params
@@ -157,7 +193,7 @@ def save_meta(
                 t = t.chunk(n_shards, dim=dim)[rank]
             shard[name] = t.clone()  # own storage: torch.save would otherwise write the whole base
         tmp = path / f"consolidated.{rank:02d}.pth.tmp"
-        torch.save(shard, tmp)
+        torch.save(dict(sorted(shard.items(), key=lambda kv: meta_order(kv[0]))), tmp)
         os.replace(tmp, path / f"consolidated.{rank:02d}.pth")
         del shard
     for stale in path.glob("consolidated.*.pth"):

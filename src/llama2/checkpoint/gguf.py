@@ -1,0 +1,282 @@
+"""GGUF export for llama.cpp (facts §14), written with the ``gguf`` package.
+
+llama.cpp's ``llama`` architecture keeps wq/wk in Meta's adjacent-pair RoPE layout, so their
+rows are permuted back from our rotate-half layout. 1-D norm weights stay float32 (as
+llama.cpp's own converter does); the matrices are written as float32, float16 or bfloat16.
+
+Tensors are read one at a time (memory-mapped where the source allows) and streamed into the
+file after the header, so an export never holds more than one tensor in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from llama2.model import ModelConfig, Transformer
+
+from . import hf, meta
+from .errors import CheckpointError
+
+GGUF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# our parameter name -> llama.cpp's tensor name (facts §14)
+_TO_GGUF = [
+    (r"^tok_embeddings\.weight$", "token_embd.weight"),
+    (r"^norm\.weight$", "output_norm.weight"),
+    (r"^output\.weight$", "output.weight"),
+    (r"^layers\.(\d+)\.attention_norm\.weight$", r"blk.\1.attn_norm.weight"),
+    (r"^layers\.(\d+)\.attention\.wq\.weight$", r"blk.\1.attn_q.weight"),
+    (r"^layers\.(\d+)\.attention\.wk\.weight$", r"blk.\1.attn_k.weight"),
+    (r"^layers\.(\d+)\.attention\.wv\.weight$", r"blk.\1.attn_v.weight"),
+    (r"^layers\.(\d+)\.attention\.wo\.weight$", r"blk.\1.attn_output.weight"),
+    (r"^layers\.(\d+)\.ffn_norm\.weight$", r"blk.\1.ffn_norm.weight"),
+    (r"^layers\.(\d+)\.feed_forward\.w1\.weight$", r"blk.\1.ffn_gate.weight"),
+    (r"^layers\.(\d+)\.feed_forward\.w2\.weight$", r"blk.\1.ffn_down.weight"),
+    (r"^layers\.(\d+)\.feed_forward\.w3\.weight$", r"blk.\1.ffn_up.weight"),
+]
+
+
+def gguf_name(name: str) -> str:
+    """llama.cpp's name for one of our parameters."""
+    for pattern, repl in _TO_GGUF:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    raise CheckpointError(f"tensor {name!r} has no GGUF counterpart in llama.cpp's 'llama' architecture")
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("GGUF export needs the gguf package: pip install 'llama2[gguf]'") from None
+    return gguf
+
+
+def token_types(sp) -> list[int]:
+    """llama.cpp's token types for a SentencePiece model: 1 normal, 2 unknown, 3 control,
+    5 unused, 6 byte."""
+    types = []
+    for i in range(sp.vocab_size()):
+        if sp.is_unknown(i):
+            types.append(2)
+        elif sp.is_control(i):
+            types.append(3)
+        elif sp.is_unused(i):
+            types.append(5)
+        elif sp.is_byte(i):
+            types.append(6)
+        else:
+            types.append(1)
+    return types
+
+
+def _ggml_type(gguf, dtype: torch.dtype):
+    return {
+        torch.float32: (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+        torch.float16: (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+        torch.bfloat16: (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    }[dtype]
+
+
+def _to_numpy(t: torch.Tensor):
+    """A contiguous CPU tensor as the numpy array gguf writes: bf16 travels as raw int16 bits."""
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def write_gguf(
+    path: str | os.PathLike,
+    cfg: ModelConfig,
+    get_tensor: Callable[[str], torch.Tensor],
+    tokenizer,
+    dtype: torch.dtype = torch.float16,
+    name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write a llama.cpp GGUF file. ``get_tensor(our_name)`` returns a weight in our
+    (rotate-half) layout; it is called once per tensor, in llama.cpp's usual order."""
+    gguf = _import_gguf()
+    path = Path(path)
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"GGUF export writes float32, float16 or bfloat16, not {dtype}")
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: a GGUF file needs the tokenizer; no tokenizer.model was found")
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise CheckpointError(
+            f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is "
+            f"{cfg.vocab_size}"
+        )
+    matrix_type, file_type = _ggml_type(gguf, dtype)
+
+    with torch.device("meta"):
+        shapes = {n: tuple(t.shape) for n, t in Transformer(cfg).state_dict().items()}
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    try:
+        writer.add_name(name or path.stem)
+        writer.add_file_type(int(file_type))
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_context_length(cfg.max_seq_len)
+        writer.add_embedding_length(cfg.dim)
+        writer.add_block_count(cfg.n_layers)
+        writer.add_feed_forward_length(cfg.hidden_dim)
+        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_head_count(cfg.n_heads)
+        writer.add_head_count_kv(cfg.n_kv_heads)
+        writer.add_layer_norm_rms_eps(cfg.norm_eps)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        _add_tokenizer(writer, tokenizer)
+
+        plan = []
+        for ours, shape in shapes.items():
+            is_matrix = len(shape) > 1
+            ggml_type = matrix_type if is_matrix else gguf.GGMLQuantizationType.F32
+            store = dtype if is_matrix else torch.float32
+            np_dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "int16"}[store]
+            nbytes = torch.Size(shape).numel() * (4 if store == torch.float32 else 2)
+            writer.add_tensor_info(gguf_name(ours), shape, np.dtype(np_dtype), nbytes, raw_dtype=ggml_type)
+            plan.append((ours, shape, store))
+
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for ours, shape, store in plan:
+            t = get_tensor(ours)
+            if tuple(t.shape) != shape:
+                raise CheckpointError(
+                    f"tensor {ours!r} has shape {tuple(t.shape)}, the config implies {shape}"
+                )
+            if ours.endswith("attention.wq.weight"):
+                t = meta.hf_to_meta_rows(t, cfg.n_heads)
+            elif ours.endswith("attention.wk.weight"):
+                t = meta.hf_to_meta_rows(t, cfg.n_kv_heads)
+            writer.write_tensor_data(_to_numpy(t.to(store)))
+            del t
+            if progress is not None:
+                progress(ours)
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        writer.close()  # a no-op once closed
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _add_tokenizer(writer, tokenizer) -> None:
+    from llama2.chat import CHAT_TEMPLATE
+
+    sp = tokenizer.sp
+    n = sp.vocab_size()
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    writer.add_token_scores([float(sp.get_score(i)) for i in range(n)])
+    writer.add_token_types(token_types(sp))
+    if tokenizer.bos_id >= 0:
+        writer.add_bos_token_id(tokenizer.bos_id)
+    if tokenizer.eos_id >= 0:
+        writer.add_eos_token_id(tokenizer.eos_id)
+    if tokenizer.unk_id >= 0:
+        writer.add_unk_token_id(tokenizer.unk_id)
+    if tokenizer.pad_id >= 0:
+        writer.add_pad_token_id(tokenizer.pad_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    # SentencePiece's add_dummy_prefix (true for Llama 2): "a" encodes as the piece "▁a".
+    pieces = sp.encode_as_pieces("a")
+    writer.add_add_space_prefix(bool(pieces) and pieces[0].startswith("\u2581"))
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
+@contextlib.contextmanager
+def open_tensors(path: Path) -> Iterator[tuple[ModelConfig, Callable[[str], torch.Tensor]]]:
+    """Random access to a model directory's tensors by our name, in our layout, without
+    reading anything until asked (safetensors and Meta's .pth files are memory-mapped)."""
+    from . import detect_format
+
+    if detect_format(path) == "hf":
+        cfg = hf.config_from_hf(hf.read_config(path), path / "config.json")
+        with contextlib.ExitStack() as stack:
+            where: dict[str, tuple[object, str, Path]] = {}
+            for file in hf.weight_files(path):
+                try:
+                    f = stack.enter_context(safe_open(str(file), framework="pt"))
+                except Exception as e:  # noqa: BLE001 - safetensors raises several types
+                    raise CheckpointError(f"{file}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+                for key in f.keys():
+                    where[hf.from_hf_name(key)] = (f, key, file)
+
+            def get(name: str) -> torch.Tensor:
+                if name not in where:
+                    raise CheckpointError(f"{path}: missing tensor {hf.to_hf_name(name)!r}")
+                f, key, file = where[name]
+                try:
+                    return f.get_tensor(key)
+                except Exception as e:  # noqa: BLE001
+                    raise CheckpointError(f"{file}: cannot read tensor {key!r} ({str(e).splitlines()[0]})") from None
+
+            yield cfg, get
+        return
+
+    cfg = meta.read_params(path)
+    files = meta.shard_files(path)
+    shards = [meta._load_shard(f) for f in files]
+
+    def get_meta(name: str) -> torch.Tensor:
+        parts = []
+        for f, shard in zip(files, shards):
+            if name not in shard:
+                raise CheckpointError(f"{f}: missing tensor {name!r}")
+            parts.append(shard[name])
+        dim = meta.shard_dim(name)
+        t = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+        if name.endswith("attention.wq.weight"):
+            t = meta.meta_to_hf_rows(t, cfg.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = meta.meta_to_hf_rows(t, cfg.n_kv_heads)
+        return t
+
+    yield cfg, get_meta
+
+
+def export_gguf(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Convert a model directory (ours/Hugging Face, or Meta's) to one GGUF file.
+
+    ``dtype`` None keeps the checkpoint's floating-point type. The tokenizer is the directory's
+    ``tokenizer.model`` (or the one a folder up, as in Meta's downloads) unless given."""
+    from . import load_tokenizer
+
+    src, dst = Path(src), Path(dst)
+    with open_tensors(src) as (cfg, get):
+        tok_file = Path(tokenizer_path) if tokenizer_path is not None else meta.find_tokenizer(src)
+        if tok_file is None:
+            raise CheckpointError(f"{src}: no tokenizer.model found (GGUF needs one); pass the tokenizer path")
+        tokenizer = load_tokenizer(tok_file, cfg.vocab_size)
+        if dtype is None:
+            first = get("tok_embeddings.weight").dtype
+            dtype = first if first in GGUF_DTYPES else torch.float16
+        return write_gguf(dst, cfg, get, tokenizer, dtype, name=src.resolve().name, progress=progress)
+
+
+def save_gguf(model, path: str | os.PathLike, tokenizer, dtype: torch.dtype = torch.float16) -> Path:
+    """Write an in-memory Transformer as a GGUF file."""
+    sd = model.state_dict()
+    return write_gguf(path, model.config, sd.__getitem__, tokenizer, dtype)

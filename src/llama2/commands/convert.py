@@ -1,0 +1,102 @@
+"""``llama2 convert SRC DST``: between Meta's release format, our/Hugging Face directories and GGUF.
+
+    llama2 convert llama-2-7b/ llama-2-7b-hf/ --to hf
+    llama2 convert llama-2-70b-hf/ llama-2-70b/ --to meta --shards 8
+    llama2 convert llama-2-7b-hf/ llama-2-7b.f16.gguf --to gguf --dtype f16
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+          "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MiB' / '1000000' -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"invalid size {text!r}; use e.g. 5GB, 500MiB or a number of bytes")
+    unit = (m.group(2) or "").upper().removesuffix("B")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="model directory: Meta's (params.json + consolidated.NN.pth) "
+                                              "or ours/Hugging Face (config.json + *.safetensors)")
+    p.add_argument("dst", metavar="DST", help="output directory (hf, meta) or .gguf file (gguf)")
+    p.add_argument("--to", choices=("hf", "meta", "gguf"), default=None,
+                   help="target format (default: gguf if DST ends in .gguf, else the other of hf/meta)")
+    p.add_argument("--shards", type=int, default=1, metavar="N",
+                   help="model-parallel files for --to meta (Meta used 1 for 7B, 2 for 13B, 8 for 70B)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16"),
+                   help="cast the weights (default: keep the checkpoint's)")
+    p.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="tokenizer.model to ship (default: the one beside or one folder above SRC)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest safetensors file for --to hf (default 5GB, as transformers)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
+
+def _target(args, src_format: str) -> str:
+    if args.to:
+        return args.to
+    if str(args.dst).lower().endswith(".gguf"):
+        return "gguf"
+    return "hf" if src_format == "meta" else "meta"
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from llama2.checkpoint import convert, detect_format, load_state, parse_dtype
+    from llama2.model import Transformer
+
+    src, dst = Path(args.src), Path(args.dst)
+    dtype = parse_dtype(args.dtype)
+    max_shard_bytes = parse_size(args.max_shard_size)
+    if args.tokenizer is not None and not Path(args.tokenizer).is_file():
+        raise FileNotFoundError(f"{args.tokenizer}: tokenizer file not found")
+    src_format = detect_format(src)
+    to = _target(args, src_format)
+    if to == "gguf" and dst.is_dir():
+        dst = dst / f"{src.resolve().name}{'.' + args.dtype if dtype is not None else ''}.gguf"
+    if to != "meta" and args.shards != 1:
+        raise ValueError("--shards applies to --to meta only")
+
+    cfg, _, _ = load_state(src)  # reads only the config (and, for Meta's vocab_size -1, one header)
+    with torch.device("meta"):
+        n_tensors = len(Transformer(cfg).state_dict())
+    total = n_tensors * (args.shards if to == "meta" else 1)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say(f"{src} ({src_format}): {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads "
+        f"({cfg.n_kv_heads} kv), vocab {cfg.vocab_size}, {cfg.num_params():,} parameters")
+    shards = f", {args.shards} shard(s)" if to == "meta" else ""
+    say(f"writing {to}{shards}{f' as {args.dtype}' if dtype else ''} -> {dst}")
+
+    done = 0
+    start = time.monotonic()
+    tty = sys.stderr.isatty()
+
+    def progress(name: str) -> None:
+        nonlocal done
+        done += 1
+        if args.quiet:
+            return
+        if tty:
+            print(f"\r  [{done}/{total}] {name:<48}", end="", file=sys.stderr, flush=True)
+        elif done == total or done % max(1, total // 10) == 0:
+            print(f"  [{done}/{total}] {name}", file=sys.stderr, flush=True)
+
+    out = convert(src, dst, to, n_shards=args.shards, max_shard_bytes=max_shard_bytes, dtype=dtype,
+                  tokenizer=args.tokenizer, progress=progress)
+    if tty and not args.quiet:
+        print(file=sys.stderr)
+    say(f"done in {time.monotonic() - start:.1f}s: {out}")
+    return 0
