@@ -59,7 +59,12 @@ class ContextOverflow(ValueError):
 
 
 def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generator=None) -> Tensor:
-    """Pick the next token for each row of ``logits`` [B, V]."""
+    """Pick the next token for each row of ``logits`` [B, V].
+
+    ``generator`` is None (torch's global RNG), one ``torch.Generator`` for the whole batch, or a
+    sequence of B generators, one per row: then row i's draw depends only on row i's logits and
+    its generator, never on the other rows of the batch.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -67,14 +72,21 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generat
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    order = None
     if top_p < 1.0:
         # Nucleus: keep the smallest prefix of the sorted distribution whose mass exceeds p.
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before > top_p, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs, order = probs.sort(dim=-1, descending=True)
+        before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(before > top_p, 0.0)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {probs.shape[0]} rows")
+        choice = torch.cat([torch.multinomial(probs[i: i + 1], 1, generator=g) for i, g in enumerate(generator)])
+    else:
+        choice = torch.multinomial(probs, 1, generator=generator)
+    if order is not None:
+        choice = order.gather(-1, choice)
+    return choice.squeeze(-1)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
@@ -110,51 +122,92 @@ class Generator:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
 
+    def _row_generators(self, n: int, params: SamplingParams, seeds: Sequence[int] | None):
+        """One RNG per row so a row's samples never depend on the rest of the batch: row i uses
+        ``seeds[i]``, else ``params.seed + i``, else a seed drawn from torch's global RNG."""
+        if params.temperature == 0:
+            return None
+        if seeds is None:
+            if params.seed is not None:
+                seeds = [params.seed + i for i in range(n)]
+            else:
+                seeds = torch.randint(0, 2**62, (n,)).tolist()
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+        return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+
+    def _last_logits(self, tokens: Tensor, **kw) -> Tensor:
+        """Float32 logits of the last position only (a prompt's other positions are never sampled)."""
+        model = self.model
+        if type(model).forward is Transformer.forward:
+            return model.output(model.hidden_states(tokens, **kw)[:, -1]).float()
+        return model(tokens, **kw)[:, -1].float()
+
     @torch.inference_mode()
-    def steps(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Yield (next tokens [B], their log-probs [B], full log-softmax [B, V] or None) per step."""
+    def steps(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """Yield (next tokens [B], their log-probs [B], full log-softmax [B, V] or None) per step.
+
+        The full log-softmax is yielded only when ``params.top_logprobs`` asks for it.
+        """
         for p in prompts:
             self.check_prompt(p)
         B = len(prompts)
         tokens, pads = _left_pad(prompts, 0, self.device)
         width = tokens.shape[1]
         n_new = min(params.max_new_tokens, self.max_seq_len - width)
-        self.model.setup_cache(B, width + n_new)
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        slots = torch.arange(width, device=self.device)
-        keys = slots.view(1, 1, 1, -1)
-        # Real keys only (slot >= pad), causally; a padding row may see itself so no softmax row is empty.
-        mask = (keys >= pads.view(B, 1, 1, 1)) & (keys <= slots.view(1, 1, -1, 1))
-        mask = mask | torch.eye(width, dtype=torch.bool, device=self.device)
-        positions = (slots.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+        if n_new <= 0:
+            return
+        gens = self._row_generators(B, params, seeds)
+        total = width + n_new
+        self.model.setup_cache(B, total)
+        # Everything the steps need is built once; each step slices views out of it.
+        all_slots = torch.arange(total, device=self.device)
+        keys = all_slots.view(1, 1, 1, -1)
+        real = keys >= pads.view(B, 1, 1, 1)  # [B, 1, 1, total]: a row's padding is never attended to
+        all_positions = (all_slots.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)  # [B, total]
+        # Prefill: real keys only, causally; a padding query may see itself so no softmax row is empty.
+        slots = all_slots[:width]
+        causal = keys[..., :width] <= slots.view(1, 1, -1, 1)
+        mask = (real[..., :width] & causal) | torch.eye(width, dtype=torch.bool, device=self.device)
         try:
-            logits = self.model(tokens, positions=positions, slots=slots, mask=mask)[:, -1]
+            logits = self._last_logits(tokens, positions=all_positions[:, :width], slots=slots, mask=mask)
             for step in range(n_new):
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-                nxt = sample(logits, params.temperature, params.top_p, params.top_k, gen)
-                yield nxt, logprobs.gather(-1, nxt[:, None]).squeeze(-1), logprobs
+                logprobs = torch.log_softmax(logits, dim=-1)
+                nxt = sample(logits, params.temperature, params.top_p, params.top_k, gens)
+                full = logprobs if params.top_logprobs else None
+                yield nxt, logprobs.gather(-1, nxt[:, None]).squeeze(-1), full
                 if step == n_new - 1:
                     break
                 slot = width + step
-                slots = torch.tensor([slot], device=self.device)
-                keys = torch.arange(slot + 1, device=self.device).view(1, 1, 1, -1)
-                mask = keys >= pads.view(B, 1, 1, 1)
-                positions = (slot - pads).view(B, 1)
-                logits = self.model(nxt.view(B, 1), positions=positions, slots=slots, mask=mask)[:, -1]
+                logits = self._last_logits(
+                    nxt.view(B, 1), positions=all_positions[:, slot: slot + 1],
+                    slots=all_slots[slot: slot + 1], mask=real[..., : slot + 1],
+                )
         finally:
             self.model.clear_cache()
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[Completion]:
-        """Complete each prompt (token ids). Rows stop independently at EOS / a stop string."""
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Completion]:
+        """Complete each prompt (token ids). Rows stop independently at EOS / a stop string.
+
+        Sampling uses one RNG per row (``seeds[i]``, else ``params.seed + i``), so a row's
+        completion is the same whatever else is in the batch: ``generate([a, b], seed=s)[1]``
+        equals ``generate([b], seed=s + 1)[0]`` (up to float rounding of batched matmuls).
+        ``tokens`` keep the token that completed a stop string; ``text`` is cut before it.
+        """
         params = params or SamplingParams()
         if not prompts:
             return []
         outs = [Completion([], "", "length", prompt_tokens=len(p)) for p in prompts]
         done = [False] * len(prompts)
         eos = self.tokenizer.eos_id if self.tokenizer is not None else 2
-        for nxt, lp, full in self.steps(prompts, params):
+        for nxt, lp, full in self.steps(prompts, params, seeds):
             for i, (t, logp) in enumerate(zip(nxt.tolist(), lp.tolist())):
                 if done[i]:
                     continue

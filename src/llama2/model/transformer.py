@@ -44,6 +44,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def rope_tables(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin [B, T, D] -> ([B, 1, T, D], [B, 1, T, D] with the first half of sin negated), in
+    ``dtype``: prepared once per forward instead of once per layer and per q/k (see _rotate)."""
+    cos, sin = cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """apply_rope with prepared tables, bit for bit: roll(x) * [-s1, s2] == cat(-x2, x1) * [s1, s2]."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for incremental decoding, written at slot indices."""
 
@@ -54,9 +67,10 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k[: k.shape[0], :, slots] = k
-        self.v[: v.shape[0], :, slots] = v
-        return self.k[: k.shape[0]], self.v[: v.shape[0]]
+        ck, cv = self.k[: k.shape[0]], self.v[: v.shape[0]]
+        ck.index_copy_(2, slots, k)  # one kernel; advanced-index assignment costs several per layer
+        cv.index_copy_(2, slots, v)
+        return ck, cv
 
 
 class Attention(nn.Module):
@@ -74,7 +88,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos.dim() == 4:  # tables prepared once per forward by Transformer (rope_tables)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and slots is not None:
             k, v = self.cache.update(slots, k, v)
             if mask is not None:  # only the slots the mask covers take part (the filled prefix)
@@ -121,6 +138,9 @@ class Transformer(nn.Module):
       ``positions`` [B, T] RoPE positions (default 0..T-1, or ``slots`` when decoding);
       ``slots`` [T] cache slots to write K/V to (requires ``setup_cache``);
       ``mask`` [B, 1, T, S] boolean, True = may attend (default causal).
+
+    Blocks receive RoPE tables from :func:`rope_tables` ([B, 1, T, D], sin half-negated); a
+    block called directly with [B, T, D] cos/sin from :func:`rope_cos_sin` works as well.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -170,6 +190,12 @@ class Transformer(nn.Module):
             mask = (torch.arange(S, device=tokens.device) <= slots.unsqueeze(-1)).view(1, 1, T, S)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(tokens)
+        cos, sin = rope_tables(cos, sin, h.dtype)
+        if mask is not None and mask.dtype == torch.bool and not torch.is_grad_enabled():
+            # SDPA turns a boolean mask into this additive one in every layer; do it once. (Not
+            # while training: the float mask would be kept alive for the backward pass.)
+            mask = torch.zeros(mask.shape, dtype=h.dtype, device=mask.device).masked_fill_(
+                ~mask, float("-inf"))
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, slots, mask, use_reentrant=False)

@@ -1,0 +1,120 @@
+"""``llama2 generate``: complete one prompt with a model directory (ours/HF or Meta's format).
+
+    llama2 generate --model runs/demo/sft --prompt "The capital of France is"
+    llama2 generate --model llama-2-7b/ --prompt-file prompt.txt --temperature 0 --max-new-tokens 64
+    echo "Once upon a time" | llama2 generate --model DIR --prompt - --json --seed 0
+
+Text is streamed to stdout as it is decoded; ``--json`` prints one object instead:
+``{"text", "tokens", "logprobs", "prompt_tokens", "finish_reason"}``. Defaults are Meta's
+(temperature 0.6, top-p 0.9); temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model/--dtype/--device, shared with ``llama2 chat``."""
+    p.add_argument("--model", type=Path, required=True, metavar="DIR",
+                   help="model directory (config.json + safetensors, or Meta's params.json + consolidated.*.pth)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype (default auto: the stored dtype; float32 for 16-bit weights on CPU)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6, Meta's chat default)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help=f"most tokens to generate (default {max_new_tokens}); capped by the context")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", metavar="TEXT", help="the prompt; '-' reads it from stdin")
+    src.add_argument("--prompt-file", type=Path, metavar="PATH", help="read the prompt from a file ('-' = stdin)")
+    add_sampling_args(p)
+    p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="S",
+                   help="stop before any of these strings (may be given several times)")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    p.add_argument("--json", action="store_true",
+                   help='print {"text", "tokens", "logprobs", "prompt_tokens", "finish_reason"} as one JSON object')
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="print text as it is generated (default); --no-stream prints it at the end")
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        return sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt_file is not None:
+        if str(args.prompt_file) == "-":
+            return sys.stdin.read()
+        if not args.prompt_file.is_file():
+            raise FileNotFoundError(f"{args.prompt_file}: prompt file not found")
+        return args.prompt_file.read_text(encoding="utf-8")
+    raise ValueError("no prompt: give --prompt TEXT or --prompt-file PATH ('-' reads stdin for either)")
+
+
+def load_for_inference(path: Path, dtype: str = "auto", device: str | None = None):
+    """(model, tokenizer) ready for decoding. The tokenizer is checked against the model's
+    vocabulary before any weight is read, so a mismatch fails fast with one clear line."""
+    import torch
+
+    from llama2.checkpoint import load_model, load_state, load_tokenizer
+
+    cfg = load_state(path)[0]  # config only; the tensors are read lazily below
+    tokenizer = load_tokenizer(path, cfg.vocab_size)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        chosen = None
+    else:
+        chosen = getattr(torch, dtype)
+    model = load_model(path, dtype=chosen, device=device)
+    if chosen is None and str(device).startswith("cpu") and model.tok_embeddings.weight.dtype == torch.float16:
+        model = model.float()  # float16 matmuls are slow (or missing) on CPU
+    return model, tokenizer
+
+
+def sampling_params(args, **extra):
+    from llama2.generate import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, **extra)
+
+
+def main(args) -> int:
+    from llama2.generate import Generator
+
+    params = sampling_params(args, stop=tuple(args.stop), logprobs=args.json)  # validate before loading
+    text = read_prompt(args)
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
+    gen = Generator(model, tokenizer)
+    ids = tokenizer.encode(text, bos=not args.no_bos)
+    gen.check_prompt(ids)  # empty / longer than the context: one line, before any output
+    room = gen.max_seq_len - len(ids)
+    if params.max_new_tokens > room:
+        print(f"llama2 generate: note: the context leaves room for {room} new tokens "
+              f"(--max-new-tokens {params.max_new_tokens})", file=sys.stderr)
+    if args.json:
+        out = gen.generate([ids], params)[0]
+        print(json.dumps({
+            "text": out.text, "tokens": out.tokens, "logprobs": out.logprobs,
+            "prompt_tokens": out.prompt_tokens, "finish_reason": out.finish_reason,
+        }, ensure_ascii=False))
+    elif args.stream:
+        for delta in gen.stream(ids, params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(gen.generate([ids], params)[0].text)
+    return 0

@@ -1,0 +1,476 @@
+"""Pretraining data: ``llama2 prepare`` (text -> token shards) and the packed-sequence loader.
+
+A prepared data directory::
+
+    index.json          dtype, vocabulary, tokenizer hash, shards per split, document counts,
+                        malformed lines per input file
+    tokenizer.model     the tokenizer the shards were made with (so the directory is self-contained)
+    train-00000.bin     raw little-endian uint16 token ids (uint32 when the vocabulary needs it)
+    train-00000.json    the shard's sidecar: its content key, token and document counts
+    val-00000.bin ...   the held-out validation split
+
+Each document is wrapped ``BOS ... EOS`` and documents are concatenated. The split is decided
+per document from a hash of its text, so it does not depend on the order of the inputs or
+the number of workers. Documents are grouped in input order into shards of about
+``shard_chars`` characters; each shard is tokenized by a worker process and written
+atomically with a sidecar holding a hash of its input, so re-running ``prepare`` skips
+the shards that are complete and the output is byte-identical for the same input.
+
+The loader cuts the concatenated stream of a split into windows of ``seq_len + 1`` tokens
+(inputs and next-token labels; consecutive windows share one token), shuffles the windows
+once per epoch with a seeded permutation and deals each global batch out to the
+data-parallel ranks. Windows cross document boundaries, as usual for pretraining (no
+per-document attention mask). Its position (epoch, windows consumed) is part of every
+checkpoint, so a resumed run reads exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import sys
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+INDEX = "index.json"
+FORMAT = "llama2-token-shards"
+SPLITS = ("train", "val")
+
+
+# ==========================================================================================
+# prepare
+# ==========================================================================================
+
+@dataclass
+class InputStats:
+    path: str
+    documents: int = 0
+    malformed: int = 0
+    first_malformed: list[str] = field(default_factory=list)  # "file:line: why", a few examples
+
+    def bad(self, line: int, why: str) -> None:
+        self.malformed += 1
+        if len(self.first_malformed) < 3:
+            self.first_malformed.append(f"{self.path}:{line}: {why}")
+
+
+def _open_binary(path: Path):
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if name.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    return open(path, "rb")
+
+
+def _is_jsonl(path: Path) -> bool:
+    name = path.name.lower()
+    for ext in (".gz", ".xz", ".bz2"):
+        name = name.removesuffix(ext)
+    return name.endswith((".jsonl", ".json"))
+
+
+def read_documents(path: str | os.PathLike, stats: InputStats | None = None) -> Iterator[str]:
+    """Documents of one input file. JSONL: one ``{"text": ...}`` per line; a line that is not
+    JSON, not an object or has no string ``text`` is counted in ``stats`` as malformed, never
+    silently dropped. Text files: as ``llama2.data.corpus.iter_documents`` splits them."""
+    path = Path(path)
+    stats = stats if stats is not None else InputStats(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    if not _is_jsonl(path):
+        from llama2.data.corpus import iter_documents
+
+        for doc in iter_documents(path):
+            if doc:
+                stats.documents += 1
+                yield doc
+        return
+    with _open_binary(path) as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                stats.bad(n, "not UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                stats.bad(n, f"invalid JSON ({e.msg})")
+                continue
+            text = obj.get("text") if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                stats.bad(n, 'no string "text" field')
+                continue
+            if text:
+                stats.documents += 1
+                yield text
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 holds ids < 65536 (Llama 2's 32k vocabulary); larger vocabularies need uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def in_validation(text: str, val_fraction: float) -> bool:
+    """Deterministic per-document split: a hash of the text, not its position."""
+    return zlib.crc32(text.encode("utf-8")) % 1_000_000 < val_fraction * 1_000_000
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _encode_shard(job: tuple[str, list[str], str, str, str]) -> dict:
+    """Worker: tokenize one shard's documents (BOS ... EOS each) and write it atomically."""
+    tok_path, texts, out_file, dtype, key = job
+    from llama2.tokenizer import Tokenizer
+
+    tok = _TOKENIZERS.get(tok_path)
+    if tok is None:
+        tok = _TOKENIZERS[tok_path] = Tokenizer(tok_path)
+    arrays = [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(texts, bos=True, eos=True)]
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+    out = Path(out_file)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(tokens.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tobytes())
+    os.replace(tmp, out)
+    meta = {"file": out.name, "key": key, "tokens": int(tokens.size), "documents": len(texts)}
+    side = out.with_suffix(".json")
+    side_tmp = side.with_name(side.name + ".tmp")
+    side_tmp.write_text(json.dumps(meta), encoding="utf-8")
+    os.replace(side_tmp, side)  # written last: a sidecar means the shard is complete
+    return meta
+
+
+def _shard_done(out_file: Path, key: str, itemsize: int) -> dict | None:
+    side = out_file.with_suffix(".json")
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != key or not out_file.is_file() or out_file.stat().st_size != meta["tokens"] * itemsize:
+        return None
+    return meta
+
+
+def prepare(inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike, out: str | os.PathLike,
+            val_fraction: float = 0.01, workers: int | None = None, shard_chars: int = 8_000_000,
+            progress: bool = True, log=None) -> dict:
+    """Tokenize ``inputs`` into ``out`` (see the module docstring); returns the index."""
+    from llama2.tokenizer import Tokenizer
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("prepare: no input files given")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"input file not found: {p}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    tok = Tokenizer(tokenizer)  # validates the file before any work
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tok.path.resolve() != (out / "tokenizer.model").resolve():
+        shutil.copyfile(tok.path, out / "tokenizer.model")
+    tok_file = str((out / "tokenizer.model").resolve())
+    tok_sha = _sha256_file(out / "tokenizer.model")
+    dtype = token_dtype(tok.vocab_size)
+    workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
+
+    stats = [InputStats(str(p)) for p in paths]
+
+    def jobs() -> Iterator[tuple[str, str, list[str]]]:
+        """(split, shard file, documents) in input order, for both splits."""
+        pending = {s: [] for s in SPLITS}
+        size = dict.fromkeys(SPLITS, 0)
+        count = dict.fromkeys(SPLITS, 0)
+        for p, st in zip(paths, stats):
+            for doc in read_documents(p, st):
+                split = "val" if in_validation(doc, val_fraction) else "train"
+                pending[split].append(doc)
+                size[split] += len(doc)
+                if size[split] >= shard_chars:
+                    yield split, f"{split}-{count[split]:05d}.bin", pending[split]
+                    pending[split], size[split] = [], 0
+                    count[split] += 1
+        for split in SPLITS:
+            if pending[split]:
+                yield split, f"{split}-{count[split]:05d}.bin", pending[split]
+
+    def keyed() -> Iterator[tuple[str, tuple]]:
+        for split, name, texts in jobs():
+            h = hashlib.sha256(f"{tok_sha} {dtype.name}".encode())
+            for t in texts:
+                h.update(len(t).to_bytes(8, "little"))
+                h.update(t.encode("utf-8"))
+            yield split, (tok_file, texts, str(out / name), dtype.name, h.hexdigest())
+
+    from tqdm import tqdm
+
+    bar = tqdm(desc="prepare", unit=" shards", disable=not progress or not sys.stderr.isatty())
+    shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    skipped = 0
+
+    def results():
+        nonlocal skipped
+        todo = []
+        for split, job in keyed():
+            done = _shard_done(Path(job[2]), job[4], dtype.itemsize)
+            if done is not None:
+                skipped += 1
+                yield split, done
+            elif workers == 1:
+                yield split, _encode_shard(job)
+            else:
+                todo.append((split, pool.apply_async(_encode_shard, (job,))))
+                while len(todo) > 2 * workers:  # bound the texts held in memory
+                    s, r = todo.pop(0)
+                    yield s, r.get()
+        for s, r in todo:
+            yield s, r.get()
+
+    import multiprocessing as mp
+
+    # fork: workers need only numpy and SentencePiece, and must not re-run the caller's script.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    pool = mp.get_context(method).Pool(workers) if workers > 1 else None
+    try:
+        for split, meta in results():
+            shards[split].append(meta)
+            bar.update(1)
+            bar.set_postfix(tokens=f"{sum(m['tokens'] for s in SPLITS for m in shards[s]):,}")
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+    for split in SPLITS:
+        shards[split].sort(key=lambda m: m["file"])
+        expected = {m["file"] for m in shards[split]}
+        for stale in out.glob(f"{split}-*.bin"):  # left over from an earlier, larger input
+            if stale.name not in expected:
+                stale.unlink()
+                stale.with_suffix(".json").unlink(missing_ok=True)
+    index = {
+        "format": FORMAT, "version": 1, "dtype": dtype.name, "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "tokenizer": "tokenizer.model",
+        "tokenizer_sha256": tok_sha, "val_fraction": val_fraction,
+        "splits": {s: [{k: m[k] for k in ("file", "tokens", "documents")} for m in shards[s]] for s in SPLITS},
+        "tokens": {s: sum(m["tokens"] for m in shards[s]) for s in SPLITS},
+        "documents": {s: sum(m["documents"] for m in shards[s]) for s in SPLITS},
+        "inputs": [{"path": st.path, "documents": st.documents, "malformed": st.malformed} for st in stats],
+        "malformed": sum(st.malformed for st in stats),
+    }
+    tmp = out / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
+    os.replace(tmp, out / INDEX)
+    log(f"prepared {out}: train {index['tokens']['train']:,} tokens / {index['documents']['train']:,} docs, "
+        f"val {index['tokens']['val']:,} tokens / {index['documents']['val']:,} docs, {dtype.name}"
+        + (f" ({skipped} complete shard(s) reused)" if skipped else ""))
+    for st in stats:
+        if st.malformed:
+            log(f"warning: {st.path}: {st.malformed} malformed line(s) skipped, e.g. {st.first_malformed[0]}")
+    return index
+
+
+# ==========================================================================================
+# Reading: memory-mapped shards and packed sequences
+# ==========================================================================================
+
+def read_index(data_dir: str | os.PathLike) -> dict:
+    data_dir = Path(data_dir)
+    file = data_dir / INDEX
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{data_dir}: no {INDEX} (not a prepared data directory; run `llama2 prepare --tokenizer T "
+            f"--input FILES --out {data_dir}`)")
+    try:
+        index = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{file}: not a {FORMAT} index")
+    return index
+
+
+class TokenStream:
+    """One split of a data directory: its shards memory-mapped and read as one token array."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str = "train"):
+        self.dir = Path(data_dir)
+        self.index = read_index(self.dir)
+        if split not in self.index["splits"]:
+            raise ValueError(f"{self.dir}: no split {split!r}")
+        dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
+        self.arrays = []
+        for shard in self.index["splits"][split]:
+            path = self.dir / shard["file"]
+            if not path.is_file() or path.stat().st_size != shard["tokens"] * dtype.itemsize:
+                raise FileNotFoundError(f"{path}: shard missing or incomplete; re-run `llama2 prepare`")
+            if shard["tokens"]:
+                self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+        self.offsets = np.cumsum([0] + [a.size for a in self.arrays])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) as int64, across shard boundaries."""
+        parts = []
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while start < stop:
+            base = int(self.offsets[i])
+            end = min(stop, int(self.offsets[i + 1]))
+            parts.append(self.arrays[i][start - base:end - base])
+            start, i = end, i + 1
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+class PackedSequences:
+    """Windows of ``seq_len + 1`` tokens: window i = tokens[i*seq_len : (i+1)*seq_len + 1]."""
+
+    def __init__(self, stream: TokenStream, seq_len: int):
+        self.stream, self.seq_len = stream, seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.stream) - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = int(i) * self.seq_len
+        return self.stream.read(start, start + self.seq_len + 1)
+
+    def batch(self, indices) -> dict:
+        import torch
+
+        rows = torch.from_numpy(np.stack([self[i] for i in indices]))
+        return {"tokens": rows[:, :-1], "labels": rows[:, 1:]}
+
+
+class PackedLoader:
+    """Endless shuffled micro-batches for one data-parallel rank, resumable.
+
+    Each optimizer step consumes ``batch_size * grad_accum * world_size`` windows of the epoch's
+    permutation; micro-batch ``m`` of rank ``r`` takes the ``(m * world_size + r)``-th slice of
+    ``batch_size`` of them. So the global batch of a step is the same set of windows whatever
+    the number of ranks, no window repeats within an epoch, and the leftover windows that do
+    not fill a step are skipped until the next epoch's permutation.
+    """
+
+    def __init__(self, sequences: PackedSequences, batch_size: int, *, grad_accum: int = 1, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.seqs, self.batch_size, self.grad_accum = sequences, batch_size, grad_accum
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.global_batch = batch_size * grad_accum * world_size
+        self.n = len(sequences)
+        if self.n < self.global_batch:
+            raise ValueError(
+                f"{getattr(sequences, 'name', None) or sequences.stream.dir}: {self.n} sequences of {sequences.seq_len} tokens, fewer than one global "
+                f"batch of {self.global_batch}; use more data or a smaller batch_size/seq_len")
+        self.epoch, self.position, self.micro = 0, 0, 0
+        self._perm: np.ndarray | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm is None:
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        return self._perm
+
+    def next_indices(self) -> np.ndarray:
+        if self.micro == 0 and self.position + self.global_batch > self.n:
+            self.epoch, self.position, self._perm = self.epoch + 1, 0, None
+        start = self.position + (self.micro * self.world_size + self.rank) * self.batch_size
+        idx = self._permutation()[start:start + self.batch_size]
+        self.micro += 1
+        if self.micro == self.grad_accum:
+            self.micro, self.position = 0, self.position + self.global_batch
+        return idx
+
+    def __iter__(self) -> PackedLoader:
+        return self
+
+    def __next__(self) -> dict:
+        return self.seqs.batch(self.next_indices())
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "micro": self.micro,
+                "n_sequences": self.n, "seq_len": self.seqs.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["n_sequences"], state["seq_len"]) != (self.n, self.seqs.seq_len):
+            raise ValueError(
+                f"checkpoint data position is for {state['n_sequences']} sequences of {state['seq_len']} tokens, "
+                f"this data has {self.n} of {self.seqs.seq_len}: the data or seq_len changed")
+        self.seed, self.epoch, self.position, self.micro = state["seed"], state["epoch"], state["position"], \
+            state["micro"]
+        self._perm = None
+
+
+class EvalBatches:
+    """The first ``max_batches`` validation micro-batches in order, dealt round-robin to the
+    ranks (global batch k goes to rank k % world_size), so the set evaluated does not depend
+    on the number of ranks; each ``iter()`` starts over."""
+
+    def __init__(self, sequences: PackedSequences, batch_size: int, rank: int = 0, world_size: int = 1,
+                 max_batches: int | None = None):
+        self.seqs, self.batch_size, self.rank, self.world_size = sequences, batch_size, rank, world_size
+        total = len(sequences) // batch_size
+        self.total = total if max_batches is None else min(total, max_batches)
+
+    def __len__(self) -> int:
+        """Micro-batches this rank evaluates."""
+        return len(range(self.rank, self.total, self.world_size))
+
+    def __iter__(self) -> Iterator[dict]:
+        for k in range(self.rank, self.total, self.world_size):
+            yield self.seqs.batch(range(k * self.batch_size, (k + 1) * self.batch_size))
+
+
+# ==========================================================================================
+# CLI: llama2 prepare
+# ==========================================================================================
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", required=True, metavar="T",
+                        help="tokenizer.model (or a directory holding one)")
+    parser.add_argument("--input", required=True, nargs="+", metavar="FILE",
+                        help="text (.txt, .gz, .xz) or JSONL ({\"text\": ...}) files")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output data directory")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="share of documents held out for validation (default: 0.01)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="tokenizer processes (default: CPU count, at most 8)")
+    parser.add_argument("--shard-chars", type=int, default=8_000_000,
+                        help="characters of text per shard (default: 8,000,000, ~2M tokens)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
+            shard_chars=args.shard_chars, progress=not args.no_progress)
+    return 0
