@@ -24,7 +24,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, metavar="DIR",
                    help="model directory (config.json + safetensors, or Meta's params.json + consolidated.*.pth)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="compute dtype (default auto: the stored dtype; float32 for 16-bit weights on CPU)")
+                   help="compute dtype (default auto: the stored dtype, but float32 for float16 weights on CPU)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
