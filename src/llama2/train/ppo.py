@@ -1,0 +1,318 @@
+"""``llama2 ppo``: proximal policy optimisation with the paper's reward (§3.2.3).
+
+Each iteration:
+1. sample a batch of prompts and answer them with the current policy (the batched KV-cache
+   generator);
+2. score the answers: Rc = Rs if the prompt is a safety prompt or Rs < 0.15, else Rh, then
+   whiten(logit(Rc)) (rlhf.ppo_reward);
+3. per-token rewards: -beta * (log pi - log pi_0) against the frozen starting policy on every
+   answer token, plus the sequence score on the last one; advantages by GAE from a value
+   model (initialised from the helpfulness reward model: it already reads answers);
+4. one pass over the rollout in minibatches, one gradient step each, with the clipped policy
+   and value losses (PPO clip 0.2).
+Defaults are the paper's: AdamW (0.9, 0.95, eps 1e-5), weight decay 0.1, clip 1.0, constant LR
+1e-6, batch 512, minibatch 64, beta 0.01 (0.005 for 34B/70B). Rollouts are seeded by
+(seed, iteration), so a resumed run repeats exactly what the uninterrupted one would do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from llama2.recipe import add_config_args, dump_recipe, load_config, setting
+from llama2.train.core import TrainConfig
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    out: str = setting("runs/ppo", "run folder: metrics.jsonl, checkpoints/, model/", metavar="DIR")
+    model: str = setting("runs/rejection/model", "starting policy (also the frozen reference)", metavar="DIR")
+    reward_model: str = setting("runs/reward-helpfulness/model", "helpfulness reward model", metavar="DIR")
+    safety_model: str = setting("runs/reward-safety/model", "safety reward model; empty: helpfulness only",
+                                metavar="DIR")
+    value_init: Literal["reward", "policy"] = setting("reward", "initialise the value model from the helpfulness "
+                                                                "reward model or from the policy's trunk")
+    data: str = setting("", "prompts, JSONL {\"messages\"|\"prompt\", \"safety\": bool}; empty: the bundled world",
+                        metavar="FILE")
+    prompts: int = setting(4000, "prompts drawn from the bundled world when --data is empty")
+    max_steps: int = setting(200, "PPO iterations (§3.2.3: 200 to 400, with early stopping)")
+    batch_size: int = setting(512, "prompts per iteration (§3.2.3: 512)")
+    minibatch_size: int = setting(64, "rollouts per gradient step (§3.2.3: 64; one step per minibatch)")
+    micro_batch_size: int = setting(64, "unused by PPO: the minibatch is the unit of work")
+    lr: float = setting(1e-6, "policy learning rate, constant (§3.2.3: 1e-6)")
+    value_lr: float = setting(1e-6, "value-model learning rate")
+    schedule: Literal["cosine", "constant"] = setting("constant", "learning-rate schedule (§3.2.3: constant)")
+    warmup_steps: int = setting(0, "warmup iterations")
+    kl_coef: float = setting(0.01, "beta of the KL penalty (§3.2.3: 0.01 for 7B/13B, 0.005 for 34B/70B)")
+    safety_threshold: float = setting(0.15, "Rs below this lets the safety reward decide (§3.2.3)")
+    ppo_clip: float = setting(0.2, "PPO ratio clip (§3.2.3: 0.2)")
+    value_clip: float = setting(0.2, "value-prediction clip")
+    gamma: float = setting(1.0, "discount")
+    lam: float = setting(0.95, "GAE lambda")
+    temperature: float = setting(1.0, "rollout sampling temperature")
+    top_p: float = setting(1.0, "rollout nucleus sampling (1.0 = off)")
+    max_new_tokens: int = setting(128, "longest answer in a rollout")
+    max_kl: float = setting(10.0, "stop early when the mean per-answer KL to the reference exceeds this")
+    save_every: int = setting(10, "checkpoint every N iterations (and at the end)")
+    world_seed: int = setting(0, "seed of the bundled assistant world")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size % self.minibatch_size:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by minibatch_size={self.minibatch_size}")
+
+
+TINY_RECIPE: dict = {"max_steps": 12, "batch_size": 32, "minibatch_size": 8, "micro_batch_size": 8, "lr": 2.0e-5,
+                     "value_lr": 1.0e-4, "max_new_tokens": 40, "prompts": 1000, "save_every": 4, "keep_last": 1,
+                     "kl_coef": 0.05}
+
+
+def load_prompts(cfg: PPOConfig) -> list[dict]:
+    from llama2.chat import validate_dialogue
+    from llama2.data.chat_data import DataError, read_jsonl
+
+    if cfg.data:
+        rows = []
+        for n, obj in read_jsonl(cfg.data):
+            msgs = obj.get("messages") or ([{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else None)
+            try:
+                if msgs is None:
+                    raise ValueError("expected 'messages' or 'prompt'")
+                validate_dialogue(msgs)
+            except ValueError as e:
+                raise DataError(f"{cfg.data}:{n}: {e}") from None
+            rows.append({"messages": msgs, "safety": bool(obj.get("safety", False))})
+        return rows
+    from llama2.data.world import World
+
+    return [{"messages": r["messages"], "safety": bool(r["safety"])}
+            for r in World(cfg.world_seed).rl_prompts("train", cfg.prompts)]
+
+
+def token_logprobs(model, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every t, [B, T-1]."""
+    logits = model(tokens[:, :-1])
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+def build_rollout(prompts: list[list[int]], answers: list[list[int]]) -> dict:
+    """Right-padded prompt+answer rows and the mask of positions that predict an answer token:
+    only those get policy gradient (prompt and padding never do)."""
+    rows = [p + a for p, a in zip(prompts, answers)]
+    T = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T - 1)
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        tokens[i, : len(r)] = torch.tensor(r)
+        mask[i, len(p) - 1: len(r) - 1] = 1.0  # position t predicts token t+1
+    return {"tokens": tokens, "mask": mask}
+
+
+class PPOTrainer:
+    def __init__(self, cfg: PPOConfig, quiet: bool = False):
+        from llama2.checkpoint import load_model, load_scalar_model, load_tokenizer
+        from llama2.model.heads import ScalarModel
+        from llama2.train.core import build_optimizer
+        from llama2.train.finetune import log_to_stderr
+        from llama2.train.scoring import RewardScorer
+
+        self.cfg, self.log = cfg, log_to_stderr(quiet)
+        self.out = Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        self.policy = load_model(cfg.model).train()
+        self.reference = load_model(cfg.model).eval().requires_grad_(False)
+        self.tokenizer = load_tokenizer(cfg.model, self.policy.config.vocab_size)
+        self.value = (load_scalar_model(cfg.reward_model) if cfg.value_init == "reward"
+                      else ScalarModel.from_language_model(self.policy)).train()
+        self.scorer = RewardScorer(cfg.reward_model, cfg.safety_model or None)
+        self.opt_policy = build_optimizer(self.policy, cfg)
+        self.opt_value = build_optimizer(self.value, dataclasses.replace(cfg, lr=cfg.value_lr))
+        self.prompts = load_prompts(cfg)
+        self.iteration = 0
+        self._resume()
+
+    # -- one iteration --------------------------------------------------------------------------
+    def batch_prompts(self) -> list[dict]:
+        rng = random.Random(f"{self.cfg.seed}/{self.iteration}")
+        return rng.sample(self.prompts, min(self.cfg.batch_size, len(self.prompts)))
+
+    @torch.no_grad()
+    def rollout(self, batch: list[dict]) -> dict:
+        from llama2.chat import encode_chat
+        from llama2.generate import Generator, SamplingParams
+        from llama2.train.rlhf import ppo_reward
+
+        cfg = self.cfg
+        self.policy.eval()
+        prompt_ids = [encode_chat(self.tokenizer, b["messages"]) for b in batch]
+        gen = Generator(self.policy, self.tokenizer)
+        t0 = time.perf_counter()
+        outs = gen.generate(prompt_ids, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                                       max_new_tokens=cfg.max_new_tokens,
+                                                       seed=cfg.seed * 1_000_003 + self.iteration))
+        gen_seconds = time.perf_counter() - t0
+        # An answer that ended with EOS keeps it: emitting EOS is part of the policy's action.
+        answers = [o.tokens + ([self.tokenizer.eos_id] if o.finish_reason == "stop" else []) for o in outs]
+        answers = [a or [self.tokenizer.eos_id] for a in answers]
+        t1 = time.perf_counter()
+        s = self.scorer.combined([b["messages"] for b in batch], [o.text.strip() for o in outs],
+                                 [b["safety"] for b in batch], cfg.safety_threshold)
+        score_seconds = time.perf_counter() - t1
+        roll = build_rollout(prompt_ids, answers)
+        roll["score"] = ppo_reward(s["helpful"], s["safety"], torch.tensor([b["safety"] for b in batch]),
+                                   cfg.safety_threshold)
+        roll["logp"] = token_logprobs(self.policy, roll["tokens"])
+        roll["ref_logp"] = token_logprobs(self.reference, roll["tokens"])
+        roll["values"] = self.value(roll["tokens"][:, :-1])
+        self.policy.train()
+        n_new = sum(len(a) for a in answers)
+        stats = {f"reward_{k}": float(v.mean()) for k, v in s.items()}
+        stats.update(answer_len=n_new / len(answers), rollout_tokens_per_s=n_new / max(gen_seconds, 1e-9),
+                     generation_s=gen_seconds, scoring_s=score_seconds)
+        return roll | {"stats": stats}
+
+    def step(self) -> dict:
+        from llama2.train.rlhf import gae, masked_mean, ppo_policy_loss, token_rewards, value_loss
+
+        cfg = self.cfg
+        roll = self.rollout(self.batch_prompts())
+        mask = roll["mask"]
+        t0 = time.perf_counter()
+        rewards, kl = token_rewards(roll["score"], roll["logp"], roll["ref_logp"], mask, cfg.kl_coef)
+        adv, returns = gae(rewards, roll["values"], mask, cfg.gamma, cfg.lam)
+        valid = mask.bool()
+        adv = torch.where(valid, (adv - adv[valid].mean()) / (adv[valid].std() + 1e-8), adv) * mask
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
+        order = torch.randperm(len(mask), generator=gen)
+        totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "entropy": 0.0}
+        n_mb = 0
+        for start in range(0, len(order), cfg.minibatch_size):  # one gradient step per minibatch
+            idx = order[start:start + cfg.minibatch_size]
+            tokens, m = roll["tokens"][idx], mask[idx]
+            logits = self.policy(tokens[:, :-1])
+            logp_all = torch.log_softmax(logits.float(), dim=-1)
+            logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+            p_loss, clip_frac = ppo_policy_loss(logp, roll["logp"][idx], adv[idx], m, cfg.ppo_clip)
+            entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), m)
+            values = self.value(tokens[:, :-1])
+            v_loss = value_loss(values, roll["values"][idx], returns[idx], m, cfg.value_clip)
+            for loss, model, opt in ((p_loss, self.policy, self.opt_policy), (v_loss, self.value, self.opt_value)):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+            for k, v in (("policy_loss", p_loss.detach()), ("value_loss", v_loss.detach()), ("clip_frac", clip_frac),
+                         ("entropy", entropy.detach())):
+                totals[k] += v.item()
+            n_mb += 1
+        self.iteration += 1
+        return {"iteration": self.iteration, **roll["stats"], "kl": float(kl.sum(1).mean()),
+                "train_s": time.perf_counter() - t0, **{k: v / n_mb for k, v in totals.items()}}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        from llama2.train.core import _fsync_tree, _rng_state, list_checkpoints
+
+        root = self.out / "checkpoints"
+        final, tmp = root / f"step-{self.iteration}", root / f".tmp-step-{self.iteration}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save({"policy": self.policy.state_dict(), "value": self.value.state_dict(),
+                    "opt_policy": self.opt_policy.state_dict(), "opt_value": self.opt_value.state_dict()},
+                   tmp / "model.pt")
+        torch.save({"step": self.iteration, "rng": _rng_state(), "config": dataclasses.asdict(self.cfg)},
+                   tmp / "trainer.pt")  # written last: marks a complete checkpoint
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if self.cfg.keep_last:
+            for old in list_checkpoints(self.out)[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _resume(self) -> None:
+        from llama2.train.core import _set_rng_state, latest_checkpoint
+
+        for tmp in (self.out / "checkpoints").glob(".tmp-step-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.cfg.resume == "never":
+            return
+        path = latest_checkpoint(self.out) if self.cfg.resume in ("auto", "latest") else Path(self.cfg.resume)
+        if path is None:
+            if self.cfg.resume == "latest":
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+            return
+        state = torch.load(path / "model.pt", weights_only=False)
+        self.policy.load_state_dict(state["policy"])
+        self.value.load_state_dict(state["value"])
+        self.opt_policy.load_state_dict(state["opt_policy"])
+        self.opt_value.load_state_dict(state["opt_value"])
+        trainer = torch.load(path / "trainer.pt", weights_only=False)
+        self.iteration = trainer["step"]
+        _set_rng_state(trainer["rng"])
+        metrics = self.out / "metrics.jsonl"
+        if metrics.is_file():  # forget iterations logged after this checkpoint
+            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= self.iteration]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
+        self.log(f"resumed PPO from {path} (iteration {self.iteration})")
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        from llama2.checkpoint import save_model
+
+        cfg, last = self.cfg, {}
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log(f"PPO from {cfg.model}: {cfg.max_steps} iterations of {cfg.batch_size} prompts, minibatch "
+                 f"{cfg.minibatch_size}, beta {cfg.kl_coef}, safety threshold {cfg.safety_threshold}")
+        bar = tqdm(total=cfg.max_steps, initial=self.iteration, unit="iter", disable=not cfg.progress or None)
+        while self.iteration < cfg.max_steps:
+            last = self.step()
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(last) + "\n")
+            bar.set_postfix(reward=f"{last['reward_combined']:.3f}", kl=f"{last['kl']:.3f}")
+            bar.update(1)
+            stop = last["kl"] > cfg.max_kl
+            if stop or self.iteration == cfg.max_steps or (cfg.save_every and self.iteration % cfg.save_every == 0):
+                self.save_checkpoint()
+            if stop:
+                self.log(f"early stop: KL {last['kl']:.3f} > max_kl {cfg.max_kl}")
+                break
+        bar.close()
+        save_model(self.policy, self.out / "model", tokenizer=self.tokenizer)
+        self.log(f"PPO policy written to {self.out / 'model'}")
+        return last
+
+
+def run(cfg: PPOConfig, quiet: bool = False) -> dict:
+    return PPOTrainer(cfg, quiet).fit()
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "Without --config the tiny recipe applies (recipes/ppo-tiny.yaml)."
+    add_config_args(parser, PPOConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(PPOConfig, args, default_recipe=TINY_RECIPE, default_source="built-in tiny PPO recipe")
+    if getattr(args, "print_config", False):
+        print(dump_recipe(cfg), end="")
+        return 0
+    for path in (cfg.model, cfg.reward_model, cfg.safety_model):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{path}: not found (train it first or pass its directory)")
+    run(cfg)
+    return 0

@@ -1,0 +1,65 @@
+"""`llama2 run smoke`: every stage of the recipe end to end, and a report that shows them."""
+
+import json
+import re
+
+import pytest
+
+from llama2.pipeline import STAGES, find_recipe, read_pipeline_recipe, run_pipeline
+
+
+def test_built_in_recipes_are_found_and_valid():
+    for name in ("tiny", "smoke"):
+        recipe = read_pipeline_recipe(find_recipe(name))
+        assert set(recipe["stages"]) == set(STAGES)
+
+
+def test_bad_recipe_names_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown recipe 'tinyy'"):
+        find_recipe("tinyy")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  pretrian: {}\n")
+    with pytest.raises(ValueError, match="unknown stage.*pretrian"):
+        read_pipeline_recipe(bad)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    run_pipeline("smoke", out, quiet=True)
+    return out
+
+
+@pytest.mark.slow
+def test_every_stage_writes_its_folder_and_model(smoke_run):
+    for stage in STAGES:
+        done = json.loads((smoke_run / stage / ".done.json").read_text())
+        assert done["stage"] == stage and done["seconds"] >= 0
+    for stage in ("pretrain", "sft", "rejection", "ppo", "gatt", "guard", "reward-helpfulness", "reward-safety"):
+        assert (smoke_run / stage / "model" / "config.json").is_file(), stage
+    assert (smoke_run / "chat" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_report_shows_each_stage_with_its_data(smoke_run):
+    md = (smoke_run / "report.md").read_text()
+    html = (smoke_run / "report.html").read_text()
+    for heading in ("assistant-world suite after each stage", "Loss curves", "Table 8", "Figure 7", "PPO",
+                    "Table 30", "Time per stage", "Sample conversations"):
+        assert heading in md, heading
+    # every figure referenced exists and is a real PNG
+    for src in re.findall(r"src='(figures/[^']+)'", html):
+        data = (smoke_run / src).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, src
+    results = json.loads((smoke_run / "evaluate" / "results.json").read_text())
+    assert set(results) == {"pretrain", "sft", "rejection", "ppo", "gatt"}
+    # the table's numbers are the evaluation's numbers
+    sft = results["sft"]["task_accuracy"]
+    assert f"{100 * sft:.1f}%" in md
+
+
+@pytest.mark.slow
+def test_rerunning_skips_finished_stages(smoke_run, capsys):
+    run_pipeline("smoke", smoke_run)
+    err = capsys.readouterr().err
+    assert err.count("skipped") == len(STAGES)
