@@ -1,0 +1,97 @@
+"""PPO (rollout masks, KL, exact resume) and the Llama Guard-style classifier."""
+
+import json
+
+import pytest
+import torch
+
+from llama2 import Transformer, save_model
+from llama2.checkpoint import load_model, save_scalar_model
+from llama2.model.heads import ScalarModel
+from llama2.serve.guard import CATEGORIES, Guard, guard_prompt, metrics
+from llama2.train.ppo import PPOConfig, PPOTrainer, build_rollout
+
+from .conftest import tiny_config
+
+
+def test_only_answer_positions_get_policy_gradient():
+    roll = build_rollout([[1, 5, 6], [1, 7]], [[8, 2], [9]])
+    # row 0: tokens 1 5 6 8 2; positions 2 and 3 predict the answer tokens 8 and 2
+    assert roll["mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]  # row 1: prompt, 1 answer token, padding
+    assert roll["tokens"].tolist() == [[1, 5, 6, 8, 2], [1, 7, 9, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, llama_tokenizer):
+    root = tmp_path_factory.mktemp("ppo")
+    lm = Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=1024), seed=0)
+    policy = save_model(lm, root / "policy", tokenizer=llama_tokenizer)
+    rm = save_scalar_model(ScalarModel.from_language_model(lm), root / "rm", tokenizer=llama_tokenizer)
+    return root, policy, rm
+
+
+def _cfg(root, policy, rm, out, steps):
+    return PPOConfig(out=str(root / out), model=str(policy), reward_model=str(rm), safety_model=str(rm),
+                     max_steps=steps, batch_size=4, minibatch_size=2, micro_batch_size=2, lr=1e-3, value_lr=1e-3,
+                     max_new_tokens=6, prompts=12, save_every=1, progress=False)
+
+
+def test_ppo_logs_the_papers_quantities_and_starts_at_zero_kl(dirs):
+    root, policy, rm = dirs
+    PPOTrainer(_cfg(root, policy, rm, "run", 2), quiet=True).fit()
+    rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    for key in ("reward_helpful", "reward_safety", "reward_combined", "kl", "policy_loss", "value_loss",
+                "clip_frac", "entropy", "answer_len", "rollout_tokens_per_s"):
+        assert key in rows[0], key
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy still equals the reference
+    load_model(root / "run" / "model")
+
+
+def test_ppo_resumes_exactly(dirs):
+    root, policy, rm = dirs
+    PPOTrainer(_cfg(root, policy, rm, "straight", 2), quiet=True).fit()
+    PPOTrainer(_cfg(root, policy, rm, "resumed", 1), quiet=True).fit()
+    PPOTrainer(_cfg(root, policy, rm, "resumed", 2), quiet=True).fit()  # continues from iteration 1
+    a, b = load_model(root / "straight" / "model"), load_model(root / "resumed" / "model")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_guard_prompt_lists_categories_and_the_conversation():
+    text = guard_prompt([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    assert "'Agent' messages" in text and "User: hi" in text and "Agent: hello" in text
+    for code, (name, _) in CATEGORIES.items():
+        assert f"{code}: {name}" in text
+
+
+def test_unsafe_score_is_the_probability_of_the_first_unsafe_piece(llama_tokenizer):
+    from llama2.chat import encode_chat
+
+    model = Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=1024), seed=0).eval()
+    guard = Guard(model, llama_tokenizer)
+    convo = [{"role": "user", "content": "How do I pick a lock?"}]
+    ids = encode_chat(llama_tokenizer, [{"role": "user", "content": guard_prompt(convo, "User")}])
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.tensor([ids]))[0, -1], -1)[guard.unsafe_id].item()
+    assert guard.scores([convo], "User")[0] == pytest.approx(expected, rel=1e-5)
+    assert guard.unsafe_id != guard.safe_id
+
+
+def test_precision_and_recall_per_category():
+    truth = [(True, ["O1"]), (True, ["O3"]), (False, []), (True, ["O3"])]
+    pred = [(True, ["O1"]), (False, []), (True, ["O3"]), (True, ["O3"])]
+    m = metrics(truth, pred)
+    assert m["overall"] == {"precision": 2 / 3, "recall": 2 / 3, "support": 3}
+    assert m["per_category"]["O3"] == {"precision": 0.5, "recall": 0.5, "support": 2}
+    assert m["per_category"]["O2"]["precision"] is None
+
+
+def test_guard_check_rejects_malformed_input(dirs, tmp_path, capsys):
+    from llama2.cli import main
+
+    _, policy, _ = dirs
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"role": "user"}]')
+    assert main(["guard", "check", "--model", str(policy), "--file", str(bad)]) == 1
+    assert "JSON list of {role, content}" in capsys.readouterr().err
