@@ -79,25 +79,9 @@ TINY_RECIPE: dict = {"max_steps": 12, "batch_size": 32, "minibatch_size": 8, "mi
 
 
 def load_prompts(cfg: PPOConfig) -> list[dict]:
-    from llama2.chat import validate_dialogue
-    from llama2.data.chat_data import DataError, read_jsonl
+    from llama2.train.scoring import load_rl_prompts
 
-    if cfg.data:
-        rows = []
-        for n, obj in read_jsonl(cfg.data):
-            msgs = obj.get("messages") or ([{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else None)
-            try:
-                if msgs is None:
-                    raise ValueError("expected 'messages' or 'prompt'")
-                validate_dialogue(msgs)
-            except ValueError as e:
-                raise DataError(f"{cfg.data}:{n}: {e}") from None
-            rows.append({"messages": msgs, "safety": bool(obj.get("safety", False))})
-        return rows
-    from llama2.data.world import World
-
-    return [{"messages": r["messages"], "safety": bool(r["safety"])}
-            for r in World(cfg.world_seed).rl_prompts("train", cfg.prompts)]
+    return load_rl_prompts(cfg.data, cfg.prompts, cfg.world_seed)
 
 
 def token_logprobs(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -77,24 +77,9 @@ TINY_RECIPE: dict = {
 
 def load_prompts(cfg: RejectionConfig) -> list[dict]:
     """Rows {"messages", "safety"}: the dialogue to answer and is_safety(prompt)."""
-    if cfg.data:
-        from llama2.chat import validate_dialogue
-        from llama2.data.chat_data import DataError, read_jsonl
+    from llama2.train.scoring import load_rl_prompts
 
-        rows = []
-        for n, obj in read_jsonl(cfg.data):
-            try:
-                msgs = obj.get("messages") or [{"role": "user", "content": obj["prompt"]}]
-                validate_dialogue(msgs)
-            except (KeyError, ValueError) as e:
-                raise DataError(f"{cfg.data}:{n}: {e if isinstance(e, ValueError) else 'expected messages or prompt'}") \
-                    from None
-            rows.append({"messages": msgs, "safety": bool(obj.get("safety", False))})
-        return rows
-    from llama2.data.world import World
-
-    return [{"messages": r["messages"], "safety": bool(r["safety"])}
-            for r in World(cfg.world_seed).rl_prompts("train", cfg.prompts)]
+    return load_rl_prompts(cfg.data, cfg.prompts, cfg.world_seed)
 
 
 def reward_vs_k(rewards: list[list[float]]) -> dict:

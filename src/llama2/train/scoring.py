@@ -70,3 +70,27 @@ def sample_answers(model, tokenizer, prompts: Sequence[Sequence[dict]], k: int, 
         if progress is not None:
             progress(len(chunk))
     return answers
+
+
+def load_rl_prompts(path: str, n: int, world_seed: int = 0) -> list[dict]:
+    """Prompts for sampling: rows ``{"messages", "safety"}`` (the dialogue to answer and
+    is_safety(prompt)) from a JSONL file ``{"messages"|"prompt", "safety": bool}``, or ``n``
+    from the bundled world when ``path`` is empty."""
+    if not path:
+        from llama2.data.world import World
+
+        return [{"messages": r["messages"], "safety": bool(r["safety"])} for r in World(world_seed).rl_prompts("train", n)]
+    from llama2.chat import validate_dialogue
+    from llama2.data.chat_data import DataError, read_jsonl
+
+    rows = []
+    for line, obj in read_jsonl(path):
+        msgs = obj.get("messages") or ([{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else None)
+        try:
+            if msgs is None:
+                raise ValueError("expected 'messages' or 'prompt'")
+            validate_dialogue(msgs)
+        except ValueError as e:
+            raise DataError(f"{path}:{line}: {e}") from None
+        rows.append({"messages": msgs, "safety": bool(obj.get("safety", False))})
+    return rows
