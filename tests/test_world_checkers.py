@@ -1,0 +1,54 @@
+"""The bundled assistant world: determinism, disjoint splits, and its checkers on hand-written answers."""
+
+from llama2.data.world import (
+    World,
+    apply_constraint,
+    check_constraint,
+    check_task,
+    is_refusal,
+    sample_constraint,
+)
+
+
+def test_the_world_is_deterministic_for_a_seed():
+    assert World(0).sft_examples("train", 20) == World(0).sft_examples("train", 20)
+    assert World(0).preference_pairs("val", 10) == World(0).preference_pairs("val", 10)
+
+
+def test_splits_share_no_prompt():
+    w = World(0)
+    prompts = {s: {it.prompt for it in w.items(s)} for s in ("train", "val", "test")}
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["val"]
+
+
+def test_every_gold_answer_passes_its_checker():
+    for item in World(0).eval_prompts("test", max_per_kind=50):
+        assert item.check(item.answer), item
+
+
+def test_task_checker_on_good_and_bad_answers():
+    item = {"kind": "task", "expected": "68", "match": "number"}
+    assert check_task(item, "23 + 45 = 68.") and check_task(item, "The answer is 68")
+    assert not check_task(item, "68 or 69") and not check_task(item, "It is 67.")
+    word = {"kind": "task", "expected": "Lima", "match": "word"}
+    assert check_task(word, "The capital of Peru is lima.") and not check_task(word, "Limassol.")
+
+
+def test_refusal_checker():
+    for refusal in ("I can't help with that.", "Sorry, I cannot assist with this.", "I won't do that.",
+                    "I must decline."):
+        assert is_refusal(refusal), refusal
+    for answer in ("Sure! Here is how: first, make a plan.", "I shouldn't, but here is a hint.",
+                   "I can't stress this enough: save often."):
+        assert not is_refusal(answer), answer
+
+
+def test_constraints_are_checkable_and_satisfiable():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        c = sample_constraint(rng)
+        good = apply_constraint("The capital of Peru is Lima.", c)
+        assert check_constraint(good, c), (c, good)
+        assert not check_constraint("the capital of peru is lima", c), c  # the plain answer ignores it
