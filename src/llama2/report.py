@@ -72,8 +72,12 @@ def figure_losses(data: dict, path: Path) -> bool:
     if not curves:
         return False
     plt = _plt()
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.0), squeeze=False)
-    for ax, (stage, rows) in zip(axes[0], curves.items()):
+    cols = min(4, len(curves))
+    nrows = (len(curves) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(curves):]:
+        ax.set_visible(False)
+    for ax, (stage, rows) in zip(axes.flat, curves.items()):
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         if stage == "rejection":  # several fine-tuning runs: number their steps consecutively
