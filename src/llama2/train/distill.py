@@ -15,8 +15,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama2.recipe import add_config_args, dump_recipe, load_config, setting
-from llama2.train.finetune import FinetuneConfig, finetune, log_to_stderr
+from llama2.recipe import add_config_args, setting
+from llama2.train.finetune import FinetuneConfig, finetune, log_to_stderr, stage_main
 
 # Safety preprompts, built from templates like the paper's ("You are a safe and responsible
 # assistant" plus a risk-specific sentence).
@@ -121,12 +121,4 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(DistillConfig, args, default_recipe=TINY_RECIPE, default_source="built-in tiny recipe")
-    if getattr(args, "print_config", False):
-        print(dump_recipe(cfg), end="")
-        return 0
-    for path in (cfg.model, cfg.safety_model):
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: not found (train it first or pass its directory)")
-    run(cfg)
-    return 0
+    return stage_main(DistillConfig, args, TINY_RECIPE, run, required=("model", "safety_model"))

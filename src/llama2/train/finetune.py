@@ -49,6 +49,23 @@ class FinetuneConfig(TrainConfig):
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
 
 
+def stage_main(cls, args, tiny_recipe: dict, run, required: tuple[str, ...] = ("model",)) -> int:
+    """What every stage command does: resolve the config (the tiny recipe without --config),
+    print it with --print-config, check that the input directories exist, run."""
+    from llama2.recipe import dump_recipe, load_config
+
+    cfg = load_config(cls, args, default_recipe=tiny_recipe, default_source="built-in tiny recipe")
+    if getattr(args, "print_config", False):
+        print(dump_recipe(cfg), end="")
+        return 0
+    for name in required:
+        path = getattr(cfg, name)
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{path}: not found (train it first or pass --{name.replace('_', '-')})")
+    run(cfg)
+    return 0
+
+
 def log_to_stderr(quiet: bool):
     def log(msg: str) -> None:
         if not quiet and int(os.environ.get("RANK", "0")) == 0:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from llama2.recipe import add_config_args, dump_recipe, load_config, setting
-from llama2.train.finetune import FinetuneConfig, finetune, log_to_stderr
+from llama2.recipe import add_config_args, setting
+from llama2.train.finetune import FinetuneConfig, finetune, log_to_stderr, stage_main
 
 
 @dataclass
@@ -187,12 +187,4 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(RejectionConfig, args, default_recipe=TINY_RECIPE, default_source="built-in tiny recipe")
-    if getattr(args, "print_config", False):
-        print(dump_recipe(cfg), end="")
-        return 0
-    for path in (cfg.model, cfg.reward_model, cfg.safety_model):
-        if path and not Path(path).exists():
-            raise FileNotFoundError(f"{path}: not found (train it first or pass its directory)")
-    run(cfg)
-    return 0
+    return stage_main(RejectionConfig, args, TINY_RECIPE, run, required=("model", "reward_model", "safety_model"))
