@@ -102,8 +102,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         problems = []
         for name in ("max_steps", "batch_size", "micro_batch_size"):
-            if getattr(self, name) <= 0:
+            # A stage that trains for a number of epochs may leave max_steps at 0 until its data,
+            # and so its steps per epoch, is known (see steps_for_epochs).
+            if getattr(self, name) <= 0 and not (name == "max_steps" and self.max_steps == 0
+                                                 and hasattr(self, "epochs")):
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if getattr(self, "epochs", 1) <= 0:
+            problems.append(f"epochs must be positive, got {self.epochs}")
         for name in ("warmup_steps", "save_every", "keep_last", "eval_every", "eval_batches"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -128,6 +133,11 @@ def grad_accum_steps(batch_size: int, micro_batch_size: int, world_size: int) ->
 # ==========================================================================================
 # Schedule, optimizer, loss
 # ==========================================================================================
+
+def steps_for_epochs(max_steps: int, epochs: int, steps_per_epoch: int) -> int:
+    """The optimizer steps of a run: ``max_steps`` if given, else ``epochs`` passes over the data."""
+    return max_steps or max(1, epochs * steps_per_epoch)
+
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup to the peak over

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llama2.data.chat_data import ChatSequences, Example, build_sequences
 from llama2.recipe import setting
-from llama2.train.core import TrainConfig
+from llama2.train.core import TrainConfig, steps_for_epochs
 
 
 @dataclass
@@ -37,14 +37,7 @@ class FinetuneConfig(TrainConfig):
     save_every: int = setting(200, "checkpoint every N steps (and at the end)")
 
     def __post_init__(self) -> None:
-        derived = self.max_steps == 0
-        if derived:  # validated once the data (and so the steps per epoch) is known
-            self.max_steps = 1
         super().__post_init__()
-        if derived:
-            self.max_steps = 0
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
 
@@ -101,8 +94,7 @@ def finetune(cfg: FinetuneConfig, train: Sequence[Example], val: Sequence[Exampl
     seqs = ChatSequences(packs, cfg.seq_len, packed=cfg.packing, name="training conversations")
     loader = PackedLoader(seqs, cfg.micro_batch_size, grad_accum=accum, seed=cfg.seed, rank=info.rank,
                           world_size=info.world_size)
-    if cfg.max_steps == 0:
-        cfg = dataclasses.replace(cfg, max_steps=max(1, cfg.epochs * loader.steps_per_epoch))
+    cfg = dataclasses.replace(cfg, max_steps=steps_for_epochs(cfg.max_steps, cfg.epochs, loader.steps_per_epoch))
     evals = None
     if val:
         val_seqs = ChatSequences(build_sequences(val, cfg.seq_len, cfg.packing)[0], cfg.seq_len,

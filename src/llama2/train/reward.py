@@ -22,7 +22,7 @@ import torch
 
 from llama2.data.preference import RATINGS
 from llama2.recipe import add_config_args, dump_recipe, load_config, setting
-from llama2.train.core import TrainConfig
+from llama2.train.core import TrainConfig, steps_for_epochs
 from llama2.train.rlhf import ranking_loss
 
 SAFETY_THRESHOLD = 0.15  # §3.2.3: precision 0.89 / recall 0.55 on Meta Safety
@@ -58,14 +58,7 @@ class RewardConfig(TrainConfig):
     def __post_init__(self) -> None:
         if not self.out:
             self.out = f"runs/reward-{self.kind}"
-        derived = self.max_steps == 0
-        if derived:
-            self.max_steps = 1
         super().__post_init__()
-        if derived:
-            self.max_steps = 0
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
 
 
 TINY_RECIPE: dict = {
@@ -130,7 +123,7 @@ def run(cfg: RewardConfig, quiet: bool = False) -> dict:
     data = PairDataset(train, tokenizer, cfg.margin, cfg.max_len, name="preference pairs")
     loader = PackedLoader(data, cfg.micro_batch_size, grad_accum=accum, seed=cfg.seed, rank=info.rank,
                           world_size=info.world_size)
-    steps = cfg.max_steps or max(1, cfg.epochs * loader.steps_per_epoch)
+    steps = steps_for_epochs(cfg.max_steps, cfg.epochs, loader.steps_per_epoch)
     cfg = dataclasses.replace(cfg, max_steps=steps, warmup_steps=max(5, round(cfg.warmup_fraction * steps)))
     evals = EvalBatches(PairDataset(val, tokenizer, cfg.margin, cfg.max_len), cfg.micro_batch_size,
                         info.rank, info.world_size)
