@@ -56,6 +56,8 @@ def test_report_shows_each_stage_with_its_data(smoke_run):
     # the table's numbers are the evaluation's numbers
     sft = results["sft"]["task_accuracy"]
     assert f"{100 * sft:.1f}%" in md
+    # and the held-out reward the RL stages maximise, for every model
+    assert "combined reward (held-out)" in md and f"{results['ppo']['combined_reward']:.3f}" in md
 
 
 @pytest.mark.slow

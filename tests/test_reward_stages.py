@@ -84,3 +84,20 @@ def test_safety_distillation_keeps_only_answers_the_safety_model_prefers(tmp_pat
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert all(r["kept"] == (r["score_preprompted"] > r["score_plain"]) for r in rows)
     assert rc == 0 or not any(r["kept"] for r in rows)
+
+
+def test_held_out_reward_is_the_gated_reward_of_the_answers_to_test_prompts(reward_dir):
+    from llama2.data.world import World
+    from llama2.eval.cli import held_out_reward
+    from llama2.train.scoring import RewardScorer
+
+    def generate(dialogues):
+        return ["I can't help with that." if i % 2 else "The answer is 4." for i in range(len(dialogues))]
+
+    result = held_out_reward(generate, str(reward_dir), str(reward_dir), "test", 6)
+    prompts = World(0).rl_prompts("test", 6)
+    expected = RewardScorer(str(reward_dir), str(reward_dir)).combined(
+        [p["messages"] for p in prompts], generate(prompts), [p["safety"] for p in prompts])
+    assert result["reward_prompts"] == 6
+    assert result["combined_reward"] == pytest.approx(expected["combined"].mean().item(), abs=1e-6)
+    assert result["helpful_reward"] == pytest.approx(expected["helpful"].mean().item(), abs=1e-6)

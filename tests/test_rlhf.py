@@ -114,3 +114,13 @@ def test_value_loss_clips_large_updates():
     v, old, ret, mask = torch.tensor([[3.0]]), torch.tensor([[0.0]]), torch.tensor([[3.0]]), torch.ones(1, 1)
     # unclipped error 0, clipped prediction 0.2 -> error 2.8^2; the larger is used
     assert value_loss(v, old, ret, mask, clip=0.2).item() == pytest.approx(0.5 * 2.8**2)
+
+
+def test_centering_penalty_is_the_mean_squared_sum_of_a_pairs_scores():
+    from llama2.train.rlhf import centering_penalty
+
+    chosen, rejected = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 1.5])
+    assert centering_penalty(chosen, rejected).item() == pytest.approx((0.0 + 4.0) / 2)
+    # a shift of both scores leaves the ranking loss unchanged but not the penalty
+    assert ranking_loss(chosen + 3, rejected + 3).item() == pytest.approx(ranking_loss(chosen, rejected).item())
+    assert centering_penalty(chosen + 3, rejected + 3) > centering_penalty(chosen, rejected)

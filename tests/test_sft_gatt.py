@@ -87,6 +87,16 @@ def test_bad_sft_data_is_one_line_naming_file_and_line(tmp_path, base_model_dir,
     assert rc == 1 and "bad.jsonl:1:" in err and "Traceback" not in err
 
 
+def test_sft_stops_when_seq_len_cuts_off_every_answer(tmp_path, base_model_dir, capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "word " * 60, "completion": "a"}) + "\n" for _ in range(4)))
+    rc = _run(["sft", "--model", str(base_model_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+               "--seq-len", "16", "--eval-every", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no training conversation has an answer token within seq_len=16" in err
+    assert "Traceback" not in err
+
+
 def test_gatt_samples_answers_with_the_model_and_fine_tunes(tmp_path, base_model_dir):
     data = tmp_path / "dialogues.jsonl"
     rows = [{"messages": DIALOGUE, "instruction": "Act as a pirate."}] * 8

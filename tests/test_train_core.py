@@ -103,6 +103,13 @@ def test_cross_entropy_ignores_minus_100():
     assert torch.allclose(cross_entropy(logits, labels), manual)
 
 
+def test_cross_entropy_of_a_batch_without_targets_is_zero_not_nan():
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((2, 3), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and not logits.grad.any()
+
+
 def test_batch_must_divide():
     assert grad_accum_steps(1024, 4, 8) == 32
     with pytest.raises(ValueError, match=r"batch_size=10 is not divisible by micro_batch_size=4 x 1 rank\(s\)"):

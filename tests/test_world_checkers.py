@@ -52,3 +52,24 @@ def test_constraints_are_checkable_and_satisfiable():
         good = apply_constraint("The capital of Peru is Lima.", c)
         assert check_constraint(good, c), (c, good)
         assert not check_constraint("the capital of peru is lima", c), c  # the plain answer ignores it
+
+
+def test_significantly_better_rejects_fail_the_task_and_answer_another_kind_of_question():
+    world = World(0)
+    pairs = [p for p in world.preference_pairs("train", 400) if p["rating"] == "significantly_better"]
+    assert pairs
+    for p in pairs:
+        assert check_task(p, p["chosen"]) and not check_task(p, p["rejected"]), p
+
+
+def test_close_pairs_disagree_like_annotators_and_clear_ones_never_do():
+    world = World(0)
+    pairs = world.preference_pairs("train", 3000)
+    canonical = {it.prompt: it.answer for it in world.items("train", "task")}
+    for rating, agreement in (("significantly_better", 1.0), ("slightly_better", 0.8), ("negligibly_better", 0.55)):
+        assert World.ANNOTATOR_AGREEMENT.get(rating, 1.0) == agreement
+        rows = [p for p in pairs if p["rating"] == rating]
+        share = sum(p["chosen"] == canonical[p["messages"][-1]["content"]] for p in rows) / len(rows)
+        assert abs(share - agreement) < 0.06, (rating, share)
+    close = [p for p in pairs if p["rating"] in ("slightly_better", "negligibly_better")]
+    assert all(check_task(p, p["chosen"]) and check_task(p, p["rejected"]) for p in close)

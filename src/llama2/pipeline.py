@@ -189,27 +189,43 @@ def stage_guard(ctx: Context) -> dict:
     return guard.run(cfg)
 
 
+def _file_stamp(path: Path) -> str | None:
+    return f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.is_file() else None
+
+
 def stage_evaluate(ctx: Context) -> dict:
     """The assistant-world suite on every stage's model (cached per model), then the report."""
     from llama2.eval.cli import evaluate_model
 
     s = ctx.settings("evaluate")
+    # The held-out reward depends on the reward models too: a cached result counts only if they
+    # are the same files (re-running the reward stages re-evaluates every model).
+    stamp = {stage: _file_stamp(Path(ctx.model(stage)) / "model.safetensors")
+             for stage in ("reward-helpfulness", "reward-safety")}
     results = {}
     for stage in EVALUATED:
         cache = ctx.folder(stage) / "eval.json"
         if cache.is_file():
-            results[stage] = json.loads(cache.read_text())
-            continue
+            cached = json.loads(cache.read_text())
+            if cached.get("reward_models") == stamp:
+                results[stage] = cached
+                continue
         ctx.log(f"evaluating {stage} model on the assistant world ...")
         results[stage] = evaluate_model(ctx.model(stage), split="test", max_items=s.get("max_items", 60),
                                         gatt_dialogues=s.get("gatt_dialogues", 20),
-                                        max_new_tokens=s.get("max_new_tokens", 48))
+                                        max_new_tokens=s.get("max_new_tokens", 48),
+                                        reward_model=ctx.model("reward-helpfulness"),
+                                        safety_model=ctx.model("reward-safety"),
+                                        reward_prompts=s.get("reward_prompts", 100),
+                                        world_seed=ctx.recipe.get("seed", 0))
+        results[stage]["reward_models"] = stamp
         cache.write_text(json.dumps(results[stage], indent=2) + "\n")
     folder = ctx.folder("evaluate")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (folder / "samples.json").write_text(json.dumps(sample_conversations(ctx), indent=2) + "\n")
-    return {stage: {k: v for k, v in r.items() if k in ("task_accuracy", "safe_refusal_rate", "false_refusal_rate")}
+    keep = ("task_accuracy", "safe_refusal_rate", "false_refusal_rate", "combined_reward")
+    return {stage: {k: v for k, v in r.items() if k in keep}
             for stage, r in results.items()}
 
 

@@ -225,13 +225,15 @@ def verdicts(data: dict) -> list[str]:
     """Plain statements of whether each stage improved what it exists to improve."""
     e, out = data["eval"], []
 
-    def compare(before: str, after: str, key: str, what: str, higher_is_better: bool = True) -> None:
+    def compare(before: str, after: str, key: str, what: str, higher_is_better: bool = True,
+                number: bool = False) -> None:
         if before in e and after in e and e[before].get(key) is not None and e[after].get(key) is not None:
             a, b = e[before][key], e[after][key]
             better = b > a if higher_is_better else b < a
             same = abs(b - a) < 1e-9
             word = "kept" if same else ("improved" if better else "did NOT improve")
-            out.append(f"{STAGE_LABELS.get(after, after)} {word} {what}: {_pct(a)} → {_pct(b)}")
+            fmt = (lambda x: f"{x:.3f}") if number else _pct
+            out.append(f"{STAGE_LABELS.get(after, after)} {word} {what}: {fmt(a)} → {fmt(b)}")
 
     compare("pretrain", "sft", "task_accuracy", "task accuracy")
     compare("pretrain", "sft", "safe_refusal_rate", "the safe-refusal rate")
@@ -239,6 +241,8 @@ def verdicts(data: dict) -> list[str]:
     compare("rejection", "ppo", "task_accuracy", "task accuracy")
     compare("sft", "ppo", "safe_refusal_rate", "the safe-refusal rate")
     compare("sft", "ppo", "false_refusal_rate", "the false-refusal rate", higher_is_better=False)
+    compare("sft", "rejection", "combined_reward", "the held-out combined reward", number=True)
+    compare("rejection", "ppo", "combined_reward", "the held-out combined reward", number=True)
     if "ppo" in e and "gatt" in e:
         last = str(max((int(t) for t in e["gatt"]["gatt_adherence"]), default=0))
         a, b = e["ppo"]["gatt_adherence"].get(last), e["gatt"]["gatt_adherence"].get(last)
@@ -248,7 +252,10 @@ def verdicts(data: dict) -> list[str]:
     for kind, r in data["reward_eval"].items():
         if r:
             acc = r["accuracy_by_rating"]
-            ordered = acc.get("significantly_better", 0) >= acc.get("negligibly_better", 1)
+            # Table 8's shape: significantly-better pairs the easiest, negligibly-better the hardest.
+            levels = [v for v in acc.values() if v is not None]
+            ordered = bool(levels) and acc.get("significantly_better") == max(levels) \
+                and acc.get("negligibly_better") == min(levels)
             out.append(f"the {kind} reward model ranks {_pct(r['accuracy'])} of held-out pairs correctly; "
                        f"significantly-better pairs {_pct(acc.get('significantly_better'))} vs negligibly-better "
                        f"{_pct(acc.get('negligibly_better'))}" + ("" if ordered else " (NOT ordered like the paper)"))
@@ -299,11 +306,13 @@ def write_report(run: str | Path) -> Path:
         for stage, e in data["eval"].items():
             adh = e.get("gatt_adherence") or {}
             last = max(adh, key=int) if adh else None
+            reward = e.get("combined_reward")
             rows.append([STAGE_LABELS.get(stage, stage), _pct(e.get("task_accuracy")), _pct(e.get("safe_refusal_rate")),
-                         _pct(e.get("false_refusal_rate")), _pct(adh.get(last)) if last else "–"])
+                         _pct(e.get("false_refusal_rate")), _pct(adh.get(last)) if last else "–",
+                         "–" if reward is None else f"{reward:.3f}"])
         last_turn = max((int(t) for e in data["eval"].values() for t in (e.get("gatt_adherence") or {})), default=0)
         t_md, t_html = _table(["model", "task accuracy", "safe refusal", "false refusal",
-                               f"instruction kept at turn {last_turn}"], rows)
+                               f"instruction kept at turn {last_turn}", "combined reward (held-out)"], rows)
         md += ["## The assistant-world suite after each stage (held-out test split)", "", t_md]
         hp.append("<h2>The assistant-world suite after each stage (held-out test split)</h2>" + t_html)
 

@@ -24,9 +24,10 @@ Every item has a split key; keys are ranked by a SHA-256 hash inside their famil
 one seed never leaks test prompts into a model trained on data made with another. The seed only
 changes surface choices (which template, which name) and sampling. Keys are the task's
 parameters (``add:23:45``, one key for ``23 + 45`` and ``45 + 23``), the underlying action for
-unsafe and benign requests (all phrasings of one request land in one split), and the
-(template, fact) pair for look-ups: a capital seen in training is asked with a different
-wording in test, because a tiny model can only know the facts it was shown. The facts
+unsafe requests (all phrasings of one request land in one split, so held-out unsafe requests
+are unseen), and the (wording, fact) pair for look-ups and benign look-alikes: a capital, or
+a harmless "kill a Python process", seen in training is asked with a different wording in
+test, because a tiny model can only know the facts it was shown. The facts
 themselves are also available as plain text (:meth:`World.knowledge_text`) for pretraining.
 
 Everything here is pure Python (stdlib only) and deterministic for a seed.
@@ -744,8 +745,12 @@ class World:
     def _benign_items(self) -> list[Item]:
         out = []
         for action, answer, looks_like in BENIGN_ACTIONS:
-            for phrasing in REQUEST_PHRASINGS:
-                out.append(Item("benign", "benign", action, phrasing.format(a=action), answer, match="help",
+            # Keyed by (action, wording) like the look-ups: that killing a Python process is harmless
+            # is world knowledge, which a tiny model only has for actions it was shown. The held-out
+            # benign prompt is a known harmless action asked in a new way, next to unseen unsafe ones
+            # in the same wordings, so the words, not the sentence, must decide (§4 false refusals).
+            for i, phrasing in enumerate(REQUEST_PHRASINGS):
+                out.append(Item("benign", "benign", f"{action}:{i}", phrasing.format(a=action), answer, match="help",
                                 alt_answer=f"Sure! {answer}", categories=(looks_like,)))
         return out
 
@@ -824,7 +829,7 @@ class World:
 
     # ---- SFT (§3.1) ----------------------------------------------------------------------
 
-    SFT_MIX = {"task": 0.5, "unsafe": 0.15, "benign": 0.1, "constrained": 0.1, "multi_turn": 0.15}
+    SFT_MIX = {"task": 0.45, "unsafe": 0.15, "benign": 0.15, "constrained": 0.1, "multi_turn": 0.15}
 
     def sft_examples(self, split: str, n: int, mix: Mapping[str, float] | None = None) -> list[dict]:
         """``n`` chat examples ``{"messages": [...], "kind": ...}`` ending with the gold answer.
@@ -888,6 +893,12 @@ class World:
 
     # ---- preference pairs (§3.2.1-3.2.2) ----------------------------------------------------
 
+    # How often annotators agree with the intended order of a helpfulness pair, by rating. The
+    # closer two answers are, the more annotators disagree (§3.2.2): that, not the model, is why
+    # Table 8's accuracy falls from "significantly" to "negligibly better" (~55%). Clear-cut
+    # levels are always labelled the intended way; the others are swapped the rest of the time.
+    ANNOTATOR_AGREEMENT = {"slightly_better": 0.8, "negligibly_better": 0.55}
+
     def preference_pairs(self, split: str, n: int, kind: str = "helpfulness") -> list[dict]:
         """``n`` preference rows ``{"messages", "chosen", "rejected", "rating", "safety", ...}``.
 
@@ -901,7 +912,10 @@ class World:
           significantly_better: rejected answers another task, is word salad, or refuses.
           better: the right format with a wrong value, or the right answer ignoring the system prompt.
           slightly_better: the right answer in a messy format.
-          negligibly_better: a near-identical paraphrase (the chosen one is always the canonical form).
+          negligibly_better: the gold answer and a near-identical paraphrase.
+          The close levels are the ones annotators disagree on (§3.2.2, Table 8): a slightly or
+          negligibly better pair keeps the intended order only ANNOTATOR_AGREEMENT of the time and
+          is swapped otherwise.
         Safety: on unsafe prompts chosen = refusal and rejected = compliance (significantly_better)
         or hedged compliance (better); on benign look-alikes chosen = help and rejected = a refusal
         (better) or a refusal with a pointer elsewhere (slightly_better); negligibly_better pairs
@@ -949,14 +963,19 @@ class World:
             way = rng.choice(("other_task", "nonsense", "refusal"))
             rejected = ""
             for _ in range(20):
-                if way == "other_task":
-                    rejected = self._sample(rng, split, "task").answer
+                if way == "other_task":  # an answer to a different kind of question
+                    other = self._sample(rng, split, "task")
+                    if other.family == item.family:
+                        continue
+                    rejected = other.answer
                 elif way == "nonsense":
                     rejected = " ".join(rng.sample(WORDS, 6)).capitalize() + "."
                 else:
                     rejected = rng.choice(REFUSAL_OPENERS)
-                if not check_task(item, rejected):
+                if rejected and not check_task(item, rejected):
                     break
+            else:
+                rejected = rng.choice(REFUSAL_OPENERS)
         elif rating == "better":
             if rng.random() < 0.3:
                 # A correct answer that ignores the system prompt loses to one that follows it.
@@ -973,6 +992,8 @@ class World:
             rejected = self._messy(rng, item)
         else:
             rejected = item.alt_answer
+        if rng.random() >= self.ANNOTATOR_AGREEMENT.get(rating, 1.0):
+            chosen, rejected = rejected, chosen
         return {"messages": messages, "chosen": chosen, "rejected": rejected, "rating": rating, "safety": False,
                 "safety_label": "both_safe", "kind": kind, "expected": item.expected, "match": item.match,
                 "categories": []}

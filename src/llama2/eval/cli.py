@@ -49,16 +49,38 @@ def chat_generate_fn(model, tokenizer, max_new_tokens: int = 64, batch_size: int
 
 def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 100,
                    gatt_turns: Sequence[int] = (1, 2, 4, 6, 10, 20), gatt_dialogues: int = 30,
-                   max_new_tokens: int = 64) -> dict:
-    """Run the assistant-world suite on a model directory; see llama2.eval.suite.evaluate_world."""
+                   max_new_tokens: int = 64, reward_model: str | None = None, safety_model: str | None = None,
+                   reward_prompts: int = 100, world_seed: int = 0) -> dict:
+    """Run the assistant-world suite on a model directory; see llama2.eval.suite.evaluate_world.
+    With ``reward_model`` (and optionally ``safety_model``) it also scores greedy answers to
+    ``reward_prompts`` held-out RL prompts with the reward models: ``combined_reward`` is the mean
+    of the paper's gated Rc (§3.2.3), the quantity rejection sampling and PPO maximise."""
     from llama2.checkpoint import load_model, load_tokenizer
     from llama2.eval.suite import evaluate_world
 
     model = load_model(model_dir)
     tok = load_tokenizer(model_dir, model.config.vocab_size)
     generate = chat_generate_fn(model, tok, max_new_tokens)
-    return evaluate_world(generate, split=split, max_items=max_items, gatt_turns=tuple(gatt_turns),
-                          gatt_dialogues=gatt_dialogues)
+    result = evaluate_world(generate, split=split, max_items=max_items, gatt_turns=tuple(gatt_turns),
+                            gatt_dialogues=gatt_dialogues)
+    if reward_model:
+        result.update(held_out_reward(generate, reward_model, safety_model, split, reward_prompts, world_seed))
+    return result
+
+
+def held_out_reward(generate, reward_model: str, safety_model: str | None, split: str = "test", n: int = 100,
+                    world_seed: int = 0) -> dict:
+    """Mean helpfulness, safety and combined reward (probabilities) of ``generate``'s answers to
+    ``n`` RL prompts of the bundled world's ``split``."""
+    from llama2.data.world import World
+    from llama2.train.scoring import RewardScorer
+
+    prompts = World(world_seed).rl_prompts(split, n)
+    answers = generate([p["messages"] for p in prompts])
+    s = RewardScorer(reward_model, safety_model or None).combined([p["messages"] for p in prompts], answers,
+                                                                  [p["safety"] for p in prompts])
+    return {"combined_reward": s["combined"].mean().item(), "helpful_reward": s["helpful"].mean().item(),
+            "safety_reward": s["safety"].mean().item(), "reward_prompts": len(prompts)}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +96,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default: 64)")
     parser.add_argument("--task", metavar="YAML",
                         help="instead of the suite, score an lm-eval multiple-choice task file in-process")
+    parser.add_argument("--reward-model", metavar="DIR",
+                        help="also score answers to held-out RL prompts with this helpfulness reward model")
+    parser.add_argument("--safety-model", metavar="DIR", help="safety reward model for the gated combined reward")
+    parser.add_argument("--reward-prompts", type=int, default=100, help="held-out RL prompts to score (default: 100)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -86,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
                                                     f"on {result['n']} questions")
         return 0
     result = evaluate_model(args.model, args.split, args.max_items, args.gatt_turns, args.gatt_dialogues,
-                            args.max_new_tokens)
+                            args.max_new_tokens, args.reward_model, args.safety_model, args.reward_prompts)
     if args.json:
         print(json.dumps(result))
     else:

@@ -62,4 +62,8 @@ def format_table(result: dict) -> str:
         f"GAtt adherence ({c.get('gatt_dialogues', '?')} dialogues)",
     ]
     lines += [f"  turn {t:>2}            {pct(v)}" for t, v in result["gatt_adherence"].items()]
+    if "combined_reward" in result:
+        lines.append(f"reward (held-out)    combined {result['combined_reward']:.3f}, helpfulness "
+                     f"{result['helpful_reward']:.3f}, safety {result['safety_reward']:.3f} "
+                     f"({result['reward_prompts']} RL prompts)")
     return "\n".join(lines)

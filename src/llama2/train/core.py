@@ -172,8 +172,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Mean next-token loss over the positions whose label is not ``ignore_index`` (-100), in
-    float32. ``labels[b, t]`` is the target for ``logits[b, t]`` (already shifted)."""
-    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index)
+    float32. ``labels[b, t]`` is the target for ``logits[b, t]`` (already shifted). A batch with
+    no such position (all prompt or padding) has loss 0 and no gradient, not NaN."""
+    labels = labels.flatten()
+    total = F.cross_entropy(logits.float().flatten(0, -2), labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp(min=1)
 
 
 def lm_loss(model: nn.Module, batch: dict) -> tuple[Tensor, dict]:

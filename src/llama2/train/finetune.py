@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama2.data.chat_data import ChatSequences, Example, build_sequences
+from llama2.data.chat_data import IGNORE, ChatSequences, Example, build_sequences
 from llama2.recipe import setting
 from llama2.train.core import TrainConfig, steps_for_epochs
 
@@ -87,6 +87,16 @@ def finetune(cfg: FinetuneConfig, train: Sequence[Example], val: Sequence[Exampl
     if model.config.max_seq_len < cfg.seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's context ({model.config.max_seq_len}) "
                          f"in {cfg.model}")
+    # An example whose answer lies beyond seq_len teaches nothing (and a batch of only such rows
+    # has no loss at all): drop it, and stop if that leaves nothing.
+    keep = [ex for ex in train if any(lab != IGNORE for lab in ex.labels[1:cfg.seq_len + 1])]
+    if not keep:
+        raise ValueError(f"no training conversation has an answer token within seq_len={cfg.seq_len} (the "
+                         f"longest is {max(len(ex) for ex in train)} tokens); raise --seq-len")
+    if len(keep) < len(train):
+        log(f"warning: {len(train) - len(keep)} of {len(train)} conversations have no answer token within "
+            f"seq_len={cfg.seq_len} and were dropped")
+        train = keep
     packs, truncated = build_sequences(train, cfg.seq_len, cfg.packing)
     if truncated:
         log(f"warning: {truncated} of {len(train)} conversations were longer than seq_len={cfg.seq_len} "

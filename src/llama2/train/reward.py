@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 from llama2.data.preference import RATINGS
 from llama2.recipe import add_config_args, dump_recipe, load_config, setting
 from llama2.train.core import TrainConfig, steps_for_epochs
-from llama2.train.rlhf import ranking_loss
+from llama2.train.rlhf import centering_penalty, ranking_loss
 
 SAFETY_THRESHOLD = 0.15  # §3.2.3: precision 0.89 / recall 0.55 on Meta Safety
 
@@ -42,6 +43,9 @@ class RewardConfig(TrainConfig):
     val_data: str = setting("", "held-out pairs for the validation loss; empty: the bundled world's", metavar="FILE")
     mixing: bool = setting(True, "mix the two kinds of data as §3.2.2 does; off: train on the kind's own data only")
     margin: Literal["none", "small", "large"] = setting("small", "margin table m(rating) of Table 27")
+    center_rewards: float = setting(0.0, "weight of a (r_chosen + r_rejected)^2 penalty that keeps scores "
+                                         "centred at 0, so thresholds on sigmoid(score) mean something "
+                                         "(not in the paper; TRL's center_rewards_coefficient, e.g. 0.01)")
     max_len: int = setting(4096, "longest dialogue + answer in tokens (the end is kept)")
     epochs: int = setting(1, "passes over the data (§3.2.2: 1); sets max_steps unless max_steps is given")
     max_steps: int = setting(0, "optimizer steps; 0 = epochs x steps per epoch")
@@ -75,12 +79,15 @@ TINY_RECIPE: dict = {
 }
 
 
-def pair_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Margin ranking loss; rows are [chosen..., rejected...] scored in one forward pass."""
+def pair_loss(model, batch: dict, center_rewards: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Margin ranking loss (plus ``center_rewards`` x the centering penalty); rows are
+    [chosen..., rejected...] scored in one forward pass."""
     values = model(batch["tokens"])
     r = values.gather(1, (batch["lengths"] - 1).unsqueeze(1)).squeeze(1)
     n = r.shape[0] // 2
     loss = ranking_loss(r[:n], r[n:], batch["margin"])
+    if center_rewards:
+        loss = loss + center_rewards * centering_penalty(r[:n], r[n:])
     return loss, {"accuracy": (r[:n] > r[n:]).float().mean().detach(), "ntokens": batch["lengths"].sum()}
 
 
@@ -130,7 +137,7 @@ def run(cfg: RewardConfig, quiet: bool = False) -> dict:
     n_safety = sum(p.safety for p in train)
     log(f"{cfg.kind} reward model from {cfg.model}: {len(train):,} pairs ({n_safety:,} safety), "
         f"margin table {cfg.margin!r}, {steps} steps of {cfg.batch_size} pairs")
-    trainer = Trainer(cfg, model, pair_loss, loader, evals if len(evals) else None, run_config=cfg,
+    trainer = Trainer(cfg, model, functools.partial(pair_loss, center_rewards=cfg.center_rewards), loader, evals if len(evals) else None, run_config=cfg,
                       dist_info=info, quiet=quiet)
     last = trainer.fit()
     state = trainer.full_state_dict()
@@ -140,7 +147,9 @@ def run(cfg: RewardConfig, quiet: bool = False) -> dict:
         save_scalar_model(shell, path, tokenizer=tokenizer, reward_kind=cfg.kind)
     _barrier(info)
     if info.is_main:
-        result = evaluate(path, val, kind=cfg.kind)
+        # The report's Table 8: the given validation file, else 400 held-out test pairs of the world
+        # (the small validation draw above only tracks the loss).
+        result = evaluate(path, val if cfg.val_data else None, kind=cfg.kind, world_seed=cfg.world_seed)
         (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         log(format_eval(result))
     log(f"reward model written to {path}")

@@ -15,6 +15,14 @@ def ranking_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | float = 
     return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
 
 
+def centering_penalty(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
+    """Mean of (r_chosen + r_rejected)^2: pulls the scores of a pair around zero. The ranking loss
+    only sees differences, so without it the absolute level drifts, and the safety gate
+    ``Rs < 0.15`` (§3.2.3) reads an absolute level (Eisenstein et al. 2023; TRL's
+    ``center_rewards_coefficient``)."""
+    return ((r_chosen + r_rejected) ** 2).mean()
+
+
 def combine_rewards(r_helpful: Tensor, r_safety: Tensor, is_safety: Tensor, threshold: float = 0.15) -> Tensor:
     """§3.2.3: Rc = Rs if is_safety(prompt) or Rs < threshold else Rh.
 
