@@ -94,9 +94,10 @@ def test_held_out_reward_is_the_gated_reward_of_the_answers_to_test_prompts(rewa
     def generate(dialogues):
         return ["I can't help with that." if i % 2 else "The answer is 4." for i in range(len(dialogues))]
 
-    result = held_out_reward(generate, str(reward_dir), str(reward_dir), "test", 6)
+    scorer = RewardScorer(str(reward_dir), str(reward_dir))
+    result = held_out_reward(generate, scorer, "test", 6)
     prompts = World(0).rl_prompts("test", 6)
-    expected = RewardScorer(str(reward_dir), str(reward_dir)).combined(
+    expected = scorer.combined(
         [p["messages"] for p in prompts], generate(prompts), [p["safety"] for p in prompts])
     assert result["reward_prompts"] == 6
     assert result["combined_reward"] == pytest.approx(expected["combined"].mean().item(), abs=1e-6)

@@ -58,27 +58,31 @@ def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 
     from llama2.checkpoint import load_model, load_tokenizer
     from llama2.eval.suite import evaluate_world
 
+    scorer = None
+    if reward_model:  # loaded first: a wrong directory fails before minutes of generation
+        from llama2.train.scoring import RewardScorer
+
+        if reward_prompts < 1:
+            raise ValueError(f"reward_prompts must be at least 1, got {reward_prompts}")
+        scorer = RewardScorer(reward_model, safety_model or None)
     model = load_model(model_dir)
     tok = load_tokenizer(model_dir, model.config.vocab_size)
     generate = chat_generate_fn(model, tok, max_new_tokens)
     result = evaluate_world(generate, split=split, max_items=max_items, gatt_turns=tuple(gatt_turns),
                             gatt_dialogues=gatt_dialogues)
-    if reward_model:
-        result.update(held_out_reward(generate, reward_model, safety_model, split, reward_prompts, world_seed))
+    if scorer is not None:
+        result.update(held_out_reward(generate, scorer, split, reward_prompts, world_seed))
     return result
 
 
-def held_out_reward(generate, reward_model: str, safety_model: str | None, split: str = "test", n: int = 100,
-                    world_seed: int = 0) -> dict:
+def held_out_reward(generate, scorer, split: str = "test", n: int = 100, world_seed: int = 0) -> dict:
     """Mean helpfulness, safety and combined reward (probabilities) of ``generate``'s answers to
-    ``n`` RL prompts of the bundled world's ``split``."""
+    ``n`` RL prompts of the bundled world's ``split``, under a ``RewardScorer``."""
     from llama2.data.world import World
-    from llama2.train.scoring import RewardScorer
 
     prompts = World(world_seed).rl_prompts(split, n)
     answers = generate([p["messages"] for p in prompts])
-    s = RewardScorer(reward_model, safety_model or None).combined([p["messages"] for p in prompts], answers,
-                                                                  [p["safety"] for p in prompts])
+    s = scorer.combined([p["messages"] for p in prompts], answers, [p["safety"] for p in prompts])
     return {"combined_reward": s["combined"].mean().item(), "helpful_reward": s["helpful"].mean().item(),
             "safety_reward": s["safety"].mean().item(), "reward_prompts": len(prompts)}
 

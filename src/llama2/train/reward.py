@@ -62,6 +62,8 @@ class RewardConfig(TrainConfig):
     def __post_init__(self) -> None:
         if not self.out:
             self.out = f"runs/reward-{self.kind}"
+        if self.center_rewards < 0:
+            raise ValueError(f"center_rewards must be >= 0, got {self.center_rewards}")
         super().__post_init__()
 
 
