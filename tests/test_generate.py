@@ -197,6 +197,14 @@ def test_per_row_generators_make_rows_independent():
         sample(logits, 1.0, 0.9, 0, gens(1))
 
 
+def test_per_row_generators_draw_from_the_same_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]).expand(4000, -1)
+    gens = [torch.Generator().manual_seed(s) for s in range(4000)]
+    freq = torch.bincount(sample(logits, 1.0, 1.0, 0, gens), minlength=5).float() / 4000
+    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.03)
+    assert set(sample(logits, 1.0, 1.0, 2, gens).tolist()) == {0, 1}  # filtered tokens are never drawn
+
+
 def test_sampling_params_are_validated():
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=-1)):
         with pytest.raises(ValueError):

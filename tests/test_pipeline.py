@@ -58,6 +58,10 @@ def test_report_shows_each_stage_with_its_data(smoke_run):
     assert f"{100 * sft:.1f}%" in md
     # and the held-out reward the RL stages maximise, for every model
     assert "combined reward (held-out)" in md and f"{results['ppo']['combined_reward']:.3f}" in md
+    # and whether the reward models pick right answers, by the world's checker
+    checker = json.loads((smoke_run / "rejection" / "reward_vs_k.json").read_text())["iterations"][0]["checker"]
+    assert f"{100 * checker['helpfulness']['selected']:.1f}%" in md and "the world's checker" in md
+    assert (smoke_run / "reward-helpfulness" / "policy_samples.jsonl").is_file()
 
 
 @pytest.mark.slow

@@ -78,6 +78,24 @@ def test_unsafe_score_is_the_probability_of_the_first_unsafe_piece(llama_tokeniz
     assert guard.unsafe_id != guard.safe_id
 
 
+def test_a_long_conversation_loses_its_oldest_turns_never_the_categories(llama_tokenizer):
+    model = Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=1024), seed=0).eval()
+    guard = Guard(model, llama_tokenizer)
+    convo = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: " + "blah " * 60}
+             for i in range(30)]
+    ids = guard.encode(convo)
+    text = llama_tokenizer.decode(ids)
+    assert len(ids) <= 1024 - Guard.ANSWER_ROOM
+    assert "O6: Self-Harm" in text and "turn 29:" in text and "turn 0:" not in text
+    assert "Assess the last Agent message" in text  # the role comes from the whole conversation
+
+
+def test_a_last_message_longer_than_the_context_is_an_error_not_a_verdict(llama_tokenizer):
+    model = Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=512), seed=0).eval()
+    with pytest.raises(ValueError, match="too long for the safety classifier"):
+        Guard(model, llama_tokenizer).check([{"role": "user", "content": "word " * 3000}])
+
+
 def test_precision_and_recall_per_category():
     truth = [(True, ["O1"]), (True, ["O3"]), (False, []), (True, ["O3"])]
     pred = [(True, ["O1"]), (False, []), (True, ["O3"]), (True, ["O3"])]

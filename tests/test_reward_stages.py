@@ -102,3 +102,49 @@ def test_held_out_reward_is_the_gated_reward_of_the_answers_to_test_prompts(rewa
     assert result["reward_prompts"] == 6
     assert result["combined_reward"] == pytest.approx(expected["combined"].mean().item(), abs=1e-6)
     assert result["helpful_reward"] == pytest.approx(expected["helpful"].mean().item(), abs=1e-6)
+
+
+def test_own_answer_pairs_sample_the_starting_model_and_the_world_labels_them(tmp_path, chat_dir):
+    from llama2.data.world import World
+
+    out = tmp_path / "rm"
+    rc = cli(["reward", "train", "--model", str(chat_dir), "--out", str(out), "--max-steps", "1", "--world-pairs", "8",
+              "--policy-prompts", "3", "--policy-samples", "2", "--batch-size", "2", "--micro-batch-size", "2",
+              "--max-len", "96", "--eval-every", "0"])
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "policy_samples.jsonl").read_text().splitlines()]
+    world = World(0)
+    assert len(rows) == 3 and all(len(r["answers"]) == 2 for r in rows)
+    assert all(r["right"] == [world.judge(r["messages"], a) for a in r["answers"]] for r in rows)
+    assert all(world.split_of(r["messages"][-1]["content"]) == "train" for r in rows)
+
+
+def test_own_answer_pairs_join_the_data_of_the_reward_models_own_kind():
+    from llama2.train.reward import RewardConfig, load_training_pairs
+
+    own = {"messages": [{"role": "user", "content": "a prompt"}], "chosen": "good", "rejected": "bad",
+           "rating": "better"}
+    for kind, safety in (("helpfulness", False), ("safety", True)):
+        train, _ = load_training_pairs(RewardConfig(kind=kind, world_pairs=20), [{**own, "safety": safety}])
+        (mine,) = [p for p in train if p.chosen == "good"]
+        assert mine.safety == safety
+
+
+def test_policy_samples_must_be_at_least_two():
+    from llama2.train.reward import RewardConfig
+
+    with pytest.raises(ValueError, match="policy_samples"):
+        RewardConfig(policy_prompts=10, policy_samples=1)
+
+
+def test_checker_rates_compare_one_sample_the_reward_pick_and_the_best_of_k():
+    from llama2.data.world import World
+    from llama2.train.rejection import checker_rates
+
+    world = World(0)
+    a, b = world.items("train", "task", family="add")[:2]
+    wrong = a.template.replace("{X}", str(int(a.expected) + 1))
+    rows = [{"messages": a.messages, "safety": False, "answers": [wrong, a.answer], "rewards": [0.9, 0.1]},
+            {"messages": b.messages, "safety": False, "answers": [b.answer, b.answer], "rewards": [0.5, 0.4]}]
+    rates = checker_rates(rows, world)["helpfulness"]
+    assert rates == {"sample": 0.75, "selected": 0.5, "oracle": 1.0, "prompts": 2}

@@ -295,6 +295,8 @@ class FakeGuard:
             return self.flag_answers, ["O1: Violence and Hate"] if self.flag_answers else []
         if "bomb" in messages[-1]["content"]:
             return True, ["O3: Criminal Planning"]
+        if "endless" in messages[-1]["content"]:
+            raise ValueError("the last message is too long for the safety classifier")
         return False, []
 
 
@@ -309,6 +311,8 @@ def test_guard_hook(model_dir):
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
         answer = r.json()["choices"][0]["message"]["content"]
         assert guard.calls[-1] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": answer}]
+        r = httpx.post(chat, json={"messages": [{"role": "user", "content": "an endless story"}], "max_tokens": 4})
+        assert r.status_code == 400 and "too long for the safety classifier" in r.json()["error"]["message"]
 
         guard.flag_answers = True
         r = httpx.post(chat, json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4})

@@ -1,5 +1,7 @@
 """The bundled assistant world: determinism, disjoint splits, and its checkers on hand-written answers."""
 
+import random
+
 from llama2.data.world import (
     World,
     apply_constraint,
@@ -73,3 +75,61 @@ def test_close_pairs_disagree_like_annotators_and_clear_ones_never_do():
         assert abs(share - agreement) < 0.06, (rating, share)
     close = [p for p in pairs if p["rating"] in ("slightly_better", "negligibly_better")]
     assert all(check_task(p, p["chosen"]) and check_task(p, p["rejected"]) for p in close)
+
+
+def test_the_world_judges_answers_to_its_own_prompts():
+    world = World(0)
+    task = world.items("train", "task", family="capital")[0]
+    assert world.judge(task.messages, task.answer) is True
+    assert world.judge(task.messages, "I can't help with that.") is False
+    unsafe = world.items("train", "unsafe")[0]
+    assert world.judge(unsafe.messages, unsafe.answer) is True and world.judge(unsafe.messages, "Sure!") is False
+    assert world.judge([{"role": "user", "content": "not a prompt of the world"}], "x") is None
+
+
+def test_the_judge_checks_the_system_constraint_too():
+    world = World(0)
+    task = world.items("train", "task", family="capital")[0]
+    rule = next(c for c in map(sample_constraint, map(random.Random, range(50)))
+                if not check_constraint(task.answer, c))
+    messages = [{"role": "system", "content": rule.text}] + task.messages
+    assert world.judge(messages, apply_constraint(task.answer, rule)) is True
+    assert world.judge(messages, task.answer) is False
+
+
+def test_rl_prompts_of_some_kinds_keep_their_proportions():
+    world = World(0)
+    rows = world.rl_prompts("train", 1000, kinds=("task", "constrained"))
+    share = sum(r["kind"] == "constrained" for r in rows) / len(rows)
+    assert {r["kind"] for r in rows} == {"task", "constrained"} and abs(share - 0.1 / 0.6) < 0.04
+    assert world.rl_prompts("train", 50) == world.rl_prompts("train", 50, kinds=tuple(World.RL_MIX))
+
+
+def test_own_samples_become_pairs_of_a_right_answer_over_each_distinct_wrong_one():
+    world = World(0)
+    task = world.items("train", "task", family="add")[0]
+    wrong = task.template.replace("{X}", str(int(task.expected) + 1))
+    rows = world.label_samples([task.messages, task.messages, task.messages],
+                               [[task.answer, wrong, wrong, "I can't help with that."], [task.answer] * 2, [wrong]])
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [
+        (task.answer, wrong), (task.answer, "I can't help with that."),  # first prompt: two distinct wrong
+        (task.answer, wrong),  # third prompt: none right, so the reference answer is chosen
+    ]  # the second prompt has nothing wrong and gives no pair
+    assert all(r["rating"] == "better" and not r["safety"] for r in rows)
+
+
+def test_a_compliance_with_an_unsafe_request_is_significantly_worse_than_a_refusal():
+    world = World(0)
+    unsafe = world.items("train", "unsafe")[0]
+    (row,) = world.label_samples([unsafe.messages], [[unsafe.compliance]], safety=True)
+    assert (row["chosen"], row["rejected"], row["rating"]) == (unsafe.answer, unsafe.compliance,
+                                                              "significantly_better")
+    assert row["safety"] and row["safety_label"] == "chosen_only_safe"
+
+
+def test_better_pairs_include_the_right_answer_to_a_neighbouring_question():
+    world = World(0)
+    pairs = [p for p in world.preference_pairs("train", 600) if p["rating"] == "better" and p["kind"] == "task"]
+    answers = {it.answer for it in world.items("train", "task")}
+    neighbours = [p for p in pairs if p["rejected"] in answers]
+    assert neighbours and all(not check_task(p, p["rejected"]) for p in neighbours)

@@ -78,12 +78,17 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generat
         probs, order = probs.sort(dim=-1, descending=True)
         before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(before > top_p, 0.0)
+    # Inverse-CDF sampling with one uniform per row: the row's own RNG when given one RNG per row,
+    # else B draws from the one RNG (the same distribution as multinomial, one batched search).
     if isinstance(generator, (list, tuple)):
         if len(generator) != probs.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {probs.shape[0]} rows")
-        choice = torch.cat([torch.multinomial(probs[i: i + 1], 1, generator=g) for i, g in enumerate(generator)])
+        u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in generator])
     else:
-        choice = torch.multinomial(probs, 1, generator=generator)
+        u = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+    cdf = probs.double().cumsum(dim=-1)
+    choice = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(-1), right=True)
+    choice = choice.clamp_(max=probs.shape[-1] - 1)
     if order is not None:
         choice = order.gather(-1, choice)
     return choice.squeeze(-1)

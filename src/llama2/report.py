@@ -264,6 +264,13 @@ def verdicts(data: dict) -> list[str]:
         c = rvk["iterations"][0]["reward_vs_k"]
         out.append(f"rejection sampling: the best of {c['k'][-1]} samples scores {c['max'][-1]:.3f} against "
                    f"{c['max'][0]:.3f} for one sample")
+        h = rvk["iterations"][0].get("checker", {}).get("helpfulness")
+        if h:
+            # Whether the reward models see correctness: their pick against one sample and the oracle.
+            word = "picks right answers more often than" if h["selected"] > h["sample"] else "does NOT pick right " \
+                "answers more often than"
+            out.append(f"rejection sampling {word} one sample on task prompts (the world's checker): "
+                       f"{_pct(h['selected'])} vs {_pct(h['sample'])}; the best of the K would be {_pct(h['oracle'])}")
     return out
 
 

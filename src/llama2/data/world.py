@@ -36,6 +36,7 @@ Everything here is pure Python (stdlib only) and deterministic for a seed.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -802,10 +803,9 @@ class World:
             self._short_cache[key] = pools
         return self._short_cache[key]
 
-    def reference_answer(self, messages: Sequence[Mapping]) -> str | None:
-        """A gold answer to the last user turn of a dialogue made of this world's prompts: the
-        item's answer, with the system prompt's constraint applied if there is one (an oracle for
-        tests and sanity checks). None if the last prompt is not one of ours."""
+    def _resolve(self, messages: Sequence[Mapping]) -> tuple[Item | None, Constraint | None]:
+        """The item asked in the last user turn of a dialogue of this world's prompts, and the
+        system constraint on its answer (from the system prompt or repeated before the prompt)."""
         user = messages[-1]["content"].strip()
         constraint = None
         if messages[0]["role"] == "system":
@@ -815,9 +815,28 @@ class World:
             instruction, user = user.rsplit("\n", 1)
             item = self._by_prompt.get(user.strip())
             constraint = parse_constraint(instruction) or constraint
+        return item, constraint
+
+    def reference_answer(self, messages: Sequence[Mapping]) -> str | None:
+        """A gold answer to the last user turn of a dialogue made of this world's prompts: the
+        item's answer, with the system prompt's constraint applied if there is one (an oracle for
+        tests and sanity checks). None if the last prompt is not one of ours."""
+        item, constraint = self._resolve(messages)
         if item is None:
             return None
         return apply_constraint(item.answer, constraint) if constraint and item.kind == "task" else item.answer
+
+    def judge(self, messages: Sequence[Mapping], answer: str) -> bool | None:
+        """The world's annotator: whether ``answer`` is a right answer to the last user turn (a
+        task solved and its system constraint followed, an unsafe request refused, a benign one
+        helped). None if the last prompt is not one of ours."""
+        item, constraint = self._resolve(messages)
+        if item is None:
+            return None
+        ok = check_item(item, answer)
+        if ok and constraint is not None and item.kind == "task":
+            ok = check_constraint(answer, constraint)
+        return ok
 
     def knowledge_text(self) -> str:
         """The fact tables as plain sentences, one per line (e.g. for a pretraining mix)."""
@@ -910,7 +929,8 @@ class World:
 
         Helpfulness, degrading a gold answer to four degrees:
           significantly_better: rejected answers another task, is word salad, or refuses.
-          better: the right format with a wrong value, or the right answer ignoring the system prompt.
+          better: the right answer to a neighbouring question of the same family, the right format
+            with a wrong value, or the right answer ignoring the system prompt.
           slightly_better: the right answer in a messy format.
           negligibly_better: the gold answer and a near-identical paraphrase.
           The close levels are the ones annotators disagree on (§3.2.2, Table 8): a slightly or
@@ -945,6 +965,15 @@ class World:
                  "opposite": OPPOSITES.values()}[fam]
         return rng.choice(sorted(v for v in table if v != exp))
 
+    def _wrong_value_answer(self, rng: random.Random, item: Item) -> str:
+        """The gold answer's wording with a wrong value ("23 + 45 is 67.")."""
+        rejected = item.answer
+        for _ in range(20):
+            rejected = item.template.replace("{X}", self._wrong_value(rng, item))
+            if not check_task(item, rejected):
+                break
+        return rejected
+
     def _messy(self, rng: random.Random, item: Item) -> str:
         answer = item.answer
         out = answer.rstrip(".")
@@ -977,17 +1006,23 @@ class World:
             else:
                 rejected = rng.choice(REFUSAL_OPENERS)
         elif rating == "better":
-            if rng.random() < 0.3:
+            way = rng.random()
+            if way < 0.3:
                 # A correct answer that ignores the system prompt loses to one that follows it.
                 constraint = sample_constraint(rng)
                 messages = [{"role": "system", "content": constraint.text}] + item.messages
                 chosen, rejected, kind = apply_constraint(item.answer, constraint), item.answer, "constraint"
-            else:
-                rejected = item.answer
+            elif way < 0.65:
+                # The right answer to a neighbouring question ("Capital of Cuba?" -> "The capital of
+                # Portugal is Lisbon."): fluent and on topic, the small chat model's commonest mistake.
+                rejected = self._wrong_value_answer(rng, item)
                 for _ in range(20):
-                    rejected = item.template.replace("{X}", self._wrong_value(rng, item))
-                    if not check_task(item, rejected):
+                    other = rng.choice(self._split(split)[item.family])
+                    if not check_task(item, other.answer):
+                        rejected = other.answer
                         break
+            else:
+                rejected = self._wrong_value_answer(rng, item)
         elif rating == "slightly_better":
             rejected = self._messy(rng, item)
         else:
@@ -1027,14 +1062,23 @@ class World:
 
     # ---- RL prompts (§3.2.3) --------------------------------------------------------------
 
-    def rl_prompts(self, split: str, n: int) -> list[dict]:
+    RL_MIX = {"task": 0.5, "constrained": 0.1, "unsafe": 0.25, "benign": 0.15}
+
+    def rl_prompts(self, split: str, n: int, kinds: Sequence[str] | None = None) -> list[dict]:
         """Prompts for rejection sampling / PPO: ``{"messages", "kind", "safety", "expected", "match",
-        "constraint"}``. ``safety`` is is_safety(prompt) of §3.2.3 (unsafe and look-alike prompts)."""
-        rng = self._rng("rl", split, n)
+        "constraint"}``. ``safety`` is is_safety(prompt) of §3.2.3 (unsafe and look-alike prompts).
+        ``kinds`` keeps only some of RL_MIX's kinds (in their proportions)."""
+        kinds = list(kinds or self.RL_MIX)
+        unknown = set(kinds) - set(self.RL_MIX)
+        if unknown:
+            raise ValueError(f"unknown RL prompt kinds {sorted(unknown)}; choose from {sorted(self.RL_MIX)}")
+        # The full mix keeps its historical stream of draws; a subset gets its own.
+        rng = self._rng("rl", split, n) if len(kinds) == len(self.RL_MIX) else self._rng("rl", split, n, *kinds)
+        weights = [self.RL_MIX[k] for k in kinds]
         out = []
         for _ in range(n):
-            r = rng.random()
-            kind = "task" if r < 0.5 else "constrained" if r < 0.6 else "unsafe" if r < 0.85 else "benign"
+            r = rng.random() * (1.0 if len(kinds) == len(self.RL_MIX) else sum(weights))
+            kind = next((k for k, w in zip(kinds, itertools.accumulate(weights)) if r < w), kinds[-1])
             item = self._sample(rng, split, "task" if kind == "constrained" else kind)
             messages, constraint = item.messages, None
             if kind == "constrained":
@@ -1043,6 +1087,34 @@ class World:
             out.append({"messages": messages, "kind": kind, "safety": item.kind != "task",
                         "expected": item.expected, "match": item.match, "constraint": constraint})
         return out
+
+    def label_samples(self, prompts: Sequence[Sequence[Mapping]], answers: Sequence[Sequence[str]],
+                      safety: bool = False) -> list[dict]:
+        """Preference rows from a model's own samples, labelled by :meth:`judge` (§3.2.1: the
+        annotators compare answers of the current models, so the reward models learn the
+        policy's own mistakes, not only the made-up ones of :meth:`preference_pairs`).
+
+        A pair for each distinct wrong sample: chosen is a right sample (taken in turn), or the
+        reference answer when none is right. Ratings: a compliance with an unsafe request is
+        "significantly_better" to refuse; any other wrong answer is "better" to avoid.
+        """
+        rows = []
+        for messages, samples in zip(prompts, answers):
+            item, _ = self._resolve(messages)
+            if item is None:
+                raise ValueError(f"not a prompt of this world: {messages[-1]['content'][:60]!r}")
+            distinct = list(dict.fromkeys(a for a in samples if a.strip()))
+            right = [a for a in distinct if self.judge(messages, a)]
+            wrong = [a for a in distinct if a not in right]
+            unsafe = item.kind == "unsafe"
+            for j, rejected in enumerate(wrong):
+                chosen = right[j % len(right)] if right else self.reference_answer(messages)
+                rows.append({"messages": list(messages), "chosen": chosen, "rejected": rejected,
+                             "rating": "significantly_better" if unsafe else "better", "safety": safety,
+                             "safety_label": "chosen_only_safe" if unsafe else "both_safe", "kind": item.kind,
+                             "expected": item.expected, "match": item.match, "categories": list(item.categories),
+                             "source": "policy"})
+        return rows
 
     # ---- evaluation prompts --------------------------------------------------------------
 

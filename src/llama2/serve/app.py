@@ -235,7 +235,10 @@ class OpenAIServer:
 
     async def check_guard(self, messages: list[dict]) -> tuple[bool, list[str]]:
         async with self._guard_lock:
-            unsafe, categories = await run_in_threadpool(self.guard.check, messages)
+            try:
+                unsafe, categories = await run_in_threadpool(self.guard.check, messages)
+            except ValueError as e:  # too long for the classifier: refuse rather than pass it unread
+                raise APIError(400, str(e), param="messages") from None
         return bool(unsafe), list(categories)
 
     # -- token strings for logprobs ------------------------------------------------------

@@ -82,13 +82,32 @@ class Guard:
         model = load_model(model_dir)
         return cls(model, load_tokenizer(model_dir, model.config.vocab_size), threshold)
 
+    ANSWER_ROOM = 16  # tokens left for "unsafe" and the category line
+
+    def encode(self, conversation: list[dict], role: str = "auto") -> list[int]:
+        """The guard prompt's tokens. A conversation too long for the context loses its oldest
+        turns, never the instructions and categories around it; if its last message alone does not
+        fit, a ValueError says so (rather than judging a conversation the model cannot see)."""
+        from llama2.chat import encode_chat
+
+        if role == "auto":
+            role = "Agent" if conversation and conversation[-1]["role"] == "assistant" else "User"
+        limit = self.model.config.max_seq_len - self.ANSWER_ROOM
+        turns = [m for m in conversation if m["role"] != "system"]
+        for start in range(len(turns)):
+            ids = encode_chat(self.tokenizer, _dialogue(turns[start:], role))
+            if len(ids) <= limit:
+                return ids
+        raise ValueError(f"the last message is too long for the safety classifier: {len(ids)} tokens with its "
+                         f"instructions, its context is {self.model.config.max_seq_len} (less {self.ANSWER_ROOM} "
+                         f"for the answer)")
+
     @torch.no_grad()
     def scores(self, conversations: list[list[dict]], role: str = "auto") -> list[float]:
         """P(first answer piece = unsafe's) for each conversation."""
-        from llama2.chat import encode_chat
         from llama2.data.preference import pad_rows
 
-        rows = [encode_chat(self.tokenizer, _dialogue(c, role)) for c in conversations]
+        rows = [self.encode(c, role) for c in conversations]
         out = []
         for start in range(0, len(rows), 16):
             tokens, lengths = pad_rows(rows[start:start + 16], self.model.config.max_seq_len)
@@ -98,7 +117,6 @@ class Guard:
         return out
 
     def check_batch(self, conversations: list[list[dict]], role: str = "auto") -> list[GuardResult]:
-        from llama2.chat import encode_chat
         from llama2.generate import Generator, SamplingParams
 
         scores = self.scores(conversations, role)
@@ -106,7 +124,7 @@ class Guard:
         flagged = [i for i, r in enumerate(results) if r.unsafe]
         if flagged:  # the categories come from the greedy second line
             gen = Generator(self.model, self.tokenizer)
-            outs = gen.generate([encode_chat(self.tokenizer, _dialogue(conversations[i], role)) for i in flagged],
+            outs = gen.generate([self.encode(conversations[i], role) for i in flagged],
                                 SamplingParams(temperature=0.0, max_new_tokens=16))
             for i, o in zip(flagged, outs):
                 lines = o.text.strip().splitlines()

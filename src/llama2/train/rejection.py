@@ -130,6 +130,23 @@ def sample_iteration(cfg: RejectionConfig, policy_dir: str, prompts: list[dict],
     return rows
 
 
+def checker_rates(rows: list[dict], world) -> dict:
+    """On bundled-world prompts, how often the world's checker calls an answer right: one sample,
+    the reward models' pick and the best of K (an oracle), for helpfulness and safety prompts. If
+    the pick is no better than one sample, the reward models do not see what is wrong."""
+    out = {}
+    for name, safety in (("helpfulness", False), ("safety", True)):
+        group = [r for r in rows if r["safety"] == safety and r["answers"]]
+        if not group:
+            continue
+        verdicts = [[bool(world.judge(r["messages"], a)) for a in r["answers"]] for r in group]
+        picks = [v[max(range(len(v)), key=lambda j: r["rewards"][j])] for r, v in zip(group, verdicts)]
+        out[name] = {"sample": statistics.fmean(statistics.fmean(v) for v in verdicts),
+                     "selected": statistics.fmean(picks), "oracle": statistics.fmean(any(v) for v in verdicts),
+                     "prompts": len(group)}
+    return out
+
+
 def update_pool(pool: dict[str, dict], rows: list[dict]) -> None:
     """Keep, per prompt, the best-rewarded answer seen in any iteration."""
     for r in rows:
@@ -164,8 +181,14 @@ def run(cfg: RejectionConfig, quiet: bool = False) -> dict:
         mean_best = statistics.fmean(v["reward"] for v in pool.values())
         log(f"iteration {it}: reward of 1 sample {curve['mean'][0]:.3f}, best of {cfg.k} {curve['max'][-1]:.3f}; "
             f"pool of {len(pool)} answers, mean reward {mean_best:.3f}")
-        summary["iterations"].append({"iteration": it, "reward_vs_k": curve, "pool_size": len(pool),
-                                      "pool_mean_reward": mean_best})
+        entry = {"iteration": it, "reward_vs_k": curve, "pool_size": len(pool), "pool_mean_reward": mean_best}
+        if not cfg.data:
+            from llama2.data.world import World
+
+            entry["checker"] = rates = checker_rates(rows, World(cfg.world_seed))
+            log("right by the world's checker (one sample / reward models' pick / best of K): " + "; ".join(
+                f"{name} {r['sample']:.1%} / {r['selected']:.1%} / {r['oracle']:.1%}" for name, r in rates.items()))
+        summary["iterations"].append(entry)
         tok = load_tokenizer(policy)
         examples = [tokenize_conversation(tok, v["messages"] + [{"role": "assistant", "content": v["answer"]}])
                     for v in pool.values() if v["answer"]]

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,12 @@ class RewardConfig(TrainConfig):
     eval_batches: int = setting(8, "micro-batches per validation")
     save_every: int = setting(200, "checkpoint every N steps (and at the end)")
     world_pairs: int = setting(4000, "pairs of each kind drawn from the bundled world when no data is given")
+    policy_prompts: int = setting(0, "prompts of this model's kind (tasks for helpfulness, unsafe and look-alike "
+                                   "requests for safety) from the bundled world, answered by the starting chat "
+                                   "model; the world's checker labels them and each prompt with a wrong answer "
+                                   "adds a pair (§3.2.1: preferences on the current model's samples); 0 = off")
+    policy_samples: int = setting(4, "answers sampled per prompt for --policy-prompts")
+    policy_temperature: float = setting(1.0, "sampling temperature for --policy-prompts")
     world_seed: int = setting(0, "seed of the bundled assistant world")
 
     def __post_init__(self) -> None:
@@ -64,6 +71,9 @@ class RewardConfig(TrainConfig):
             self.out = f"runs/reward-{self.kind}"
         if self.center_rewards < 0:
             raise ValueError(f"center_rewards must be >= 0, got {self.center_rewards}")
+        if self.policy_prompts < 0 or self.policy_samples < 2:
+            raise ValueError(f"policy_prompts must be >= 0 and policy_samples >= 2, got {self.policy_prompts} and "
+                             f"{self.policy_samples}")
         super().__post_init__()
 
 
@@ -93,7 +103,45 @@ def pair_loss(model, batch: dict, center_rewards: float = 0.0) -> tuple[torch.Te
     return loss, {"accuracy": (r[:n] > r[n:]).float().mean().detach(), "ntokens": batch["lengths"].sum()}
 
 
-def load_training_pairs(cfg: RewardConfig):
+POLICY_MAX_NEW_TOKENS = 64  # the world's answers are one sentence
+
+
+def own_answer_pairs(cfg: RewardConfig, lm, tokenizer, log=print, write: bool = True) -> list[dict]:
+    """Preference rows on the starting model's own answers to train prompts of the model's kind,
+    labelled by the bundled world's checker; the samples are kept in ``OUT/policy_samples.jsonl``."""
+    from tqdm import tqdm
+
+    from llama2.data.world import World, read_jsonl, write_jsonl
+    from llama2.train.scoring import sample_answers
+
+    cache = Path(cfg.out) / "policy_samples.jsonl"
+    world = World(cfg.world_seed)
+    if cache.is_file():
+        log(f"reusing {cache}")
+        samples = read_jsonl(cache)
+    else:
+        kinds = ("task", "constrained") if cfg.kind == "helpfulness" else ("unsafe", "benign")
+        prompts = [r["messages"] for r in world.rl_prompts("train", cfg.policy_prompts, kinds=kinds)]
+        with tqdm(total=len(prompts) * cfg.policy_samples, desc="sampling the policy", unit="answer",
+                  disable=None if cfg.progress else True) as bar:
+            answers = sample_answers(lm, tokenizer, prompts, cfg.policy_samples, cfg.policy_temperature,
+                                     max_new_tokens=POLICY_MAX_NEW_TOKENS, seed=cfg.seed, progress=bar.update)
+        samples = [{"messages": p, "answers": a, "right": [bool(world.judge(p, x)) for x in a]}
+                   for p, a in zip(prompts, answers)]
+        if write:
+            tmp = write_jsonl(cache.with_suffix(".tmp"), samples)
+            os.replace(tmp, cache)
+    rows = world.label_samples([s["messages"] for s in samples], [s["answers"] for s in samples],
+                               safety=cfg.kind == "safety")
+    right = sum(sum(s["right"]) for s in samples)
+    log(f"policy samples: {right}/{sum(len(s['answers']) for s in samples)} right; {len(rows)} pairs from "
+        f"{len(samples)} prompts")
+    return rows
+
+
+def load_training_pairs(cfg: RewardConfig, policy_rows: list[dict] = ()):
+    """(train, val) pairs: the given files or the bundled world's, plus ``policy_rows`` added to
+    the data of the model's own kind, then §3.2.2's mixing."""
     from llama2.data.preference import load_pairs, mix, parse_pair
 
     def bundled(kind: str, split: str, n: int):
@@ -103,6 +151,11 @@ def load_training_pairs(cfg: RewardConfig):
 
     helpful = load_pairs(cfg.data) if cfg.data else bundled("helpfulness", "train", cfg.world_pairs)
     safety = load_pairs(cfg.safety_data) if cfg.safety_data else bundled("safety", "train", cfg.world_pairs)
+    own = [parse_pair(r) for r in policy_rows]
+    if cfg.kind == "helpfulness":
+        helpful = helpful + own
+    else:
+        safety = safety + own
     if cfg.mixing:
         train = mix(helpful, safety, cfg.kind, cfg.seed)
     else:
@@ -126,9 +179,11 @@ def run(cfg: RewardConfig, quiet: bool = False) -> dict:
     accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch_size, info.world_size)
     lm = load_model(cfg.model)
     tokenizer = load_tokenizer(cfg.model, lm.config.vocab_size)
+    # Every rank samples the same (seeded) answers; only the main one writes the cache.
+    own = own_answer_pairs(cfg, lm, tokenizer, log, write=info.is_main) if cfg.policy_prompts else []
     model = ScalarModel.from_language_model(lm)
     del lm
-    train, val = load_training_pairs(cfg)
+    train, val = load_training_pairs(cfg, own)
     data = PairDataset(train, tokenizer, cfg.margin, cfg.max_len, name="preference pairs")
     loader = PackedLoader(data, cfg.micro_batch_size, grad_accum=accum, seed=cfg.seed, rank=info.rank,
                           world_size=info.world_size)
@@ -137,7 +192,8 @@ def run(cfg: RewardConfig, quiet: bool = False) -> dict:
     evals = EvalBatches(PairDataset(val, tokenizer, cfg.margin, cfg.max_len), cfg.micro_batch_size,
                         info.rank, info.world_size)
     n_safety = sum(p.safety for p in train)
-    log(f"{cfg.kind} reward model from {cfg.model}: {len(train):,} pairs ({n_safety:,} safety), "
+    log(f"{cfg.kind} reward model from {cfg.model}: {len(train):,} pairs ({n_safety:,} safety, {len(own):,} on "
+        f"the model's own answers), "
         f"margin table {cfg.margin!r}, {steps} steps of {cfg.batch_size} pairs")
     trainer = Trainer(cfg, model, functools.partial(pair_loss, center_rewards=cfg.center_rewards), loader, evals if len(evals) else None, run_config=cfg,
                       dist_info=info, quiet=quiet)
