@@ -5,7 +5,10 @@ regression head read at the answer's last token (its EOS). Training minimises th
 ranking loss with a margin that grows with how distinct the two answers were rated
 (Table 27), chosen and rejected going through the model in one batched forward pass. The
 two models see different mixtures of data (§3.2.2): the Helpfulness RM all helpfulness
-pairs plus as many safety pairs, the Safety RM all safety pairs plus 10% helpfulness.
+pairs plus as many safety pairs, the Safety RM all safety pairs plus 10% helpfulness. As
+the paper collects its preferences on samples of the latest models (§3.2.1),
+``--policy-prompts`` adds pairs on the starting chat model's own answers, the bundled world's
+checker playing the annotator.
 """
 
 from __future__ import annotations
@@ -59,9 +62,10 @@ class RewardConfig(TrainConfig):
     save_every: int = setting(200, "checkpoint every N steps (and at the end)")
     world_pairs: int = setting(4000, "pairs of each kind drawn from the bundled world when no data is given")
     policy_prompts: int = setting(0, "prompts of this model's kind (tasks for helpfulness, unsafe and look-alike "
-                                   "requests for safety) from the bundled world, answered by the starting chat "
-                                   "model; the world's checker labels them and each prompt with a wrong answer "
-                                   "adds a pair (§3.2.1: preferences on the current model's samples); 0 = off")
+                                     "requests for safety) from the bundled world, answered --policy-samples times "
+                                     "by the starting chat model; the world's checker labels the answers and each "
+                                     "distinct wrong one becomes a pair under a right one (§3.2.1: preferences on "
+                                     "the current model's samples); 0 = off")
     policy_samples: int = setting(4, "answers sampled per prompt for --policy-prompts")
     policy_temperature: float = setting(1.0, "sampling temperature for --policy-prompts")
     world_seed: int = setting(0, "seed of the bundled assistant world")
