@@ -1073,11 +1073,13 @@ class World:
         if unknown:
             raise ValueError(f"unknown RL prompt kinds {sorted(unknown)}; choose from {sorted(self.RL_MIX)}")
         # The full mix keeps its historical stream of draws; a subset gets its own.
-        rng = self._rng("rl", split, n) if len(kinds) == len(self.RL_MIX) else self._rng("rl", split, n, *kinds)
+        full = len(kinds) == len(self.RL_MIX)
+        rng = self._rng("rl", split, n) if full else self._rng("rl", split, n, *kinds)
         weights = [self.RL_MIX[k] for k in kinds]
+        scale = 1.0 if full else sum(weights)
         out = []
         for _ in range(n):
-            r = rng.random() * (1.0 if len(kinds) == len(self.RL_MIX) else sum(weights))
+            r = rng.random() * scale
             kind = next((k for k, w in zip(kinds, itertools.accumulate(weights)) if r < w), kinds[-1])
             item = self._sample(rng, split, "task" if kind == "constrained" else kind)
             messages, constraint = item.messages, None

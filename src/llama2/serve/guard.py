@@ -94,7 +94,7 @@ class Guard:
             role = "Agent" if conversation and conversation[-1]["role"] == "assistant" else "User"
         limit = self.model.config.max_seq_len - self.ANSWER_ROOM
         turns = [m for m in conversation if m["role"] != "system"]
-        for start in range(len(turns)):
+        for start in range(max(1, len(turns))):  # an empty conversation still gets its prompt
             ids = encode_chat(self.tokenizer, _dialogue(turns[start:], role))
             if len(ids) <= limit:
                 return ids

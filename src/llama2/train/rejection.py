@@ -130,6 +130,11 @@ def sample_iteration(cfg: RejectionConfig, policy_dir: str, prompts: list[dict],
     return rows
 
 
+def best_index(rewards: list[float]) -> int:
+    """The sample rejection sampling keeps: the highest reward (the first of ties)."""
+    return max(range(len(rewards)), key=rewards.__getitem__)
+
+
 def checker_rates(rows: list[dict], world) -> dict:
     """On bundled-world prompts, how often the world's checker calls an answer right: one sample,
     the reward models' pick and the best of K (an oracle), for helpfulness and safety prompts. If
@@ -140,7 +145,7 @@ def checker_rates(rows: list[dict], world) -> dict:
         if not group:
             continue
         verdicts = [[bool(world.judge(r["messages"], a)) for a in r["answers"]] for r in group]
-        picks = [v[max(range(len(v)), key=lambda j: r["rewards"][j])] for r, v in zip(group, verdicts)]
+        picks = [v[best_index(r["rewards"])] for r, v in zip(group, verdicts)]
         out[name] = {"sample": statistics.fmean(statistics.fmean(v) for v in verdicts),
                      "selected": statistics.fmean(picks), "oracle": statistics.fmean(any(v) for v in verdicts),
                      "prompts": len(group)}
@@ -152,7 +157,7 @@ def update_pool(pool: dict[str, dict], rows: list[dict]) -> None:
     for r in rows:
         if not r["answers"]:
             continue
-        best = max(range(len(r["answers"])), key=lambda j: r["rewards"][j])
+        best = best_index(r["rewards"])
         key = json.dumps(r["messages"], sort_keys=True)
         if key not in pool or r["rewards"][best] > pool[key]["reward"]:
             pool[key] = {"messages": r["messages"], "answer": r["answers"][best], "reward": r["rewards"][best],

@@ -199,8 +199,9 @@ def run(cfg: RewardConfig, quiet: bool = False) -> dict:
     log(f"{cfg.kind} reward model from {cfg.model}: {len(train):,} pairs ({n_safety:,} safety, {len(own):,} on "
         f"the model's own answers), "
         f"margin table {cfg.margin!r}, {steps} steps of {cfg.batch_size} pairs")
-    trainer = Trainer(cfg, model, functools.partial(pair_loss, center_rewards=cfg.center_rewards), loader, evals if len(evals) else None, run_config=cfg,
-                      dist_info=info, quiet=quiet)
+    loss_fn = functools.partial(pair_loss, center_rewards=cfg.center_rewards)
+    trainer = Trainer(cfg, model, loss_fn, loader, evals if len(evals) else None, run_config=cfg, dist_info=info,
+                      quiet=quiet)
     last = trainer.fit()
     state = trainer.full_state_dict()
     path = Path(cfg.out) / "model"
