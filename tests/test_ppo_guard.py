@@ -113,3 +113,7 @@ def test_guard_check_rejects_malformed_input(dirs, tmp_path, capsys):
     bad.write_text('[{"role": "user"}]')
     assert main(["guard", "check", "--model", str(policy), "--file", str(bad)]) == 1
     assert "JSON list of {role, content}" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert main(["guard", "check", "--model", str(policy), "--file", str(empty)]) == 1
+    assert "empty" in capsys.readouterr().err

@@ -135,6 +135,8 @@ def test_policy_samples_must_be_at_least_two():
 
     with pytest.raises(ValueError, match="policy_samples"):
         RewardConfig(policy_prompts=10, policy_samples=1)
+    with pytest.raises(ValueError, match="policy_temperature"):
+        RewardConfig(policy_prompts=10, policy_temperature=-0.5)
 
 
 def test_checker_rates_compare_one_sample_the_reward_pick_and_the_best_of_k():

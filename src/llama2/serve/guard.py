@@ -272,6 +272,8 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(result) if args.json else format_eval(result))
         return 0
     text = Path(args.file).read_text() if args.file else sys.stdin.read()
+    if not text.strip():
+        raise ValueError(f"{args.file or 'standard input'}: empty; give a conversation to classify")
     try:
         messages = json.loads(text)
         if not isinstance(messages, list):

@@ -75,6 +75,8 @@ class RewardConfig(TrainConfig):
             self.out = f"runs/reward-{self.kind}"
         if self.center_rewards < 0:
             raise ValueError(f"center_rewards must be >= 0, got {self.center_rewards}")
+        if self.policy_temperature < 0:
+            raise ValueError(f"policy_temperature must be >= 0, got {self.policy_temperature}")
         if self.policy_prompts < 0 or self.policy_samples < 2:
             raise ValueError(f"policy_prompts must be >= 0 and policy_samples >= 2, got {self.policy_prompts} and "
                              f"{self.policy_samples}")
