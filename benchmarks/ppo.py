@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--minibatch", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,6 +84,12 @@ def main() -> None:
     rollout_tps = mean("rollout_tokens_per_s")
     print(f"rollout generation: {rollout_tps:,.0f} tokens/s; plain Generator on the same prompts: "
           f"{plain_tps:,.0f} tokens/s; ratio {rollout_tps / plain_tps:.2f}")
+    if args.json:  # PPOTrainer runs on CPU (it has no device setting), so this is a CPU figure
+        print(json.dumps({"bench": "ppo", "device": "cpu", "threads": torch.get_num_threads(), "batch": args.batch,
+                          "minibatch": args.minibatch, "max_new_tokens": args.max_new_tokens,
+                          "iteration_s": total / len(rows), "generation_s": gen_s, "scoring_s": score_s,
+                          "train_s": train_s, "rollout_tokens_per_s": rollout_tps,
+                          "plain_generator_tokens_per_s": plain_tps}))
 
 
 if __name__ == "__main__":

@@ -57,13 +57,17 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     cfg = ModelConfig.from_preset(args.preset, max_seq_len=max(args.seq, 16))
-    ours = Transformer.from_config(cfg, seed=0)
+    # Initialised on the device (a 1B model's random init is slow on CPU); both sides then read
+    # the same weights from one saved directory.
+    t_build = time.perf_counter()
+    ours = Transformer.from_config(cfg, device=device, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         save_model(ours, tmp)
         theirs = transformers.LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa",
                                                                torch_dtype=torch.float32)
     ours.to(device).train()
     theirs.to(device).train()
+    build_s = time.perf_counter() - t_build
     tc = TrainConfig()
     opt_ours, opt_theirs = build_optimizer(ours, tc), build_optimizer(theirs, tc)
     gen = torch.Generator().manual_seed(0)
@@ -111,9 +115,12 @@ def main(argv=None) -> int:
         ours.compile()
     if args.compile_both:
         theirs.compile()
+    t_warm = time.perf_counter()
     for step in (step_ours, step_theirs):  # warm-up (compilation, allocator, fused AdamW state)
         step(batches[0])
         step(batches[0])
+    sync()
+    warmup_s = time.perf_counter() - t_warm
     rounds = {"ours": [], "transformers": []}
     for _ in range(args.rounds):
         rounds["ours"].append(timed(step_ours))
@@ -129,6 +136,9 @@ def main(argv=None) -> int:
         "ours_tokens_per_cpu_s": round(ours_cpu, 1), "transformers_tokens_per_cpu_s": round(theirs_cpu, 1),
         "cpu_time_ratio": round(ours_cpu / theirs_cpu, 3),
         "compiled": "both" if args.compile_both else "ours" if args.compile else "neither",
+        "build_s": round(build_s, 1), "warmup_s": round(warmup_s, 1),
+        "peak_memory_gb": (round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+                           if device.type == "cuda" else None),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
@@ -138,7 +148,8 @@ def main(argv=None) -> int:
         print(f"{args.preset} ({cfg.num_params() / 1e6:.1f}M params), batch {args.batch} x {args.seq}, "
               f"{result['dtype']} on {device} ({result['threads']} threads); first loss ours {a:.4f} / "
               f"transformers {b:.4f}")
-        print(f"compiled: {result['compiled']}")
+        print(f"compiled: {result['compiled']}; set-up {build_s:.1f} s, warm-up {warmup_s:.1f} s"
+              + (f", peak memory {result['peak_memory_gb']} GiB" if result["peak_memory_gb"] else ""))
         for k, tps, cpu in (("ours", ours_tps, ours_cpu), ("transformers", theirs_tps, theirs_cpu)):
             print(f"{k:13s} {tps:10,.0f} tokens/s ({cpu:,.0f} per CPU-second)   rounds "
                   f"{[round(r[0]) for r in rounds[k]]}")

@@ -187,3 +187,14 @@ def test_two_gloo_ranks_match_one_rank_fsdp_and_resume_from_dcp(tmp_path, data):
 
     a, b = load_model(tmp_path / "one" / "model"), load_model(tmp_path / "two" / "model")
     assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.slow
+def test_one_rank_under_torchrun_with_fsdp_shards_and_matches_the_plain_run(tmp_path, data):
+    # `torchrun --nproc_per_node 1 ... --distributed fsdp` (one GPU, the 7B recipe's code path):
+    # FSDP2 and DCP checkpoints, not a silent fallback to the plain loop, with the same losses.
+    assert cli(args_for(data, tmp_path / "one", "--max-steps", "4", "--save-every", "4")) == 0
+    fsdp = torchrun(data, tmp_path / "fsdp", "--distributed", "fsdp", nproc=1)
+    ck = tmp_path / "fsdp" / "checkpoints" / "step-4"
+    assert (ck / "dcp").is_dir() and not (ck / "model.pt").exists()
+    _compare([json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()], fsdp)

@@ -240,3 +240,16 @@ def test_export_is_a_model_directory(tmp_path):
     model = load_model(t.export())
     for (n, p), q in zip(t.module.state_dict().items(), model.state_dict().values()):
         assert torch.equal(p, q), n
+
+
+def test_parallel_mode_wraps_one_rank_only_for_an_explicit_fsdp_in_a_process_group():
+    from llama2.train.core import DistInfo, parallel_mode
+
+    def mode(distributed, info):
+        return parallel_mode(TrainConfig(distributed=distributed), info)
+
+    two_cpu, two_gpu = DistInfo(world_size=2), DistInfo(world_size=2, device=torch.device("cuda", 0))
+    assert [mode(d, two_cpu) for d in ("auto", "ddp", "fsdp")] == ["ddp", "ddp", "fsdp"]
+    assert mode("auto", two_gpu) == "fsdp"
+    # One rank, no process group (plain `python`): never wrapped, whatever was asked.
+    assert [mode(d, DistInfo()) for d in ("auto", "ddp", "fsdp")] == ["single"] * 3

@@ -238,10 +238,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str | None = None) -> DistInfo:
+def init_distributed(device: str | None = None, group: bool = False) -> DistInfo:
     """Join the process group ``torchrun`` describes in the environment (NCCL on GPUs, gloo on
     CPU); a plain ``python`` run is rank 0 of 1. Multi-node is the same code: torchrun's
-    ``--nnodes/--node-rank/--rdzv-endpoint`` set the same variables."""
+    ``--nnodes/--node-rank/--rdzv-endpoint`` set the same variables. ``group=True`` joins a
+    group even of one process when a launcher set ``MASTER_ADDR``/``MASTER_PORT`` (torchrun
+    --nproc_per_node 1): FSDP needs one (see :func:`parallel_mode`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -250,9 +252,22 @@ def init_distributed(device: str | None = None) -> DistInfo:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    launched = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+    if (world > 1 or (group and launched)) and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return DistInfo(rank, world, local, dev)
+
+
+def parallel_mode(cfg: TrainConfig, info: DistInfo) -> str:
+    """``"single"``, ``"ddp"`` or ``"fsdp"``. Several ranks: ``cfg.distributed`` (auto = FSDP2 on
+    CUDA, DDP elsewhere). One rank: no wrapper, except an explicit ``--distributed fsdp`` in a
+    joined process group (``torchrun --nproc_per_node 1``): FSDP2 on one device, with the
+    meta-device init and DCP checkpoints of a run at scale."""
+    if info.enabled:
+        return cfg.distributed if cfg.distributed != "auto" else ("fsdp" if info.device.type == "cuda" else "ddp")
+    if cfg.distributed == "fsdp" and dist.is_initialized():
+        return "fsdp"
+    return "single"
 
 
 def _barrier(info: DistInfo) -> None:
@@ -357,10 +372,7 @@ class Trainer:
         self.grad_accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch_size, self.dist.world_size)
         self.device = self.dist.device
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.mode = "single"
-        if self.dist.enabled:
-            self.mode = cfg.distributed if cfg.distributed != "auto" else (
-                "fsdp" if self.device.type == "cuda" else "ddp")
+        self.mode = parallel_mode(cfg, self.dist)
         torch.manual_seed(cfg.seed)
 
         self.module = model  # the unwrapped model: its state_dict has the plain parameter names

@@ -122,7 +122,14 @@ def run(cfg: PretrainConfig, quiet: bool = False) -> dict:
     from llama2.data.shards import EvalBatches, PackedLoader, PackedSequences, TokenStream, read_index
     from llama2.model import Transformer
     from llama2.tokenizer import Tokenizer
-    from llama2.train.core import Trainer, _barrier, init_distributed, lm_loss, transformer_flops_per_token
+    from llama2.train.core import (
+        Trainer,
+        _barrier,
+        init_distributed,
+        lm_loss,
+        parallel_mode,
+        transformer_flops_per_token,
+    )
 
     def log(msg: str) -> None:
         if not quiet and int(os.environ.get("RANK", "0")) == 0:
@@ -130,7 +137,7 @@ def run(cfg: PretrainConfig, quiet: bool = False) -> dict:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_config(cfg, world)
-    info = init_distributed()
+    info = init_distributed(group=cfg.distributed == "fsdp")  # FSDP on one GPU needs a group too
     if cfg.data:
         data = Path(cfg.data)
     else:
@@ -156,7 +163,7 @@ def run(cfg: PretrainConfig, quiet: bool = False) -> dict:
     # FSDP on GPUs: the model is created on the meta device and materialised shard by shard
     # (a 70B model fits on no single device). Elsewhere it is initialised whole from the seed,
     # so any number of ranks starts from the same weights.
-    on_meta = info.enabled and info.device.type == "cuda" and cfg.distributed in ("fsdp", "auto")
+    on_meta = info.device.type == "cuda" and parallel_mode(cfg, info) == "fsdp"
     model = Transformer.from_config(cfg.model, device="meta" if on_meta else None, seed=cfg.seed)
     trainer = Trainer(cfg, model, lm_loss, train, evals, run_config=cfg, dist_info=info,
                       flops_per_token=transformer_flops_per_token(cfg.model, cfg.seq_len),
@@ -172,6 +179,6 @@ def run(cfg: PretrainConfig, quiet: bool = False) -> dict:
     if "val_loss" in last:
         log(f"final val loss {last['val_loss']:.4f} (ppl {last['val_ppl']:.1f})")
     log(f"model written to {path}; try: llama2 generate --model {path} --prompt \"It is a truth\"")
-    if info.enabled and torch.distributed.is_initialized():
+    if (info.enabled or trainer.mode == "fsdp") and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return last
