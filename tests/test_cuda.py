@@ -158,6 +158,18 @@ def test_greedy_on_cuda_equals_greedy_on_cpu():
     assert [o.tokens for o in on_gpu] == [o.tokens for o in on_cpu]
 
 
+def test_compiled_decode_with_cuda_graphs_gives_the_eager_tokens():
+    # Generator(compile=True): the decode step replayed as a CUDA graph over the whole (bucketed)
+    # cache. Same greedy tokens as eager decoding, on a second call (graph replay) too.
+    model = cuda_model(seed=0)
+    eager, compiled = Generator(model), Generator(model, compile=True)
+    params = SamplingParams(temperature=0.0, max_new_tokens=16, stop_at_eos=False)
+    expected = [o.tokens for o in eager.generate(PROMPTS, params)]
+    for _ in range(2):
+        assert [o.tokens for o in compiled.generate(PROMPTS, params)] == expected
+    model.clear_cache()
+
+
 def test_seeded_sampling_on_cuda_is_reproducible_and_batch_independent():
     gen = Generator(cuda_model(seed=0))
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, stop_at_eos=False, seed=7)

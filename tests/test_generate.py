@@ -331,3 +331,20 @@ def test_stream_real_text_with_byte_pieces(text_gen, real_tokenizer):
         params = SamplingParams(temperature=1.5, top_p=1.0, max_new_tokens=32, seed=seed, stop=["\n\n"])
         streamed = "".join(text_gen.stream(prompt, params))
         assert streamed == text_gen.generate([prompt], params)[0].text
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens_and_reuses_its_cache(model):
+    # Generator(compile=True) decodes through one torch.compile'd static-shape step (CUDA graphs
+    # on a GPU; tests/test_cuda.py checks that). Same greedy and seeded tokens as eager decoding,
+    # for a second batch of other prompts too, whose cache length falls in the same bucket.
+    eager, compiled = Generator(model), Generator(model, compile=True)
+    greedy = SamplingParams(temperature=0, max_new_tokens=10, stop_at_eos=False)
+    seeded = SamplingParams(temperature=1.0, max_new_tokens=10, stop_at_eos=False, seed=5)
+    for prompts, params in (([[1, 5, 9, 33], [1, 7, 8, 100, 200, 3]], greedy),
+                            ([[1, 50, 60], [1, 2, 3, 4, 5, 6, 7]], seeded)):
+        expected = [o.tokens for o in eager.generate(prompts, params)]
+        assert [o.tokens for o in compiled.generate(prompts, params)] == expected
+        cache = model.layers[0].attention.cache  # kept for the next call: its graph reads it
+        assert cache is not None and cache.k.shape[2] == min(256, model.config.max_seq_len)
+    model.clear_cache()

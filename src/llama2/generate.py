@@ -106,10 +106,18 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Te
 class Generator:
     """Decodes with a model and its tokenizer; ``generate`` for batches, ``stream`` for text deltas."""
 
-    def __init__(self, model: Transformer, tokenizer=None):
+    def __init__(self, model: Transformer, tokenizer=None, compile: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        # compile=True: the one-token decode step is torch.compile'd with CUDA graphs (gpt-fast's
+        # recipe). On a GPU, batch-1 decoding in eager mode waits on kernel launches, not memory;
+        # a graph replays the whole step as one launch. The step then has static shapes: it
+        # attends over the whole cache under a mask instead of the filled prefix, and the cache
+        # is kept between calls of the same (batch, length) so the graph is reused. Worth it on
+        # a GPU for long answers; the first call of each shape pays for compilation.
+        self.compile = compile
+        self._step = None
 
     @property
     def max_seq_len(self) -> int:
@@ -148,7 +156,23 @@ class Generator:
             return model.output(model.hidden_states(tokens, **kw)[:, -1]).float()
         return model(tokens, **kw)[:, -1].float()
 
-    @torch.inference_mode()
+    def _compiled_step(self):
+        if self._step is None:
+            model = self.model
+
+            def step(tokens, positions, slots, mask):
+                return model.output(model.hidden_states(tokens, positions=positions, slots=slots, mask=mask)[:, -1]).float()
+
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._step = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
+        return self._step
+
+    def _setup_cache(self, B: int, total: int) -> None:
+        cache = self.model.layers[0].attention.cache
+        if self.compile and cache is not None and tuple(cache.k.shape[:1]) + (cache.k.shape[2],) == (B, total):
+            return  # the compiled step's graph reads these very buffers: keep them
+        self.model.setup_cache(B, total)
+
     def steps(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
     ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
@@ -156,6 +180,12 @@ class Generator:
 
         The full log-softmax is yielded only when ``params.top_logprobs`` asks for it.
         """
+        # no_grad rather than inference_mode when compiled: CUDA graphs keep the cache buffers
+        # across calls, and inference tensors may not be updated in place outside inference mode.
+        with (torch.no_grad() if self.compile else torch.inference_mode()):
+            yield from self._steps(prompts, params, seeds)
+
+    def _steps(self, prompts, params, seeds):
         for p in prompts:
             self.check_prompt(p)
         B = len(prompts)
@@ -166,7 +196,9 @@ class Generator:
             return
         gens = self._row_generators(B, params, seeds)
         total = width + n_new
-        self.model.setup_cache(B, total)
+        if self.compile:  # cache lengths in steps of 256, so a few graphs serve all lengths
+            total = min(self.max_seq_len, -(-total // 256) * 256)
+        self._setup_cache(B, total)
         # Everything the steps need is built once; each step slices views out of it.
         all_slots = torch.arange(total, device=self.device)
         keys = all_slots.view(1, 1, 1, -1)
@@ -186,12 +218,18 @@ class Generator:
                 if step == n_new - 1:
                     break
                 slot = width + step
-                logits = self._last_logits(
-                    nxt.view(B, 1), positions=all_positions[:, slot: slot + 1],
-                    slots=all_slots[slot: slot + 1], mask=real[..., : slot + 1],
-                )
+                if self.compile:  # static shapes: the whole cache, slots past this one masked
+                    logits = self._compiled_step()(
+                        nxt.view(B, 1), all_positions[:, slot: slot + 1], all_slots[slot: slot + 1],
+                        real & (keys <= slot))
+                else:
+                    logits = self._last_logits(
+                        nxt.view(B, 1), positions=all_positions[:, slot: slot + 1],
+                        slots=all_slots[slot: slot + 1], mask=real[..., : slot + 1],
+                    )
         finally:
-            self.model.clear_cache()
+            if not self.compile:
+                self.model.clear_cache()
 
     def generate(
         self,

@@ -51,7 +51,7 @@ def main(args) -> int:
 
     params = sampling_params(args)  # validate before loading
     model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
-    gen = Generator(model, tokenizer)
+    gen = Generator(model, tokenizer, compile=args.compile)
     session = ChatSession(tokenizer, gen.max_seq_len, params.max_new_tokens, args.system)
     interactive = sys.stdin.isatty()
     if interactive:

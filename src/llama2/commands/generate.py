@@ -26,6 +26,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype (default auto: the stored dtype, but float32 for float16 weights on CPU)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CUDA graphs on a GPU): faster decoding after a first "
+                        "call that compiles")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -97,7 +100,7 @@ def main(args) -> int:
     params = sampling_params(args, stop=tuple(args.stop), logprobs=args.json)  # validate before loading
     text = read_prompt(args)
     model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
-    gen = Generator(model, tokenizer)
+    gen = Generator(model, tokenizer, compile=args.compile)
     ids = tokenizer.encode(text, bos=not args.no_bos)
     gen.check_prompt(ids)  # empty / longer than the context: one line, before any output
     room = gen.max_seq_len - len(ids)
