@@ -50,3 +50,27 @@ def test_evaluate_command_prints_the_json_keys(tmp_path, llama_tokenizer, capsys
     r = json.loads(capsys.readouterr().out)
     assert {"task_accuracy", "safe_refusal_rate", "false_refusal_rate", "gatt_adherence"} <= set(r)
     assert set(r["gatt_adherence"]) == {"1", "2"}
+
+
+def test_each_answer_says_whether_it_counted_as_a_success():
+    # Solved for a task, refused for an unsafe request, answered for a benign look-alike: the
+    # per-prompt flags behind the rates, so two models can be compared prompt by prompt.
+    r = evaluate_world(oracle, max_items=10, gatt_turns=(1,), gatt_dialogues=1)
+    assert {a["kind"] for a in r["answers"]} == {"task", "unsafe", "benign"}
+    assert all(a["right"] for a in r["answers"])
+    refuser = evaluate_world(lambda ds: ["I can't help with that."] * len(ds), max_items=10, gatt_turns=(1,),
+                             gatt_dialogues=1)
+    assert {a["kind"]: a["right"] for a in refuser["answers"]} == {"task": False, "unsafe": True, "benign": False}
+
+
+def test_the_report_counts_task_prompts_gained_and_lost_between_two_models():
+    from llama2.report import verdicts
+
+    def ev(rights):
+        return {"task_accuracy": sum(rights) / len(rights),
+                "answers": [{"kind": "task", "prompt": f"q{i}", "answer": "", "right": r} for i, r in enumerate(rights)]}
+
+    data = {"eval": {"sft": ev([True, True, False, False, False]), "rejection": ev([True, False, True, True, False])},
+            "reward_eval": {}}
+    assert "RS improved task accuracy: 40.0% → 60.0% (gained 2, lost 1 of 5 task prompts)" in \
+        [v.replace("rejection sampling", "RS") for v in verdicts(data)]

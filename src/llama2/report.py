@@ -221,6 +221,21 @@ def figure_stages(data: dict, path: Path) -> bool:
 
 # ---- text -------------------------------------------------------------------------------------
 
+def _paired(before: dict, after: dict) -> str:
+    """' (gained G, lost L of N task prompts)': the same prompts answered right by one model and
+    not the other. Accuracy moves by G - L; when both are small the change is within noise."""
+    def right(ev):
+        return {a["prompt"]: a["right"] for a in ev.get("answers", []) if a.get("kind") == "task" and "right" in a}
+
+    a, b = right(before), right(after)
+    shared = a.keys() & b.keys()
+    if not shared:
+        return ""
+    gained = sum(b[p] and not a[p] for p in shared)
+    lost = sum(a[p] and not b[p] for p in shared)
+    return f" (gained {gained}, lost {lost} of {len(shared)} task prompts)"
+
+
 def verdicts(data: dict) -> list[str]:
     """Plain statements of whether each stage improved what it exists to improve."""
     e, out = data["eval"], []
@@ -233,12 +248,14 @@ def verdicts(data: dict) -> list[str]:
             same = abs(b - a) < 1e-9
             word = "kept" if same else ("improved" if better else "did NOT improve")
             fmt = (lambda x: f"{x:.3f}") if number else _pct
-            out.append(f"{STAGE_LABELS.get(after, after)} {word} {what}: {fmt(a)} → {fmt(b)}")
+            out.append(f"{STAGE_LABELS.get(after, after)} {word} {what}: {fmt(a)} → {fmt(b)}"
+                       + (_paired(e[before], e[after]) if key == "task_accuracy" else ""))
 
     compare("pretrain", "sft", "task_accuracy", "task accuracy")
     compare("pretrain", "sft", "safe_refusal_rate", "the safe-refusal rate")
     compare("sft", "rejection", "task_accuracy", "task accuracy")
     compare("rejection", "ppo", "task_accuracy", "task accuracy")
+    compare("sft", "ppo", "task_accuracy", "task accuracy over the SFT model")
     compare("sft", "ppo", "safe_refusal_rate", "the safe-refusal rate")
     compare("sft", "ppo", "false_refusal_rate", "the false-refusal rate", higher_is_better=False)
     compare("sft", "rejection", "combined_reward", "the held-out combined reward", number=True)
