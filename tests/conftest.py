@@ -27,3 +27,18 @@ def tiny_config(**overrides) -> ModelConfig:
 def tiny_model() -> Transformer:
     torch.manual_seed(0)
     return Transformer.from_config(tiny_config(), seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def pretrain_data(tmp_path_factory):
+    """Token shards of 150k characters of the bundled corpus on a 384-piece tokenizer."""
+    from llama2.data.corpus import default_corpus_files, read_text
+    from llama2.data.shards import prepare
+    from llama2.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("pre")
+    text = root / "text.txt"
+    text.write_text(read_text(default_corpus_files()[3])[:150_000])
+    train_tokenizer([text], root / "tok", vocab_size=384, verbose=False)
+    prepare([text], root / "tok" / "tokenizer.model", root / "data", val_fraction=0.1, workers=1, log=lambda m: None)
+    return root / "data"

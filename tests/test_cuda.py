@@ -194,18 +194,9 @@ def test_bfloat16_model_round_trips_through_save_and_load_on_cuda(tmp_path):
 
 # -- pretraining ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from llama2.data.corpus import default_corpus_files, read_text
-    from llama2.data.shards import prepare
-    from llama2.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("pre")
-    text = root / "text.txt"
-    text.write_text(read_text(default_corpus_files()[3])[:150_000])
-    train_tokenizer([text], root / "tok", vocab_size=384, verbose=False)
-    prepare([text], root / "tok" / "tokenizer.model", root / "data", val_fraction=0.1, workers=1, log=lambda m: None)
-    return root / "data"
+@pytest.fixture
+def data(pretrain_data):
+    return pretrain_data  # tests/conftest.py: shards of the bundled corpus, built once per session
 
 
 def args_for(data, out, *extra):

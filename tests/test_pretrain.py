@@ -11,11 +11,8 @@ import pytest
 import torch
 
 from llama2.cli import main as cli
-from llama2.data.corpus import default_corpus_files, read_text
-from llama2.data.shards import prepare
 from llama2.model import ModelConfig
 from llama2.recipe import from_dict, load_config, read_recipe
-from llama2.tokenizer import train_tokenizer
 from llama2.train.pretrain import TINY_RECIPE, PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,14 +21,9 @@ NANO = ["--model.dim", "32", "--model.n-layers", "2", "--model.n-heads", "4", "-
         "--model.vocab-size", "384", "--model.multiple-of", "16", "--model.max-seq-len", "32", "--seq-len", "32"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pre")
-    text = root / "text.txt"
-    text.write_text(read_text(default_corpus_files()[3])[:150_000])
-    train_tokenizer([text], root / "tok", vocab_size=384, verbose=False)
-    prepare([text], root / "tok" / "tokenizer.model", root / "data", val_fraction=0.1, workers=1, log=lambda m: None)
-    return root / "data"
+@pytest.fixture
+def data(pretrain_data):
+    return pretrain_data  # tests/conftest.py: shards of the bundled corpus, built once per session
 
 
 def args_for(data, out, *extra):

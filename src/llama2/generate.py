@@ -158,18 +158,13 @@ class Generator:
 
     def _compiled_step(self):
         if self._step is None:
-            model = self.model
-
-            def step(tokens, positions, slots, mask):
-                return model.output(model.hidden_states(tokens, positions=positions, slots=slots, mask=mask)[:, -1]).float()
-
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._step = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
+            self._step = torch.compile(self._last_logits, mode=mode, fullgraph=True, dynamic=False)
         return self._step
 
     def _setup_cache(self, B: int, total: int) -> None:
         cache = self.model.layers[0].attention.cache
-        if self.compile and cache is not None and tuple(cache.k.shape[:1]) + (cache.k.shape[2],) == (B, total):
+        if self.compile and cache is not None and (cache.k.shape[0], cache.k.shape[2]) == (B, total):
             return  # the compiled step's graph reads these very buffers: keep them
         self.model.setup_cache(B, total)
 
@@ -219,14 +214,11 @@ class Generator:
                     break
                 slot = width + step
                 if self.compile:  # static shapes: the whole cache, slots past this one masked
-                    logits = self._compiled_step()(
-                        nxt.view(B, 1), all_positions[:, slot: slot + 1], all_slots[slot: slot + 1],
-                        real & (keys <= slot))
+                    decode, mask = self._compiled_step(), real & (keys <= slot)
                 else:
-                    logits = self._last_logits(
-                        nxt.view(B, 1), positions=all_positions[:, slot: slot + 1],
-                        slots=all_slots[slot: slot + 1], mask=real[..., : slot + 1],
-                    )
+                    decode, mask = self._last_logits, real[..., : slot + 1]
+                logits = decode(nxt.view(B, 1), positions=all_positions[:, slot: slot + 1],
+                                slots=all_slots[slot: slot + 1], mask=mask)
         finally:
             if not self.compile:
                 self.model.clear_cache()
