@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from llama2.data.world import World
 from llama2.eval.suite import evaluate_world, format_table
 
@@ -63,14 +65,68 @@ def test_each_answer_says_whether_it_counted_as_a_success():
     assert {a["kind"]: a["right"] for a in refuser["answers"]} == {"task": False, "unsafe": True, "benign": False}
 
 
-def test_the_report_counts_task_prompts_gained_and_lost_between_two_models():
+def _ev(rights, kind="task", **extra):
+    """An evaluation whose per-prompt flags are ``rights`` (the suite's eval.json shape)."""
+    rate = {"task": "task_accuracy", "unsafe": "safe_refusal_rate", "benign": "false_refusal_rate"}[kind]
+    value = sum(rights) / len(rights)
+    return {rate: 1 - value if kind == "benign" else value, **extra,
+            "answers": [{"kind": kind, "prompt": f"q{i}", "answer": "", "right": r} for i, r in enumerate(rights)]}
+
+
+def _verdict(before, after, stage="rejection"):
     from llama2.report import verdicts
 
-    def ev(rights):
-        return {"task_accuracy": sum(rights) / len(rights),
-                "answers": [{"kind": "task", "prompt": f"q{i}", "answer": "", "right": r} for i, r in enumerate(rights)]}
+    lines = verdicts({"eval": {"sft": before, stage: after}, "reward_eval": {}})
+    return [v.replace("rejection sampling", "RS") for v in lines]
 
-    data = {"eval": {"sft": ev([True, True, False, False, False]), "rejection": ev([True, False, True, True, False])},
-            "reward_eval": {}}
-    assert "RS improved task accuracy: 40.0% → 60.0% (gained 2, lost 1 of 5 task prompts)" in \
-        [v.replace("rejection sampling", "RS") for v in verdicts(data)]
+
+def test_the_sign_test_matches_scipys_exact_binomial_test():
+    binomtest = pytest.importorskip("scipy.stats").binomtest
+    from llama2.eval.stats import sign_test
+
+    for gained, lost in [(15, 7), (13, 7), (44, 24), (10, 25), (0, 4), (2, 1), (30, 0), (5, 5)]:
+        assert sign_test(gained, lost) == pytest.approx(binomtest(gained, gained + lost).pvalue, rel=1e-9)
+    assert sign_test(0, 0) == 1.0
+    with pytest.raises(ValueError, match="gained=-1"):
+        sign_test(-1, 3)
+
+
+def test_the_report_counts_task_prompts_gained_and_lost_between_two_models():
+    # 12 prompts turn right, none turn wrong: p = 2 / 2**12, a real gain.
+    before, after = _ev([False] * 12 + [True] * 8), _ev([True] * 20)
+    assert "RS improved task accuracy: 40.0% → 100.0% (gained 12, lost 0 of 20 task prompts; sign test p = 0.00049)" \
+        in _verdict(before, after)
+
+
+def test_a_change_within_noise_is_not_called_an_improvement():
+    # Accuracy 40% -> 60%, but only because 3 prompts turned right and 1 turned wrong (p = 0.62).
+    before = _ev([True, True, True, True, False, False, False, False, False, False])
+    after = _ev([True, True, True, False, True, True, True, False, False, False])
+    assert "RS did NOT significantly change task accuracy: 40.0% → 60.0% (gained 3, lost 1 of 10 task prompts; " \
+        "sign test p = 0.62)" in _verdict(before, after)
+
+
+def test_a_significant_loss_of_safe_refusals_is_called_worse():
+    before, after = _ev([True] * 10, "unsafe"), _ev([False] * 8 + [True] * 2, "unsafe")
+    assert "PPO made worse the safe-refusal rate: 100.0% → 20.0% (gained 0, lost 8 of 10 unsafe prompts; " \
+        "sign test p = 0.0078)" in _verdict(before, after, "ppo")
+
+
+def test_false_refusals_count_look_alike_prompts_newly_refused():
+    # "right" on a look-alike means answered; two answered prompts are now refused.
+    before, after = _ev([True] * 10, "benign"), _ev([False, False] + [True] * 8, "benign")
+    assert "PPO did NOT significantly change the false-refusal rate: 0.0% → 20.0% (2 more, 0 fewer refused of 10 " \
+        "look-alike prompts; sign test p = 0.5)" in _verdict(before, after, "ppo")
+
+
+def test_the_held_out_reward_is_compared_prompt_by_prompt():
+    from llama2.report import verdicts
+
+    ev = {"sft": {"combined_reward": 0.5, "combined_rewards": [0.5] * 10},
+          "rejection": {"combined_reward": 0.6, "combined_rewards": [0.6] * 9 + [0.5]}}
+    assert "rejection sampling improved the held-out combined reward: 0.500 → 0.600 (higher on 9, lower on 0 of " \
+        "10 prompts; sign test p = 0.0039)" in verdicts({"eval": ev, "reward_eval": {}})
+    # Evaluations written before per-prompt rewards were kept: the means alone, no test.
+    ev = {"sft": {"combined_reward": 0.5}, "rejection": {"combined_reward": 0.6}}
+    assert "rejection sampling improved the held-out combined reward: 0.500 → 0.600" in \
+        verdicts({"eval": ev, "reward_eval": {}})

@@ -102,6 +102,7 @@ def test_held_out_reward_is_the_gated_reward_of_the_answers_to_test_prompts(rewa
     assert result["reward_prompts"] == 6
     assert result["combined_reward"] == pytest.approx(expected["combined"].mean().item(), abs=1e-6)
     assert result["helpful_reward"] == pytest.approx(expected["helpful"].mean().item(), abs=1e-6)
+    assert result["combined_rewards"] == pytest.approx(expected["combined"].tolist(), abs=1e-5)  # per prompt
 
 
 def test_own_answer_pairs_sample_the_starting_model_and_the_world_labels_them(tmp_path, chat_dir):

@@ -221,23 +221,52 @@ def figure_stages(data: dict, path: Path) -> bool:
 
 # ---- text -------------------------------------------------------------------------------------
 
-def _paired(before: dict, after: dict) -> str:
-    """' (gained G, lost L of N task prompts)': the same prompts answered right by one model and
-    not the other. Accuracy moves by G - L; when both are small the change is within noise."""
-    def right(ev):
-        return {a["prompt"]: a["right"] for a in ev.get("answers", []) if a.get("kind") == "task" and "right" in a}
+# What each rate counts as a success, per answer kind (the suite's "right" flag).
+_RATE_KINDS = {"task_accuracy": ("task", "task prompts"), "safe_refusal_rate": ("unsafe", "unsafe prompts"),
+               "false_refusal_rate": ("benign", "look-alike prompts")}
 
-    a, b = right(before), right(after)
-    shared = a.keys() & b.keys()
+
+def _paired(key: str, before: dict, after: dict) -> tuple[str, float | None]:
+    """' (gained G, lost L of N task prompts; sign test p = P)' and P: the same prompts judged
+    in both models' evaluations, compared one by one (llama2.eval.stats). None where the two
+    evaluations do not hold per-prompt results for the same prompts."""
+    from llama2.eval.stats import paired_flags, paired_scores, sign_test
+
+    if key == "combined_reward":
+        a, b = before.get("combined_rewards"), after.get("combined_rewards")
+        if not a or not b or len(a) != len(b):
+            return "", None
+        up, down = paired_scores(a, b)
+        p = sign_test(up, down)
+        return f" (higher on {up}, lower on {down} of {len(a)} prompts; sign test p = {p:.2g})", p
+    if key not in _RATE_KINDS:
+        return "", None
+    kind, noun = _RATE_KINDS[key]
+
+    def right(ev):
+        return {a["prompt"]: a["right"] for a in ev.get("answers", []) if a.get("kind") == kind and "right" in a}
+
+    ra, rb = right(before), right(after)
+    shared = sorted(ra.keys() & rb.keys())
     if not shared:
-        return ""
-    gained = sum(b[p] and not a[p] for p in shared)
-    lost = sum(a[p] and not b[p] for p in shared)
-    return f" (gained {gained}, lost {lost} of {len(shared)} task prompts)"
+        return "", None
+    gained, lost = paired_flags([ra[q] for q in shared], [rb[q] for q in shared])
+    if key == "false_refusal_rate":  # "right" on a look-alike is NOT refusing: a gain lowers the rate
+        gained, lost = lost, gained
+        counts = f"{gained} more, {lost} fewer refused"
+    else:
+        counts = f"gained {gained}, lost {lost}"
+    p = sign_test(gained, lost)
+    return f" ({counts} of {len(shared)} {noun}; sign test p = {p:.2g})", p
 
 
 def verdicts(data: dict) -> list[str]:
-    """Plain statements of whether each stage improved what it exists to improve."""
+    """Plain statements of whether each stage improved what it exists to improve. Where both
+    evaluations hold per-prompt results, a change counts only when a sign test over the prompts
+    that changed gives p < 0.05 (llama2.eval.stats.SIGNIFICANCE); otherwise it is reported as
+    NOT significant, because at this scale a different seed moves the rates as much."""
+    from llama2.eval.stats import SIGNIFICANCE
+
     e, out = data["eval"], []
 
     def compare(before: str, after: str, key: str, what: str, higher_is_better: bool = True,
@@ -245,11 +274,17 @@ def verdicts(data: dict) -> list[str]:
         if before in e and after in e and e[before].get(key) is not None and e[after].get(key) is not None:
             a, b = e[before][key], e[after][key]
             better = b > a if higher_is_better else b < a
-            same = abs(b - a) < 1e-9
-            word = "kept" if same else ("improved" if better else "did NOT improve")
+            detail, p = _paired(key, e[before], e[after])
+            if abs(b - a) < 1e-9:
+                word = "kept"
+            elif p is None:
+                word = "improved" if better else "did NOT improve"
+            elif p < SIGNIFICANCE:
+                word = "improved" if better else "made worse"
+            else:
+                word = "did NOT significantly change"
             fmt = (lambda x: f"{x:.3f}") if number else _pct
-            out.append(f"{STAGE_LABELS.get(after, after)} {word} {what}: {fmt(a)} → {fmt(b)}"
-                       + (_paired(e[before], e[after]) if key == "task_accuracy" else ""))
+            out.append(f"{STAGE_LABELS.get(after, after)} {word} {what}: {fmt(a)} → {fmt(b)}{detail}")
 
     compare("pretrain", "sft", "task_accuracy", "task accuracy")
     compare("pretrain", "sft", "safe_refusal_rate", "the safe-refusal rate")
@@ -260,6 +295,7 @@ def verdicts(data: dict) -> list[str]:
     compare("sft", "ppo", "false_refusal_rate", "the false-refusal rate", higher_is_better=False)
     compare("sft", "rejection", "combined_reward", "the held-out combined reward", number=True)
     compare("rejection", "ppo", "combined_reward", "the held-out combined reward", number=True)
+    compare("sft", "ppo", "combined_reward", "the held-out combined reward over the SFT model", number=True)
     if "ppo" in e and "gatt" in e:
         last = str(max((int(t) for t in e["gatt"]["gatt_adherence"]), default=0))
         a, b = e["ppo"]["gatt_adherence"].get(last), e["gatt"]["gatt_adherence"].get(last)

@@ -84,7 +84,9 @@ def held_out_reward(generate, scorer, split: str = "test", n: int = 100, world_s
     answers = generate([p["messages"] for p in prompts])
     s = scorer.combined([p["messages"] for p in prompts], answers, [p["safety"] for p in prompts])
     return {"combined_reward": s["combined"].mean().item(), "helpful_reward": s["helpful"].mean().item(),
-            "safety_reward": s["safety"].mean().item(), "reward_prompts": len(prompts)}
+            "safety_reward": s["safety"].mean().item(), "reward_prompts": len(prompts),
+            # per prompt, in the order of the world's RL prompts: two models compare prompt by prompt
+            "combined_rewards": [round(x, 6) for x in s["combined"].tolist()]}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
