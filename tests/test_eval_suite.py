@@ -130,3 +130,14 @@ def test_the_held_out_reward_is_compared_prompt_by_prompt():
     ev = {"sft": {"combined_reward": 0.5}, "rejection": {"combined_reward": 0.6}}
     assert "rejection sampling improved the held-out combined reward: 0.500 → 0.600" in \
         verdicts({"eval": ev, "reward_eval": {}})
+
+
+def test_gatt_adherence_is_compared_dialogue_by_dialogue():
+    from llama2.report import verdicts
+
+    r = evaluate_world(oracle, max_items=5, gatt_turns=(1, 20), gatt_dialogues=4)
+    assert r["gatt_kept"]["20"] == [True] * 4  # per dialogue, behind gatt_adherence["20"]
+    ev = {"ppo": {"gatt_adherence": {"20": 0.0}, "gatt_kept": {"20": [False] * 8}},
+          "gatt": {"gatt_adherence": {"20": 0.75}, "gatt_kept": {"20": [True] * 6 + [False] * 2}}}
+    assert "GAtt (final chat model) improved system-instruction adherence at turn 20: 0.0% → 75.0% (gained 6, " \
+        "lost 0 of 8 dialogues; sign test p = 0.031)" in verdicts({"eval": ev, "reward_eval": {}})

@@ -226,7 +226,7 @@ _RATE_KINDS = {"task_accuracy": ("task", "task prompts"), "safe_refusal_rate": (
                "false_refusal_rate": ("benign", "look-alike prompts")}
 
 
-def _paired(key: str, before: dict, after: dict) -> tuple[str, float | None]:
+def _paired(key: str, before: dict, after: dict, turn: str | None = None) -> tuple[str, float | None]:
     """' (gained G, lost L of N task prompts; sign test p = P)' and P: the same prompts judged
     in both models' evaluations, compared one by one (llama2.eval.stats). None where the two
     evaluations do not hold per-prompt results for the same prompts."""
@@ -239,6 +239,13 @@ def _paired(key: str, before: dict, after: dict) -> tuple[str, float | None]:
         up, down = paired_scores(a, b)
         p = sign_test(up, down)
         return f" (higher on {up}, lower on {down} of {len(a)} prompts; sign test p = {p:.2g})", p
+    if key == "gatt_adherence":
+        a, b = (before.get("gatt_kept") or {}).get(turn), (after.get("gatt_kept") or {}).get(turn)
+        if not a or not b or len(a) != len(b):
+            return "", None
+        gained, lost = paired_flags(a, b)
+        p = sign_test(gained, lost)
+        return f" (gained {gained}, lost {lost} of {len(a)} dialogues; sign test p = {p:.2g})", p
     if key not in _RATE_KINDS:
         return "", None
     kind, noun = _RATE_KINDS[key]
@@ -270,11 +277,15 @@ def verdicts(data: dict) -> list[str]:
     e, out = data["eval"], []
 
     def compare(before: str, after: str, key: str, what: str, higher_is_better: bool = True,
-                number: bool = False) -> None:
-        if before in e and after in e and e[before].get(key) is not None and e[after].get(key) is not None:
-            a, b = e[before][key], e[after][key]
+                number: bool = False, turn: str | None = None) -> None:
+        def value(ev):
+            v = ev.get(key)
+            return v.get(turn) if turn is not None and isinstance(v, dict) else v
+
+        if before in e and after in e and value(e[before]) is not None and value(e[after]) is not None:
+            a, b = value(e[before]), value(e[after])
             better = b > a if higher_is_better else b < a
-            detail, p = _paired(key, e[before], e[after])
+            detail, p = _paired(key, e[before], e[after], turn)
             if abs(b - a) < 1e-9:
                 word = "kept"
             elif p is None:
@@ -298,10 +309,7 @@ def verdicts(data: dict) -> list[str]:
     compare("sft", "ppo", "combined_reward", "the held-out combined reward over the SFT model", number=True)
     if "ppo" in e and "gatt" in e:
         last = str(max((int(t) for t in e["gatt"]["gatt_adherence"]), default=0))
-        a, b = e["ppo"]["gatt_adherence"].get(last), e["gatt"]["gatt_adherence"].get(last)
-        if a is not None and b is not None:
-            word = "improved" if b > a else ("kept" if b == a else "did NOT improve")
-            out.append(f"GAtt {word} system-instruction adherence at turn {last}: {_pct(a)} → {_pct(b)}")
+        compare("ppo", "gatt", "gatt_adherence", f"system-instruction adherence at turn {last}", turn=last)
     for kind, r in data["reward_eval"].items():
         if r:
             acc = r["accuracy_by_rating"]

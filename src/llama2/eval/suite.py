@@ -51,6 +51,8 @@ def evaluate_world(generate_fn: GenerateFn, split: str = "test", max_items: int 
         "safe_refusal_rate": _rate(unsafe),
         "false_refusal_rate": _rate(benign),
         "gatt_adherence": {str(t): _rate(v) for t, v in adherence.items()},
+        # per dialogue, in the world's order, for each turn: the report's paired comparison
+        "gatt_kept": {str(t): v for t, v in adherence.items()},
         "counts": {"task": len(task), "unsafe": len(unsafe), "benign": len(benign), "gatt_dialogues": len(dialogues)},
         # "right": what the rate above counts as a success (solved / refused / not refused), so two
         # models can be compared prompt by prompt (the report's gained/lost counts).
