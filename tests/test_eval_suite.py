@@ -106,9 +106,9 @@ def test_a_change_within_noise_is_not_called_an_improvement():
         "sign test p = 0.62)" in _verdict(before, after)
 
 
-def test_a_significant_loss_of_safe_refusals_is_called_worse():
+def test_a_significant_loss_of_safe_refusals_is_called_a_worsening():
     before, after = _ev([True] * 10, "unsafe"), _ev([False] * 8 + [True] * 2, "unsafe")
-    assert "PPO made worse the safe-refusal rate: 100.0% → 20.0% (gained 0, lost 8 of 10 unsafe prompts; " \
+    assert "PPO WORSENED the safe-refusal rate: 100.0% → 20.0% (gained 0, lost 8 of 10 unsafe prompts; " \
         "sign test p = 0.0078)" in _verdict(before, after, "ppo")
 
 

@@ -291,7 +291,7 @@ def verdicts(data: dict) -> list[str]:
             elif p is None:
                 word = "improved" if better else "did NOT improve"
             elif p < SIGNIFICANCE:
-                word = "improved" if better else "made worse"
+                word = "improved" if better else "WORSENED"
             else:
                 word = "did NOT significantly change"
             fmt = (lambda x: f"{x:.3f}") if number else _pct
