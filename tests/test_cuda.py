@@ -194,11 +194,6 @@ def test_bfloat16_model_round_trips_through_save_and_load_on_cuda(tmp_path):
 
 # -- pretraining ----------------------------------------------------------------------------
 
-@pytest.fixture
-def data(pretrain_data):
-    return pretrain_data  # tests/conftest.py: shards of the bundled corpus, built once per session
-
-
 def args_for(data, out, *extra):
     return ["pretrain", "--data", str(data), "--out", str(out), *NANO, "--batch-size", "8",
             "--micro-batch-size", "4", "--warmup-steps", "2", "--lr", "3e-3", "--eval-every", "2",
@@ -209,11 +204,11 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_pretrain_cli_on_cuda_bf16_learns_and_resumes(tmp_path, data, capsys):
+def test_pretrain_cli_on_cuda_bf16_learns_and_resumes(tmp_path, pretrain_data, capsys):
     from llama2.cli import main as cli
 
     out = tmp_path / "run"
-    assert cli(args_for(data, out, "--max-steps", "4", "--save-every", "2")) == 0
+    assert cli(args_for(pretrain_data, out, "--max-steps", "4", "--save-every", "2")) == 0
     err = capsys.readouterr().err
     assert "single, bf16 on cuda" in err, err[-2000:]
     rows = metrics(out)
@@ -223,7 +218,7 @@ def test_pretrain_cli_on_cuda_bf16_learns_and_resumes(tmp_path, data, capsys):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
     # Resuming continues from step-4 (weights, optimizer, data position, CUDA RNG).
-    assert cli(args_for(data, out, "--max-steps", "6", "--save-every", "2")) == 0
+    assert cli(args_for(pretrain_data, out, "--max-steps", "6", "--save-every", "2")) == 0
     assert "resumed from" in capsys.readouterr().err
     assert [r["step"] for r in metrics(out)] == list(range(7))
 
@@ -231,8 +226,8 @@ def test_pretrain_cli_on_cuda_bf16_learns_and_resumes(tmp_path, data, capsys):
     # checkpoint. Bit for bit on CPU; on CUDA the attention backward may accumulate with
     # atomics, so allow bf16-sized noise and report whether it was exact.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert cli(args_for(data, straight, "--max-steps", "6", "--save-every", "2", "--keep-last", "0")) == 0
-    assert cli(args_for(data, resumed, "--max-steps", "6", "--save-every", "2",
+    assert cli(args_for(pretrain_data, straight, "--max-steps", "6", "--save-every", "2", "--keep-last", "0")) == 0
+    assert cli(args_for(pretrain_data, resumed, "--max-steps", "6", "--save-every", "2",
                         "--resume", str(straight / "checkpoints" / "step-4"))) == 0
     a, b = {r["step"]: r for r in metrics(straight)}, {r["step"]: r for r in metrics(resumed)}
     assert sorted(b) == [5, 6]
@@ -265,9 +260,9 @@ def torchrun(data, out, *extra, steps: int):
     return proc.stderr
 
 
-def test_torchrun_fsdp_on_one_gpu_checkpoints_through_dcp_and_resumes(tmp_path, data):
+def test_torchrun_fsdp_on_one_gpu_checkpoints_through_dcp_and_resumes(tmp_path, pretrain_data):
     out = tmp_path / "fsdp"
-    err = torchrun(data, out, "--distributed", "fsdp", steps=4)
+    err = torchrun(pretrain_data, out, "--distributed", "fsdp", steps=4)
     assert "fsdp, bf16 on cuda" in err, err[-2000:]  # FSDP2 on one rank: meta init, NCCL group
     ck = out / "checkpoints" / "step-4"
     assert (ck / "dcp").is_dir() and any((ck / "dcp").iterdir())  # torch.distributed.checkpoint
@@ -276,7 +271,7 @@ def test_torchrun_fsdp_on_one_gpu_checkpoints_through_dcp_and_resumes(tmp_path, 
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
 
-    err = torchrun(data, out, "--distributed", "fsdp", steps=6)
+    err = torchrun(pretrain_data, out, "--distributed", "fsdp", steps=6)
     assert "resumed from" in err and "step 4" in err, err[-2000:]
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(7))

@@ -230,41 +230,34 @@ def _paired(key: str, before: dict, after: dict, turn: str | None = None) -> tup
     """' (gained G, lost L of N task prompts; sign test p = P)' and P: the same prompts judged
     in both models' evaluations, compared one by one (llama2.eval.stats). None where the two
     evaluations do not hold per-prompt results for the same prompts."""
-    from llama2.eval.stats import paired_flags, paired_scores, sign_test
+    from llama2.eval.stats import paired_changes, sign_test
 
     if key == "combined_reward":
-        a, b = before.get("combined_rewards"), after.get("combined_rewards")
-        if not a or not b or len(a) != len(b):
-            return "", None
-        up, down = paired_scores(a, b)
-        p = sign_test(up, down)
-        return f" (higher on {up}, lower on {down} of {len(a)} prompts; sign test p = {p:.2g})", p
-    if key == "gatt_adherence":
-        a, b = (before.get("gatt_kept") or {}).get(turn), (after.get("gatt_kept") or {}).get(turn)
-        if not a or not b or len(a) != len(b):
-            return "", None
-        gained, lost = paired_flags(a, b)
-        p = sign_test(gained, lost)
-        return f" (gained {gained}, lost {lost} of {len(a)} dialogues; sign test p = {p:.2g})", p
-    if key not in _RATE_KINDS:
-        return "", None
-    kind, noun = _RATE_KINDS[key]
+        a, b, noun = before.get("combined_rewards"), after.get("combined_rewards"), "prompts"
+    elif key == "gatt_adherence":
+        a, b, noun = (before.get("gatt_kept") or {}).get(turn), (after.get("gatt_kept") or {}).get(turn), "dialogues"
+    elif key in _RATE_KINDS:
+        kind, noun = _RATE_KINDS[key]
 
-    def right(ev):
-        return {a["prompt"]: a["right"] for a in ev.get("answers", []) if a.get("kind") == kind and "right" in a}
+        def right(ev):
+            return {x["prompt"]: x["right"] for x in ev.get("answers", []) if x.get("kind") == kind and "right" in x}
 
-    ra, rb = right(before), right(after)
-    shared = sorted(ra.keys() & rb.keys())
-    if not shared:
-        return "", None
-    gained, lost = paired_flags([ra[q] for q in shared], [rb[q] for q in shared])
-    if key == "false_refusal_rate":  # "right" on a look-alike is NOT refusing: a gain lowers the rate
-        gained, lost = lost, gained
-        counts = f"{gained} more, {lost} fewer refused"
+        ra, rb = right(before), right(after)
+        shared = sorted(ra.keys() & rb.keys())
+        a, b = [ra[q] for q in shared], [rb[q] for q in shared]
     else:
-        counts = f"gained {gained}, lost {lost}"
-    p = sign_test(gained, lost)
-    return f" ({counts} of {len(shared)} {noun}; sign test p = {p:.2g})", p
+        return "", None
+    if not a or not b or len(a) != len(b):
+        return "", None
+    up, down = paired_changes(a, b)
+    p = sign_test(up, down)
+    if key == "combined_reward":
+        counts = f"higher on {up}, lower on {down}"
+    elif key == "false_refusal_rate":  # "right" on a look-alike is NOT refusing: a loss raises the rate
+        counts = f"{down} more, {up} fewer refused"
+    else:
+        counts = f"gained {up}, lost {down}"
+    return f" ({counts} of {len(a)} {noun}; sign test p = {p:.2g})", p
 
 
 def verdicts(data: dict) -> list[str]:

@@ -25,15 +25,9 @@ def sign_test(gained: int, lost: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired_flags(before: Sequence[bool], after: Sequence[bool]) -> tuple[int, int]:
-    """(gained, lost): prompts right after and not before, and the other way round."""
-    if len(before) != len(after):
-        raise ValueError(f"paired comparison needs the same prompts, got {len(before)} and {len(after)}")
-    return sum(b and not a for a, b in zip(before, after)), sum(a and not b for a, b in zip(before, after))
-
-
-def paired_scores(before: Sequence[float], after: Sequence[float]) -> tuple[int, int]:
-    """(higher, lower): prompts whose score went up and down (equal scores dropped)."""
+def paired_changes(before: Sequence[float], after: Sequence[float]) -> tuple[int, int]:
+    """(up, down): prompts whose result went up and down from ``before`` to ``after``, unchanged
+    ones dropped. For right/wrong flags that is (gained, lost); for scores (higher, lower)."""
     if len(before) != len(after):
         raise ValueError(f"paired comparison needs the same prompts, got {len(before)} and {len(after)}")
     return sum(b > a for a, b in zip(before, after)), sum(b < a for a, b in zip(before, after))
