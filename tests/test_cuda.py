@@ -281,3 +281,80 @@ def test_torchrun_fsdp_on_one_gpu_checkpoints_through_dcp_and_resumes(tmp_path, 
     model = load_model(out / "model", device=CUDA)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 384, (1, 16), device=CUDA))).all()
+
+
+# -- the RL stages: sampling, scoring and updates on the GPU --------------------------------
+
+@pytest.fixture(scope="module")
+def rl_dirs(tmp_path_factory, llama_tokenizer):
+    from llama2.checkpoint import save_scalar_model
+    from llama2.model.heads import ScalarModel
+
+    root = tmp_path_factory.mktemp("rl-cuda")
+    lm = Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=256), seed=0)
+    policy = save_model(lm, root / "policy", tokenizer=llama_tokenizer)
+    rm = save_scalar_model(ScalarModel.from_language_model(lm), root / "rm", tokenizer=llama_tokenizer)
+    return root, policy, rm
+
+
+def ppo_config(root, policy, rm, out, steps):
+    from llama2.train.ppo import PPOConfig
+
+    return PPOConfig(out=str(root / out), model=str(policy), reward_model=str(rm), safety_model=str(rm),
+                     max_steps=steps, batch_size=4, minibatch_size=2, micro_batch_size=2, lr=1e-3, value_lr=1e-3,
+                     max_new_tokens=6, prompts=12, save_every=1, progress=False)
+
+
+def test_ppo_rolls_out_scores_and_updates_on_cuda_and_resumes(rl_dirs):
+    from llama2.train.ppo import PPOTrainer
+
+    root, policy, rm = rl_dirs
+    trainer = PPOTrainer(ppo_config(root, policy, rm, "straight", 2), quiet=True)
+    models = (trainer.policy, trainer.reference, trainer.value, trainer.scorer.helpful, trainer.scorer.safety)
+    assert trainer.device.type == "cuda" and all(next(m.parameters()).is_cuda for m in models)
+    trainer.fit()
+    rows = metrics(root / "straight")
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy still equals the reference
+    assert all(torch.isfinite(torch.tensor([r["policy_loss"], r["value_loss"], r["kl"]])).all() for r in rows)
+
+    PPOTrainer(ppo_config(root, policy, rm, "resumed", 1), quiet=True).fit()
+    PPOTrainer(ppo_config(root, policy, rm, "resumed", 2), quiet=True).fit()  # from the CUDA checkpoint
+    a, b = load_model(root / "straight" / "model"), load_model(root / "resumed" / "model")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=name)
+
+
+def test_rejection_sampling_samples_and_scores_on_cuda(rl_dirs, monkeypatch):
+    import llama2.train.scoring as scoring
+    from llama2.cli import main as cli
+
+    root, policy, rm = rl_dirs
+    seen = []
+    real = scoring.sample_answers
+
+    def spy(model, *args, **kwargs):
+        seen.append(next(model.parameters()).device.type)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "sample_answers", spy)
+    out = root / "rs"
+    assert cli(["rejection-sample", "--model", str(policy), "--reward-model", str(rm), "--safety-model", str(rm),
+                "--out", str(out), "--prompts", "6", "--k", "3", "--max-new-tokens", "6", "--batch-size", "2",
+                "--micro-batch-size", "2", "--seq-len", "96", "--max-steps", "1", "--no-progress"]) == 0
+    assert seen == ["cuda"]
+    assert len((out / "pool.jsonl").read_text().splitlines()) == 6
+
+
+def test_world_evaluation_on_cuda_equals_the_cpu_one(rl_dirs, monkeypatch):
+    import llama2.generate
+    from llama2.eval.cli import evaluate_model
+
+    root, policy, rm = rl_dirs
+    kw = dict(max_items=12, gatt_dialogues=2, gatt_turns=(1, 2), max_new_tokens=8, reward_model=str(rm),
+              safety_model=str(rm), reward_prompts=6)
+    on_gpu = evaluate_model(str(policy), **kw)
+    monkeypatch.setattr(llama2.generate, "default_device", lambda: torch.device("cpu"))
+    on_cpu = evaluate_model(str(policy), **kw)
+    assert [a["answer"] for a in on_gpu["answers"]] == [a["answer"] for a in on_cpu["answers"]]
+    assert on_gpu["combined_reward"] == pytest.approx(on_cpu["combined_reward"], abs=1e-4)

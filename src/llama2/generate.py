@@ -94,6 +94,12 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generat
     return choice.squeeze(-1)
 
 
+def default_device() -> torch.device:
+    """Where inference (and the RL stages' sampling and scoring) runs unless told otherwise: the
+    GPU when there is one, like the trainer's, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
     width = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)

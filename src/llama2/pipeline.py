@@ -235,6 +235,7 @@ def sample_conversations(ctx: Context, n_per_kind: int = 1) -> list[dict]:
     from llama2.checkpoint import load_model, load_tokenizer
     from llama2.data.world import World
     from llama2.eval.cli import chat_generate_fn
+    from llama2.generate import default_device
 
     world = World(ctx.recipe.get("seed", 0))
     prompts = []
@@ -244,7 +245,7 @@ def sample_conversations(ctx: Context, n_per_kind: int = 1) -> list[dict]:
     prompts.append(dialogue.prompt(3))
     samples = [{"messages": p, "answers": {}} for p in prompts]
     for stage in EVALUATED:
-        model = load_model(ctx.model(stage))
+        model = load_model(ctx.model(stage), device=default_device())
         generate = chat_generate_fn(model, load_tokenizer(ctx.model(stage), model.config.vocab_size), 48)
         for s, answer in zip(samples, generate(prompts)):
             s["answers"][stage] = answer

@@ -73,10 +73,11 @@ def load_for_inference(path: Path, dtype: str = "auto", device: str | None = Non
     import torch
 
     from llama2.checkpoint import load_model, load_state, load_tokenizer
+    from llama2.generate import default_device
 
     cfg = load_state(path)[0]  # config only; the tensors are read lazily below
     tokenizer = load_tokenizer(path, cfg.vocab_size)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     if dtype == "auto":
         chosen = None
     else:

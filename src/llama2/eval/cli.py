@@ -57,6 +57,7 @@ def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 
     of the paper's gated Rc (§3.2.3), the quantity rejection sampling and PPO maximise."""
     from llama2.checkpoint import load_model, load_tokenizer
     from llama2.eval.suite import evaluate_world
+    from llama2.generate import default_device
 
     scorer = None
     if reward_model:  # loaded first: a wrong directory fails before minutes of generation
@@ -64,8 +65,8 @@ def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 
 
         if reward_prompts < 1:
             raise ValueError(f"reward_prompts must be at least 1, got {reward_prompts}")
-        scorer = RewardScorer(reward_model, safety_model or None)
-    model = load_model(model_dir)
+        scorer = RewardScorer(reward_model, safety_model or None, device=default_device())
+    model = load_model(model_dir, device=default_device())
     tok = load_tokenizer(model_dir, model.config.vocab_size)
     generate = chat_generate_fn(model, tok, max_new_tokens)
     result = evaluate_world(generate, split=split, max_items=max_items, gatt_turns=tuple(gatt_turns),
@@ -112,8 +113,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.task:
         from llama2.eval.multiple_choice import evaluate_task
+        from llama2.generate import default_device
 
-        result = evaluate_task(args.model, args.task)
+        result = evaluate_task(args.model, args.task, device=default_device())
         print(json.dumps(result) if args.json else f"{result['task']}: accuracy {result['acc']:.4f} "
                                                     f"on {result['n']} questions")
         return 0

@@ -693,17 +693,17 @@ def configure(parser) -> None:
 
 
 def main(args) -> int:
-    import torch
     import uvicorn
 
     from llama2.checkpoint import parse_dtype
+    from llama2.generate import default_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     guard = None
     if args.guard:
         from llama2.serve.guard import load_guard  # only when asked: it loads a second model
 
-        guard = load_guard(args.guard)
+        guard = load_guard(args.guard, device=device)
     app = create_app(args.model, api_key=args.api_key, max_batch_size=args.max_batch_size,
                      max_queue=args.max_queue, guard=guard, model_name=args.model_name,
                      device=device, dtype=parse_dtype(args.dtype))

@@ -76,10 +76,11 @@ class Guard:
         self.unsafe_id, self.safe_id = first["unsafe"], first["safe"]
 
     @classmethod
-    def load(cls, model_dir: str | Path, threshold: float = 0.5) -> Guard:
+    def load(cls, model_dir: str | Path, threshold: float = 0.5, device=None) -> Guard:
         from llama2.checkpoint import load_model, load_tokenizer
+        from llama2.generate import default_device
 
-        model = load_model(model_dir)
+        model = load_model(model_dir, device=device or default_device())
         return cls(model, load_tokenizer(model_dir, model.config.vocab_size), threshold)
 
     ANSWER_ROOM = 16  # tokens left for "unsafe" and the category line
@@ -108,9 +109,11 @@ class Guard:
         from llama2.data.preference import pad_rows
 
         rows = [self.encode(c, role) for c in conversations]
+        device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(rows), 16):
             tokens, lengths = pad_rows(rows[start:start + 16], self.model.config.max_seq_len)
+            tokens, lengths = tokens.to(device), lengths.to(device)
             logits = self.model(tokens)
             last = logits[torch.arange(len(lengths)), lengths - 1]
             out += torch.softmax(last.float(), dim=-1)[:, self.unsafe_id].tolist()
@@ -138,8 +141,8 @@ class Guard:
         return r.unsafe, r.categories
 
 
-def load_guard(model_dir: str | Path) -> Guard:
-    return Guard.load(model_dir)
+def load_guard(model_dir: str | Path, device=None) -> Guard:
+    return Guard.load(model_dir, device=device)
 
 
 # ---- training ---------------------------------------------------------------------------------

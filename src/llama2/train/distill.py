@@ -81,12 +81,13 @@ def with_preprompt(messages: list[dict], preprompt: str) -> list[dict]:
 def run(cfg: DistillConfig, quiet: bool = False) -> dict:
     from llama2.checkpoint import load_model, load_scalar_model, load_tokenizer
     from llama2.data.chat_data import tokenize_conversation
+    from llama2.generate import default_device
     from llama2.train.scoring import sample_answers, score_answers
 
     log = log_to_stderr(quiet)
     prompts = load_prompts(cfg)
     rng = random.Random(cfg.seed)
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, device=default_device())
     tok = load_tokenizer(cfg.model, model.config.vocab_size)
     preprompted = [with_preprompt(p, rng.choice(PREPROMPTS)) for p in prompts]
     guided = sample_answers(model, tok, preprompted, 1, cfg.temperature, max_new_tokens=cfg.max_new_tokens,
@@ -95,7 +96,7 @@ def run(cfg: DistillConfig, quiet: bool = False) -> dict:
                            seed=cfg.seed + 1)
     del model
     keep = [i for i in range(len(prompts)) if guided[i] and plain[i]]
-    judge = load_scalar_model(cfg.safety_model)
+    judge = load_scalar_model(cfg.safety_model, device=default_device())
     # Both answers are judged in the plain context: what the distilled model will see.
     g = score_answers(judge, tok, [prompts[i] for i in keep], [guided[i][0] for i in keep])
     p = score_answers(judge, tok, [prompts[i] for i in keep], [plain[i][0] for i in keep])

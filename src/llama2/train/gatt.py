@@ -86,9 +86,9 @@ def sample_answers(model_dir: str, dialogues: list[tuple[list[dict], str]], cfg:
     returns the dialogues (without system message) with the sampled answers."""
     from llama2.chat import encode_chat
     from llama2.checkpoint import load_model, load_tokenizer
-    from llama2.generate import Generator, SamplingParams
+    from llama2.generate import Generator, SamplingParams, default_device
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, device=default_device())
     tok = load_tokenizer(model_dir, model.config.vocab_size)
     gen = Generator(model, tok)
     users = [[m["content"] for m in msgs if m["role"] == "user"] for msgs, _ in dialogues]

@@ -107,6 +107,7 @@ def build_rollout(prompts: list[list[int]], answers: list[list[int]]) -> dict:
 class PPOTrainer:
     def __init__(self, cfg: PPOConfig, quiet: bool = False):
         from llama2.checkpoint import load_model, load_scalar_model, load_tokenizer
+        from llama2.generate import default_device
         from llama2.model.heads import ScalarModel
         from llama2.train.core import build_optimizer
         from llama2.train.finetune import log_to_stderr
@@ -115,12 +116,15 @@ class PPOTrainer:
         self.cfg, self.log = cfg, log_to_stderr(quiet)
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
-        self.policy = load_model(cfg.model).train()
-        self.reference = load_model(cfg.model).eval().requires_grad_(False)
+        # All five models on one device: rollouts, scoring and the updates run on the GPU when
+        # there is one (float32 weights: the updates are the small, careful steps of §3.2.3).
+        self.device = device = default_device()
+        self.policy = load_model(cfg.model, device=device).train()
+        self.reference = load_model(cfg.model, device=device).eval().requires_grad_(False)
         self.tokenizer = load_tokenizer(cfg.model, self.policy.config.vocab_size)
-        self.value = (load_scalar_model(cfg.reward_model) if cfg.value_init == "reward"
+        self.value = (load_scalar_model(cfg.reward_model, device=device) if cfg.value_init == "reward"
                       else ScalarModel.from_language_model(self.policy)).train()
-        self.scorer = RewardScorer(cfg.reward_model, cfg.safety_model or None)
+        self.scorer = RewardScorer(cfg.reward_model, cfg.safety_model or None, device=device)
         self.opt_policy = build_optimizer(self.policy, cfg)
         self.opt_value = build_optimizer(self.value, dataclasses.replace(cfg, lr=cfg.value_lr))
         self.prompts = load_prompts(cfg)
@@ -154,9 +158,9 @@ class PPOTrainer:
         s = self.scorer.combined([b["messages"] for b in batch], [o.text.strip() for o in outs],
                                  [b["safety"] for b in batch], cfg.safety_threshold)
         score_seconds = time.perf_counter() - t1
-        roll = build_rollout(prompt_ids, answers)
+        roll = {k: v.to(self.device) for k, v in build_rollout(prompt_ids, answers).items()}
         roll["score"] = ppo_reward(s["helpful"], s["safety"], torch.tensor([b["safety"] for b in batch]),
-                                   cfg.safety_threshold)
+                                   cfg.safety_threshold).to(self.device)
         roll["logp"] = token_logprobs(self.policy, roll["tokens"])
         roll["ref_logp"] = token_logprobs(self.reference, roll["tokens"])
         roll["values"] = self.value(roll["tokens"][:, :-1])
@@ -239,7 +243,7 @@ class PPOTrainer:
             if self.cfg.resume == "latest":
                 raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
             return
-        state = torch.load(path / "model.pt", weights_only=False)
+        state = torch.load(path / "model.pt", map_location=self.device, weights_only=False)
         self.policy.load_state_dict(state["policy"])
         self.value.load_state_dict(state["value"])
         self.opt_policy.load_state_dict(state["opt_policy"])

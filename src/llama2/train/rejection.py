@@ -98,6 +98,7 @@ def reward_vs_k(rewards: list[list[float]]) -> dict:
 def sample_iteration(cfg: RejectionConfig, policy_dir: str, prompts: list[dict], iteration: int, log) -> list[dict]:
     """K scored samples per prompt from ``policy_dir``; cached in iter-N/samples.jsonl."""
     from llama2.checkpoint import load_model, load_tokenizer
+    from llama2.generate import default_device
     from llama2.train.scoring import RewardScorer, sample_answers
 
     folder = Path(cfg.out) / f"iter-{iteration}"
@@ -105,7 +106,7 @@ def sample_iteration(cfg: RejectionConfig, policy_dir: str, prompts: list[dict],
     if cache.is_file():
         log(f"iteration {iteration}: reusing {cache}")
         return [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
-    model = load_model(policy_dir)
+    model = load_model(policy_dir, device=default_device())
     tok = load_tokenizer(policy_dir, model.config.vocab_size)
     from tqdm import tqdm
 
@@ -114,7 +115,7 @@ def sample_iteration(cfg: RejectionConfig, policy_dir: str, prompts: list[dict],
         answers = sample_answers(model, tok, [p["messages"] for p in prompts], cfg.k, cfg.temperature, cfg.top_p,
                                  cfg.max_new_tokens, seed=cfg.seed + iteration, progress=bar.update)
     del model
-    scorer = RewardScorer(cfg.reward_model, cfg.safety_model or None)
+    scorer = RewardScorer(cfg.reward_model, cfg.safety_model or None, device=default_device())
     flat = [(i, a) for i, ans in enumerate(answers) for a in ans]
     scores = scorer.combined([prompts[i]["messages"] for i, _ in flat], [a for _, a in flat],
                              [prompts[i]["safety"] for i, _ in flat], cfg.safety_threshold)

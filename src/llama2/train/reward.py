@@ -183,7 +183,7 @@ def run(cfg: RewardConfig, quiet: bool = False) -> dict:
     log = log_to_stderr(quiet)
     info = init_distributed()
     accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch_size, info.world_size)
-    lm = load_model(cfg.model)
+    lm = load_model(cfg.model, device=info.device)  # the own-answer samples are drawn on the GPU too
     tokenizer = load_tokenizer(cfg.model, lm.config.vocab_size)
     # Every rank samples the same (seeded) answers; only the main one writes the cache.
     own = own_answer_pairs(cfg, lm, tokenizer, log, write=info.is_main) if cfg.policy_prompts else []

@@ -56,7 +56,7 @@ def token_rewards(score: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, k
     kl = (logp - ref_logp) * mask
     rewards = -kl_coef * kl
     last = mask.long().cumsum(1).argmax(1)  # index of each row's last answer token
-    rewards[torch.arange(len(score)), last] += score
+    rewards[torch.arange(len(score), device=score.device), last] += score
     return rewards * mask, kl
 
 
