@@ -251,6 +251,8 @@ def _paired(key: str, before: dict, after: dict, turn: str | None = None) -> tup
         return "", None
     up, down = paired_changes(a, b)
     p = sign_test(up, down)
+    if up == down == 0:
+        return f" (no change on any of the {len(a)} {noun})", p
     if key == "combined_reward":
         counts = f"higher on {up}, lower on {down}"
     elif key == "false_refusal_rate":  # "right" on a look-alike is NOT refusing: a loss raises the rate
