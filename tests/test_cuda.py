@@ -291,7 +291,7 @@ def rl_dirs(tmp_path_factory, llama_tokenizer):
     from llama2.model.heads import ScalarModel
 
     root = tmp_path_factory.mktemp("rl-cuda")
-    lm = Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=256), seed=0)
+    lm = Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=1024), seed=0)
     policy = save_model(lm, root / "policy", tokenizer=llama_tokenizer)
     rm = save_scalar_model(ScalarModel.from_language_model(lm), root / "rm", tokenizer=llama_tokenizer)
     return root, policy, rm
@@ -358,3 +358,14 @@ def test_world_evaluation_on_cuda_equals_the_cpu_one(rl_dirs, monkeypatch):
     on_cpu = evaluate_model(str(policy), **kw)
     assert [a["answer"] for a in on_gpu["answers"]] == [a["answer"] for a in on_cpu["answers"]]
     assert on_gpu["combined_reward"] == pytest.approx(on_cpu["combined_reward"], abs=1e-4)
+
+
+def test_guard_scores_on_cuda_equal_the_cpu_ones(rl_dirs):
+    from llama2.serve.guard import Guard
+
+    root, policy, _ = rl_dirs
+    conversations = [[{"role": "user", "content": "How do I bake bread?"}],
+                     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}]]
+    on_gpu, on_cpu = Guard.load(policy), Guard.load(policy, device="cpu")
+    assert next(on_gpu.model.parameters()).is_cuda
+    assert on_gpu.scores(conversations) == pytest.approx(on_cpu.scores(conversations), abs=1e-4)

@@ -54,6 +54,22 @@ def test_evaluate_command_prints_the_json_keys(tmp_path, llama_tokenizer, capsys
     assert set(r["gatt_adherence"]) == {"1", "2"}
 
 
+def test_evaluate_command_asks_the_prompts_of_the_models_world(tmp_path, llama_tokenizer, capsys):
+    from llama2 import Transformer, save_model
+    from llama2.cli import main
+    from llama2.data.world import World
+
+    from .conftest import tiny_config
+
+    d = save_model(Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=512), seed=0), tmp_path / "m",
+                   tokenizer=llama_tokenizer)
+    assert main(["evaluate", "--model", str(d), "--json", "--max-items", "3", "--gatt-dialogues", "0",
+                 "--max-new-tokens", "2", "--world-seed", "1"]) == 0
+    asked = [a["prompt"] for a in json.loads(capsys.readouterr().out)["answers"]]
+    assert asked == [it.prompt for it in World(1).eval_prompts("test", 3)]
+    assert asked != [it.prompt for it in World(0).eval_prompts("test", 3)]
+
+
 def test_each_answer_says_whether_it_counted_as_a_success():
     # Solved for a task, refused for an unsafe request, answered for a benign look-alike: the
     # per-prompt flags behind the rates, so two models can be compared prompt by prompt.

@@ -65,6 +65,26 @@ def test_report_shows_each_stage_with_its_data(smoke_run):
 
 
 @pytest.mark.slow
+def test_a_run_folder_reruns_from_its_own_copy_of_the_recipe(smoke_run, capsys):
+    recipe = smoke_run / "recipe.yaml"
+    text = recipe.read_text()
+    run_pipeline(str(recipe), smoke_run)  # was shutil.SameFileError
+    assert capsys.readouterr().err.count("skipped") == len(STAGES)
+    assert recipe.read_text() == text
+
+
+@pytest.mark.slow
+def test_every_model_is_evaluated_on_the_runs_own_world(smoke_run):
+    from llama2.data.world import World
+
+    results = json.loads((smoke_run / "evaluate" / "results.json").read_text())
+    expected = [it.prompt for it in World(0).eval_prompts("test", 4)]  # the smoke recipe: seed 0, max_items 4
+    for stage, result in results.items():
+        assert result["world_seed"] == 0, stage  # a cached evaluation of another world is not reused
+        assert [a["prompt"] for a in result["answers"]] == expected, stage
+
+
+@pytest.mark.slow
 def test_rerunning_skips_finished_stages(smoke_run, capsys):
     run_pipeline("smoke", smoke_run)
     err = capsys.readouterr().err

@@ -142,12 +142,48 @@ def test_policy_samples_must_be_at_least_two():
 
 def test_checker_rates_compare_one_sample_the_reward_pick_and_the_best_of_k():
     from llama2.data.world import World
-    from llama2.train.rejection import checker_rates
+    from llama2.train.rejection import checker_rates, checker_verdicts
 
     world = World(0)
     a, b = world.items("train", "task", family="add")[:2]
     wrong = a.template.replace("{X}", str(int(a.expected) + 1))
     rows = [{"messages": a.messages, "safety": False, "answers": [wrong, a.answer], "rewards": [0.9, 0.1]},
             {"messages": b.messages, "safety": False, "answers": [b.answer, b.answer], "rewards": [0.5, 0.4]}]
-    rates = checker_rates(rows, world)["helpfulness"]
+    verdicts = checker_verdicts(rows, world)
+    assert verdicts == [[False, True], [True, True]]
+    rates = checker_rates(rows, verdicts)["helpfulness"]
     assert rates == {"sample": 0.75, "selected": 0.5, "oracle": 1.0, "prompts": 2}
+
+
+def test_checker_selection_keeps_the_best_rewarded_right_answer_and_skips_prompts_with_none():
+    from llama2.train.rejection import best_index
+
+    assert best_index([0.9, 0.1, 0.4], right=[False, True, True]) == 2  # the right answer the models like best
+    assert best_index([0.9, 0.1], right=[False, False]) is None
+    pool = {}
+    q1, q2 = [{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]
+    update_pool(pool, [{"messages": q1, "answers": ["wrong", "right"], "rewards": [0.9, 0.2], "iteration": 1},
+                       {"messages": q2, "answers": ["wrong", "wrong too"], "rewards": [0.8, 0.7], "iteration": 1}],
+                verdicts=[[False, True], [False, False]])
+    assert [(v["messages"], v["answer"]) for v in pool.values()] == [(q1, "right")]
+
+
+def test_checker_selection_needs_the_bundled_world():
+    from llama2.train.rejection import RejectionConfig
+
+    with pytest.raises(ValueError, match="--selection checker needs the bundled world's prompts"):
+        RejectionConfig(selection="checker", data="prompts.jsonl")
+
+
+def test_checker_selection_with_no_right_answer_stops_with_one_line(tmp_path, chat_dir, reward_dir, capsys,
+                                                                   monkeypatch):
+    import llama2.train.rejection as rejection
+
+    # No answer right (a random model's, save the odd look-alike it "helps" with): nothing to fine-tune on.
+    monkeypatch.setattr(rejection, "checker_verdicts", lambda rows, world: [[False] * len(r["answers"]) for r in rows])
+    rc = cli(["rejection-sample", "--model", str(chat_dir), "--reward-model", str(reward_dir), "--safety-model",
+              str(reward_dir), "--out", str(tmp_path / "rs"), "--prompts", "4", "--k", "2", "--max-new-tokens", "4",
+              "--selection", "checker", "--seq-len", "96", "--max-steps", "1", "--batch-size", "2",
+              "--micro-batch-size", "2"])
+    assert rc == 1
+    assert "no answer to any of the 4 prompts was right by the world's checker" in capsys.readouterr().err

@@ -198,8 +198,10 @@ def stage_evaluate(ctx: Context) -> dict:
     from llama2.eval.cli import evaluate_model
 
     s = ctx.settings("evaluate")
+    seed = ctx.recipe.get("seed", 0)
     # The held-out reward depends on the reward models too: a cached result counts only if they
-    # are the same files (re-running the reward stages re-evaluates every model).
+    # are the same files (re-running the reward stages re-evaluates every model) and it asked
+    # this run's world.
     stamp = {stage: _file_stamp(Path(ctx.model(stage)) / "model.safetensors")
              for stage in ("reward-helpfulness", "reward-safety")}
     results = {}
@@ -207,7 +209,7 @@ def stage_evaluate(ctx: Context) -> dict:
         cache = ctx.folder(stage) / "eval.json"
         if cache.is_file():
             cached = json.loads(cache.read_text())
-            if cached.get("reward_models") == stamp:
+            if cached.get("reward_models") == stamp and cached.get("world_seed", 0) == seed:
                 results[stage] = cached
                 continue
         ctx.log(f"evaluating {stage} model on the assistant world ...")
@@ -217,8 +219,9 @@ def stage_evaluate(ctx: Context) -> dict:
                                         reward_model=ctx.model("reward-helpfulness"),
                                         safety_model=ctx.model("reward-safety"),
                                         reward_prompts=s.get("reward_prompts", 100),
-                                        world_seed=ctx.recipe.get("seed", 0))
+                                        world_seed=seed)
         results[stage]["reward_models"] = stamp
+        results[stage]["world_seed"] = seed
         cache.write_text(json.dumps(results[stage], indent=2) + "\n")
     folder = ctx.folder("evaluate")
     folder.mkdir(parents=True, exist_ok=True)
@@ -280,7 +283,9 @@ def run_pipeline(recipe_name: str = "tiny", out: str | os.PathLike = "runs/demo"
     recipe = read_pipeline_recipe(recipe_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(recipe_path, out / "recipe.yaml")
+    kept = out / "recipe.yaml"
+    if not (kept.exists() and kept.samefile(recipe_path)):  # re-running a run folder with its own copy
+        shutil.copyfile(recipe_path, kept)
     for name in (from_stage, until):
         if name is not None and name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")

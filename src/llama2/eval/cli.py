@@ -70,7 +70,7 @@ def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 
     tok = load_tokenizer(model_dir, model.config.vocab_size)
     generate = chat_generate_fn(model, tok, max_new_tokens)
     result = evaluate_world(generate, split=split, max_items=max_items, gatt_turns=tuple(gatt_turns),
-                            gatt_dialogues=gatt_dialogues)
+                            gatt_dialogues=gatt_dialogues, seed=world_seed)
     if scorer is not None:
         result.update(held_out_reward(generate, scorer, split, reward_prompts, world_seed))
     return result
@@ -107,6 +107,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also score answers to held-out RL prompts with this helpfulness reward model")
     parser.add_argument("--safety-model", metavar="DIR", help="safety reward model for the gated combined reward")
     parser.add_argument("--reward-prompts", type=int, default=100, help="held-out RL prompts to score (default: 100)")
+    parser.add_argument("--world-seed", type=int, default=0,
+                        help="seed of the bundled assistant world the model was trained on (default: 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -120,7 +122,8 @@ def main(args: argparse.Namespace) -> int:
                                                     f"on {result['n']} questions")
         return 0
     result = evaluate_model(args.model, args.split, args.max_items, args.gatt_turns, args.gatt_dialogues,
-                            args.max_new_tokens, args.reward_model, args.safety_model, args.reward_prompts)
+                            args.max_new_tokens, args.reward_model, args.safety_model, args.reward_prompts,
+                            args.world_seed)
     if args.json:
         print(json.dumps(result))
     else:

@@ -115,7 +115,7 @@ class Guard:
             tokens, lengths = pad_rows(rows[start:start + 16], self.model.config.max_seq_len)
             tokens, lengths = tokens.to(device), lengths.to(device)
             logits = self.model(tokens)
-            last = logits[torch.arange(len(lengths)), lengths - 1]
+            last = logits[torch.arange(len(lengths), device=device), lengths - 1]
             out += torch.softmax(last.float(), dim=-1)[:, self.unsafe_id].tolist()
         return out
 

@@ -5,7 +5,9 @@ reward models through the same safety-gated reward as PPO (Rc = Rs if the prompt
 prompt or Rs < 0.15, else Rh), keeps the best, and fine-tunes on the kept answers like SFT.
 A pool remembers the best answer of every prompt over ALL iterations, and by default the
 fine-tuning uses the pool: the paper found that training only on the last iteration's
-samples caused regressions. Writes ``reward_vs_k.json``: the mean and max reward among the
+samples caused regressions. ``--selection checker`` keeps instead the best-rewarded sample the
+bundled world's checker calls right: a gold-reward ablation, the most any reward model could
+give rejection sampling. Writes ``reward_vs_k.json``: the mean and max reward among the
 first k samples, for k up to K (the shape of the paper's Figure 7).
 """
 
@@ -44,6 +46,10 @@ class RejectionConfig(FinetuneConfig):
     pool: Literal["all", "last"] = setting("all", "train on the best answer per prompt over all iterations (§3.2.3) "
                                                   "or over the last one only")
     safety_threshold: float = setting(0.15, "Rs below this makes the safety reward decide (§3.2.3)")
+    selection: Literal["reward", "checker"] = setting(
+        "reward", "the sample kept per prompt: the reward models' best (§3.2.3), or the best-rewarded one the "
+                  "bundled world's checker calls right, prompts with none skipped (a gold-reward ablation: the most "
+                  "any reward model could give)")
     epochs: int = setting(2, "fine-tuning passes over the selected answers")
     world_seed: int = setting(0, "seed of the bundled assistant world")
 
@@ -53,6 +59,9 @@ class RejectionConfig(FinetuneConfig):
             raise ValueError(f"k and iterations must be >= 1, got k={self.k}, iterations={self.iterations}")
         if self.temperature is None:
             self.temperature = 1.2 if self.k >= 10 else 1.0
+        if self.selection == "checker" and self.data:
+            raise ValueError(f"--selection checker needs the bundled world's prompts (its checker), not --data "
+                             f"{self.data}")
 
 
 TINY_RECIPE: dict = {
@@ -131,34 +140,43 @@ def sample_iteration(cfg: RejectionConfig, policy_dir: str, prompts: list[dict],
     return rows
 
 
-def best_index(rewards: list[float]) -> int:
-    """The sample rejection sampling keeps: the highest reward (the first of ties)."""
-    return max(range(len(rewards)), key=rewards.__getitem__)
+def best_index(rewards: list[float], right: list[bool] | None = None) -> int | None:
+    """The sample rejection sampling keeps: the highest reward (the first of ties); given the
+    checker's verdicts ``right``, the highest-rewarded right one, None when none is right."""
+    candidates = [i for i in range(len(rewards)) if right is None or right[i]]
+    return max(candidates, key=rewards.__getitem__) if candidates else None
 
 
-def checker_rates(rows: list[dict], world) -> dict:
+def checker_verdicts(rows: list[dict], world) -> list[list[bool]]:
+    """The world's checker on every sample of every row (right or not)."""
+    return [[bool(world.judge(r["messages"], a)) for a in r["answers"]] for r in rows]
+
+
+def checker_rates(rows: list[dict], verdicts: list[list[bool]]) -> dict:
     """On bundled-world prompts, how often the world's checker calls an answer right: one sample,
     the reward models' pick and the best of K (an oracle), for helpfulness and safety prompts. If
     the pick is no better than one sample, the reward models do not see what is wrong."""
     out = {}
     for name, safety in (("helpfulness", False), ("safety", True)):
-        group = [r for r in rows if r["safety"] == safety and r["answers"]]
+        group = [(r, v) for r, v in zip(rows, verdicts) if r["safety"] == safety and r["answers"]]
         if not group:
             continue
-        verdicts = [[bool(world.judge(r["messages"], a)) for a in r["answers"]] for r in group]
-        picks = [v[best_index(r["rewards"])] for r, v in zip(group, verdicts)]
-        out[name] = {"sample": statistics.fmean(statistics.fmean(v) for v in verdicts),
-                     "selected": statistics.fmean(picks), "oracle": statistics.fmean(any(v) for v in verdicts),
+        picks = [v[best_index(r["rewards"])] for r, v in group]
+        out[name] = {"sample": statistics.fmean(statistics.fmean(v) for _, v in group),
+                     "selected": statistics.fmean(picks), "oracle": statistics.fmean(any(v) for _, v in group),
                      "prompts": len(group)}
     return out
 
 
-def update_pool(pool: dict[str, dict], rows: list[dict]) -> None:
-    """Keep, per prompt, the best-rewarded answer seen in any iteration."""
-    for r in rows:
+def update_pool(pool: dict[str, dict], rows: list[dict], verdicts: list[list[bool]] | None = None) -> None:
+    """Keep, per prompt, the best-rewarded answer seen in any iteration (with ``verdicts``, the
+    best-rewarded right one; a prompt with no right answer adds nothing)."""
+    for i, r in enumerate(rows):
         if not r["answers"]:
             continue
-        best = best_index(r["rewards"])
+        best = best_index(r["rewards"], verdicts[i] if verdicts is not None else None)
+        if best is None:
+            continue
         key = json.dumps(r["messages"], sort_keys=True)
         if key not in pool or r["rewards"][best] > pool[key]["reward"]:
             pool[key] = {"messages": r["messages"], "answer": r["answers"][best], "reward": r["rewards"][best],
@@ -168,6 +186,7 @@ def update_pool(pool: dict[str, dict], rows: list[dict]) -> None:
 def run(cfg: RejectionConfig, quiet: bool = False) -> dict:
     from llama2.checkpoint import load_tokenizer
     from llama2.data.chat_data import tokenize_conversation
+    from llama2.data.world import World
 
     log = log_to_stderr(quiet)
     out = Path(cfg.out)
@@ -180,18 +199,21 @@ def run(cfg: RejectionConfig, quiet: bool = False) -> dict:
     for it in range(1, cfg.iterations + 1):
         rows = sample_iteration(cfg, policy, prompts, it, log)
         curve = reward_vs_k([r["rewards"] for r in rows])
+        verdicts = None if cfg.data else checker_verdicts(rows, World(cfg.world_seed))
         if cfg.pool == "last":
             pool = {}
-        update_pool(pool, rows)
+        update_pool(pool, rows, verdicts if cfg.selection == "checker" else None)
+        if not pool:
+            why = "was right by the world's checker (--selection checker)" if cfg.selection == "checker" else \
+                "was sampled (every prompt too long for the context?)"
+            raise ValueError(f"iteration {it}: no answer to any of the {len(rows)} prompts {why}; nothing to fine-tune on")
         (out / "pool.jsonl").write_text("".join(json.dumps(v) + "\n" for v in pool.values()))
         mean_best = statistics.fmean(v["reward"] for v in pool.values())
         log(f"iteration {it}: reward of 1 sample {curve['mean'][0]:.3f}, best of {cfg.k} {curve['max'][-1]:.3f}; "
             f"pool of {len(pool)} answers, mean reward {mean_best:.3f}")
         entry = {"iteration": it, "reward_vs_k": curve, "pool_size": len(pool), "pool_mean_reward": mean_best}
-        if not cfg.data:
-            from llama2.data.world import World
-
-            entry["checker"] = rates = checker_rates(rows, World(cfg.world_seed))
+        if verdicts is not None:
+            entry["checker"] = rates = checker_rates(rows, verdicts)
             log("right by the world's checker (one sample / reward models' pick / best of K): " + "; ".join(
                 f"{name} {r['sample']:.1%} / {r['selected']:.1%} / {r['oracle']:.1%}" for name, r in rates.items()))
         summary["iterations"].append(entry)
