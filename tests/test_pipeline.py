@@ -23,6 +23,19 @@ def test_bad_recipe_names_the_problem(tmp_path):
         read_pipeline_recipe(bad)
 
 
+def test_the_recipe_seed_draws_the_world_of_every_stage_that_reads_it(tmp_path):
+    from llama2.pipeline import Context, _config
+    from llama2.train.ppo import PPOConfig
+    from llama2.train.pretrain import PretrainConfig
+    from llama2.train.sft import SFTConfig
+
+    ctx = Context(tmp_path, {"seed": 1, "stages": {"ppo": {"world_seed": 3}}}, print)
+    sft = _config(SFTConfig, ctx, "sft")
+    assert (sft.seed, sft.world_seed) == (1, 1)
+    assert _config(PPOConfig, ctx, "ppo").world_seed == 3  # a stage's own setting wins
+    assert _config(PretrainConfig, ctx, "pretrain").seed == 1  # no world there: only the seed
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")

@@ -14,6 +14,7 @@ same fields as the stage's command-line flags); paths between stages are filled 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -79,6 +80,8 @@ def _config(cls, ctx: Context, stage: str, **paths):
 
     values = {**ctx.settings(stage), **paths}
     values.setdefault("seed", ctx.recipe.get("seed", 0))
+    if any(f.name == "world_seed" for f in dataclasses.fields(cls)):  # the stages that read the world
+        values.setdefault("world_seed", ctx.recipe.get("seed", 0))
     values.setdefault("progress", True)
     return from_dict(cls, values, f"recipe stage {stage!r}")
 
