@@ -117,7 +117,7 @@ class PPOTrainer:
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
         # All five models on one device: rollouts, scoring and the updates run on the GPU when
-        # there is one (float32 weights: the updates are the small, careful steps of §3.2.3).
+        # there is one, each model in the dtype it was saved in.
         self.device = device = default_device()
         self.policy = load_model(cfg.model, device=device).train()
         self.reference = load_model(cfg.model, device=device).eval().requires_grad_(False)
