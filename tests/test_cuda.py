@@ -1,6 +1,7 @@
 """The GPU paths: parity with transformers on CUDA (float32 and bfloat16), the KV cache,
-torch.compile, batched decoding, and `llama2 pretrain` in bf16 single-GPU and under torchrun
-with FSDP2 (NCCL, meta-device init, torch.distributed.checkpoint).
+torch.compile, batched decoding, `llama2 pretrain` in bf16 single-GPU and under torchrun
+with FSDP2 (NCCL, meta-device init, torch.distributed.checkpoint), and the RL stages, the
+world evaluation and the guard on the GPU.
 
 Every test is skipped without CUDA. Tiny random models, a few seconds each (the compile test
 and the torchrun one take longest: compilation and process start-up).
