@@ -42,3 +42,27 @@ def pretrain_data(tmp_path_factory):
     train_tokenizer([text], root / "tok", vocab_size=384, verbose=False)
     prepare([text], root / "tok" / "tokenizer.model", root / "data", val_fraction=0.1, workers=1, log=lambda m: None)
     return root / "data"
+
+
+@pytest.fixture(scope="module")
+def rl_dirs(tmp_path_factory, llama_tokenizer):
+    """(root, policy, reward model): a tiny random chat model and a reward model from its trunk,
+    per test module (the PPO runs under root must not meet another module's)."""
+    from llama2 import save_model
+    from llama2.checkpoint import save_scalar_model
+    from llama2.model.heads import ScalarModel
+
+    root = tmp_path_factory.mktemp("rl")
+    lm = Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=1024), seed=0)
+    policy = save_model(lm, root / "policy", tokenizer=llama_tokenizer)
+    rm = save_scalar_model(ScalarModel.from_language_model(lm), root / "rm", tokenizer=llama_tokenizer)
+    return root, policy, rm
+
+
+def ppo_config(root, policy, rm, out, steps):
+    """A PPO run of ``steps`` iterations of 4 prompts under ``root / out``, checkpointing every one."""
+    from llama2.train.ppo import PPOConfig
+
+    return PPOConfig(out=str(root / out), model=str(policy), reward_model=str(rm), safety_model=str(rm),
+                     max_steps=steps, batch_size=4, minibatch_size=2, micro_batch_size=2, lr=1e-3, value_lr=1e-3,
+                     max_new_tokens=6, prompts=12, save_every=1, progress=False)

@@ -21,7 +21,7 @@ import torch
 
 from llama2 import Generator, SamplingParams, Transformer, load_model, save_model
 
-from .conftest import tiny_config
+from .conftest import ppo_config, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -285,26 +285,6 @@ def test_torchrun_fsdp_on_one_gpu_checkpoints_through_dcp_and_resumes(tmp_path, 
 
 
 # -- the RL stages: sampling, scoring and updates on the GPU --------------------------------
-
-@pytest.fixture(scope="module")
-def rl_dirs(tmp_path_factory, llama_tokenizer):
-    from llama2.checkpoint import save_scalar_model
-    from llama2.model.heads import ScalarModel
-
-    root = tmp_path_factory.mktemp("rl-cuda")
-    lm = Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=1024), seed=0)
-    policy = save_model(lm, root / "policy", tokenizer=llama_tokenizer)
-    rm = save_scalar_model(ScalarModel.from_language_model(lm), root / "rm", tokenizer=llama_tokenizer)
-    return root, policy, rm
-
-
-def ppo_config(root, policy, rm, out, steps):
-    from llama2.train.ppo import PPOConfig
-
-    return PPOConfig(out=str(root / out), model=str(policy), reward_model=str(rm), safety_model=str(rm),
-                     max_steps=steps, batch_size=4, minibatch_size=2, micro_batch_size=2, lr=1e-3, value_lr=1e-3,
-                     max_new_tokens=6, prompts=12, save_every=1, progress=False)
-
 
 def test_ppo_rolls_out_scores_and_updates_on_cuda_and_resumes(rl_dirs):
     from llama2.train.ppo import PPOTrainer

@@ -5,13 +5,12 @@ import json
 import pytest
 import torch
 
-from llama2 import Transformer, save_model
-from llama2.checkpoint import load_model, save_scalar_model
-from llama2.model.heads import ScalarModel
+from llama2 import Transformer
+from llama2.checkpoint import load_model
 from llama2.serve.guard import CATEGORIES, Guard, guard_prompt, metrics
-from llama2.train.ppo import PPOConfig, PPOTrainer, build_rollout
+from llama2.train.ppo import PPOTrainer, build_rollout
 
-from .conftest import tiny_config
+from .conftest import ppo_config, tiny_config
 
 
 def test_only_answer_positions_get_policy_gradient():
@@ -21,24 +20,9 @@ def test_only_answer_positions_get_policy_gradient():
     assert roll["tokens"].tolist() == [[1, 5, 6, 8, 2], [1, 7, 9, 0, 0]]
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory, llama_tokenizer):
-    root = tmp_path_factory.mktemp("ppo")
-    lm = Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=1024), seed=0)
-    policy = save_model(lm, root / "policy", tokenizer=llama_tokenizer)
-    rm = save_scalar_model(ScalarModel.from_language_model(lm), root / "rm", tokenizer=llama_tokenizer)
-    return root, policy, rm
-
-
-def _cfg(root, policy, rm, out, steps):
-    return PPOConfig(out=str(root / out), model=str(policy), reward_model=str(rm), safety_model=str(rm),
-                     max_steps=steps, batch_size=4, minibatch_size=2, micro_batch_size=2, lr=1e-3, value_lr=1e-3,
-                     max_new_tokens=6, prompts=12, save_every=1, progress=False)
-
-
-def test_ppo_logs_the_papers_quantities_and_starts_at_zero_kl(dirs):
-    root, policy, rm = dirs
-    PPOTrainer(_cfg(root, policy, rm, "run", 2), quiet=True).fit()
+def test_ppo_logs_the_papers_quantities_and_starts_at_zero_kl(rl_dirs):
+    root, policy, rm = rl_dirs
+    PPOTrainer(ppo_config(root, policy, rm, "run", 2), quiet=True).fit()
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2]
     for key in ("reward_helpful", "reward_safety", "reward_combined", "kl", "policy_loss", "value_loss",
@@ -48,11 +32,11 @@ def test_ppo_logs_the_papers_quantities_and_starts_at_zero_kl(dirs):
     load_model(root / "run" / "model")
 
 
-def test_ppo_resumes_exactly(dirs):
-    root, policy, rm = dirs
-    PPOTrainer(_cfg(root, policy, rm, "straight", 2), quiet=True).fit()
-    PPOTrainer(_cfg(root, policy, rm, "resumed", 1), quiet=True).fit()
-    PPOTrainer(_cfg(root, policy, rm, "resumed", 2), quiet=True).fit()  # continues from iteration 1
+def test_ppo_resumes_exactly(rl_dirs):
+    root, policy, rm = rl_dirs
+    PPOTrainer(ppo_config(root, policy, rm, "straight", 2), quiet=True).fit()
+    PPOTrainer(ppo_config(root, policy, rm, "resumed", 1), quiet=True).fit()
+    PPOTrainer(ppo_config(root, policy, rm, "resumed", 2), quiet=True).fit()  # continues from iteration 1
     a, b = load_model(root / "straight" / "model"), load_model(root / "resumed" / "model")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
@@ -105,10 +89,10 @@ def test_precision_and_recall_per_category():
     assert m["per_category"]["O2"]["precision"] is None
 
 
-def test_guard_check_rejects_malformed_input(dirs, tmp_path, capsys):
+def test_guard_check_rejects_malformed_input(rl_dirs, tmp_path, capsys):
     from llama2.cli import main
 
-    _, policy, _ = dirs
+    _, policy, _ = rl_dirs
     bad = tmp_path / "bad.json"
     bad.write_text('[{"role": "user"}]')
     assert main(["guard", "check", "--model", str(policy), "--file", str(bad)]) == 1

@@ -59,14 +59,14 @@ def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 
     from llama2.eval.suite import evaluate_world
     from llama2.generate import default_device
 
-    scorer = None
+    scorer, device = None, default_device()
     if reward_model:  # loaded first: a wrong directory fails before minutes of generation
         from llama2.train.scoring import RewardScorer
 
         if reward_prompts < 1:
             raise ValueError(f"reward_prompts must be at least 1, got {reward_prompts}")
-        scorer = RewardScorer(reward_model, safety_model or None, device=default_device())
-    model = load_model(model_dir, device=default_device())
+        scorer = RewardScorer(reward_model, safety_model or None, device=device)
+    model = load_model(model_dir, device=device)
     tok = load_tokenizer(model_dir, model.config.vocab_size)
     generate = chat_generate_fn(model, tok, max_new_tokens)
     result = evaluate_world(generate, split=split, max_items=max_items, gatt_turns=tuple(gatt_turns),
