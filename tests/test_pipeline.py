@@ -36,6 +36,13 @@ def test_the_recipe_seed_draws_the_world_of_every_stage_that_reads_it(tmp_path):
     assert _config(PretrainConfig, ctx, "pretrain").seed == 1  # no world there: only the seed
 
 
+def test_a_recipe_without_stages_is_refused(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="lists no stages"):
+        read_pipeline_recipe(empty)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")

@@ -49,6 +49,9 @@ def read_pipeline_recipe(path: Path) -> dict:
 
     recipe = read_recipe(path)
     stages = recipe.get("stages") or {}
+    if not stages:  # every stage on its command's defaults does not chain (e.g. vocabulary sizes)
+        raise ValueError(f"{path}: the recipe lists no stages (the built-in tiny recipe shows the shape: "
+                         f"src/llama2/resources/recipes/tiny.yaml)")
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"{path}: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
