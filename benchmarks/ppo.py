@@ -18,15 +18,11 @@ from pathlib import Path
 import torch
 
 
-def tokenizer(tmp: Path):
-    from llama2 import Tokenizer, train_tokenizer
+def tokenizer():
+    """The real Llama 2 vocabulary (the test fixture in the repository)."""
+    from llama2 import Tokenizer
 
-    fixture = Path(__file__).resolve().parents[2] / "shared/fixtures/llama2-tokenizer/tokenizer.model"
-    if fixture.is_file():
-        return Tokenizer(fixture)
-    from llama2.data.corpus import default_corpus_files
-
-    return train_tokenizer(default_corpus_files()[:1], tmp / "tok", vocab_size=4096, verbose=False)
+    return Tokenizer(Path(__file__).resolve().parents[1] / "tests/fixtures/llama2-tokenizer/tokenizer.model")
 
 
 def main() -> None:
@@ -50,7 +46,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tok = tokenizer(tmp)
+        tok = tokenizer()
         cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=512)
         lm = Transformer.from_config(cfg, seed=0)
         save_model(lm, tmp / "policy", tokenizer=tok)

@@ -23,8 +23,8 @@ from llama2 import ModelConfig, Transformer
 from llama2.checkpoint import CheckpointError, convert, load_model, load_tokenizer, save_model
 from llama2.cli import main as cli
 
-FIXTURE = Path(__file__).parents[2] / "shared/fixtures/llama2-tokenizer/tokenizer.model"
-needs_tokenizer = pytest.mark.skipif(not FIXTURE.is_file(), reason=f"Llama 2 tokenizer fixture missing: {FIXTURE}")
+from .conftest import FIXTURE_TOKENIZER as FIXTURE
+
 ATOL = 1e-4
 
 
@@ -231,7 +231,6 @@ def test_save_model_writes_generation_and_tokenizer_configs(tmp_path):
     assert not (tmp_path / "tokenizer_config.json").exists()  # no tokenizer given
 
 
-@needs_tokenizer
 def test_transformers_tokenizer_loads_the_saved_directory(tmp_path):
     from transformers import AutoTokenizer
 
@@ -331,7 +330,6 @@ def test_transformers_checkpoint_converts_to_meta(tmp_path):
         "n_layers": 80, "norm_eps": 1e-05, "vocab_size": 32000}
 
 
-@needs_tokenizer
 def test_convert_cli_both_ways(tmp_path, capsys):
     src = write_meta(tmp_path / "meta", META_PARAMS, meta_weights(META_PARAMS, 32000, seed=2), 2)
     (tmp_path / "tokenizer.model").write_bytes(FIXTURE.read_bytes())  # one folder up, as Meta ships it
@@ -546,7 +544,6 @@ def test_unsupported_hf_features_are_refused(saved):
         assert str(saved / "config.json") in _error(saved)
 
 
-@needs_tokenizer
 def test_tokenizer_vocab_must_match_the_model(tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer.model.*32000.*512"):
         load_tokenizer(FIXTURE, 512)

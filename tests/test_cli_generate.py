@@ -19,7 +19,8 @@ from llama2.chat_session import SPECIAL_TAGS_ERROR, ChatSession, build_messages,
 from llama2.cli import main as cli
 from llama2.generate import ContextOverflow
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/llama2-tokenizer/tokenizer.model"
+from .conftest import FIXTURE_TOKENIZER as FIXTURE
+
 CONTEXT = 96
 
 
@@ -34,8 +35,6 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    if not FIXTURE.is_file():
-        pytest.skip(f"Llama 2 tokenizer fixture not found at {FIXTURE}")
     from llama2 import Tokenizer
 
     return Tokenizer(FIXTURE)

@@ -6,15 +6,14 @@ Tiny random float32 models; the real Llama 2 tokenizer only where text matters.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from llama2 import Generator, ModelConfig, SamplingParams, Transformer, save_model
 from llama2.generate import ContextOverflow, prompt_logprobs, sample
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/llama2-tokenizer/tokenizer.model"
+from .conftest import FIXTURE_TOKENIZER as FIXTURE
+
 EOS = 2
 PROMPTS = [[1, 5, 77, 300, 12], [1, 400], [1, 9, 8, 7, 6, 5, 4, 3, 200, 100, 50]]
 
@@ -55,8 +54,6 @@ def gen(model) -> Generator:
 
 @pytest.fixture(scope="module")
 def real_tokenizer():
-    if not FIXTURE.is_file():
-        pytest.skip(f"Llama 2 tokenizer fixture not found at {FIXTURE}")
     from llama2 import Tokenizer
 
     return Tokenizer(FIXTURE)

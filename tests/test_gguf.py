@@ -22,7 +22,6 @@ from .test_checkpoint import FIXTURE, META_PARAMS, logits, meta_weights, random_
 from .test_checkpoint import write_meta as write_meta_dir
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (pip install 'llama2[gguf]') is not installed")
-pytestmark = pytest.mark.skipif(not FIXTURE.is_file(), reason=f"Llama 2 tokenizer fixture missing: {FIXTURE}")
 
 VOCAB = 32000
 SMALL_VOCAB = 320

@@ -30,6 +30,38 @@ def test_shipped_task_loads():
         assert "  " not in task.context(doc) + "".join(task.choices(doc))  # see README: tokenizers differ on runs of spaces
 
 
+def write_task(folder, doc_to_text: str, data: bytes = b'{"q": "2+2?", "choices": ["3", "4"], "answer": 1}\n'):
+    (folder / "t.jsonl").write_bytes(data)
+    (folder / "t.yaml").write_text(
+        "task: t\noutput_type: multiple_choice\ndataset_kwargs:\n  data_file: t.jsonl\n"
+        f"doc_to_text: {doc_to_text!r}\ndoc_to_choice: '{{{{choices}}}}'\ndoc_to_target: '{{{{answer}}}}'\n")
+    return folder / "t.yaml"
+
+
+def test_a_task_template_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}"
+    task = mc.MultipleChoiceTask.load(write_task(tmp_path, payload))
+    with pytest.raises(ValueError, match="not allowed"):
+        task.context(task.docs[0])
+    assert not marker.exists()
+
+
+def test_a_task_template_still_renders_plain_jinja(tmp_path):
+    task = mc.MultipleChoiceTask.load(write_task(tmp_path, "Q: {{ q | upper }}{% if q %}!{% endif %}"))
+    assert task.context(task.docs[0]) == "Q: 2+2?!" and task.choices(task.docs[0]) == ["3", "4"]
+
+
+@pytest.mark.parametrize("data, error", [
+    (b'{"q": "a"}\n{"q": \n', r"t\.jsonl:2: not valid JSON"),
+    (b'{"q": "a"}\n\n{"q": "\xff"}\n', r"t\.jsonl:3: not UTF-8"),
+    (b'[1, 2]\n', r"t\.jsonl:1: each line must be a JSON object"),
+])
+def test_a_bad_task_data_line_is_named_by_file_and_line(tmp_path, data, error):
+    with pytest.raises(ValueError, match=error):
+        mc.MultipleChoiceTask.load(write_task(tmp_path, "{{q}}", data))
+
+
 def test_encode_pair_follows_lm_eval(llama_tokenizer):
     ctx, cont = mc.encode_pair(llama_tokenizer, "Question: 2+2?\nAnswer: ", "4")
     assert ctx[0] == 1 and ctx.count(1) == 1  # one BOS, on the context

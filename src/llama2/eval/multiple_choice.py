@@ -55,8 +55,7 @@ class MultipleChoiceTask:
         for key in ("doc_to_text", "doc_to_choice", "doc_to_target"):
             if not isinstance(cfg.get(key), str) or cfg[key].startswith("!function"):
                 raise ValueError(f"{path}: {key} must be a Jinja template or a field name")
-        lines = (path.parent / data_file).read_text(encoding="utf-8").splitlines()
-        docs = [json.loads(line) for line in lines if line.strip()]
+        docs = _read_docs(path.parent / data_file)
         return cls(cfg["task"], docs, cfg["doc_to_text"], cfg["doc_to_choice"], cfg["doc_to_target"],
                    cfg.get("target_delimiter", " "))
 
@@ -66,9 +65,15 @@ class MultipleChoiceTask:
         if template in doc:
             return doc[template]
         import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-        return env.from_string(template).render(**doc)
+        # A task file is someone else's file: its templates render in Jinja's sandbox, where
+        # attribute walks such as ``cycler.__init__.__globals__`` are refused, not executed.
+        env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        try:
+            return env.from_string(template).render(**doc)
+        except SecurityError as e:
+            raise ValueError(f"task {self.name}: template {template!r} is not allowed: {e}") from None
 
     def context(self, doc: dict) -> str:
         return self._render(self.doc_to_text, doc)
@@ -82,6 +87,27 @@ class MultipleChoiceTask:
         if isinstance(value, str):
             value = int(value) if value.isdigit() else self.choices(doc).index(value)
         return int(value)
+
+
+def _read_docs(path: Path) -> list[dict]:
+    """The task's JSONL, one document per line; a bad line is named by file and line."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the task's data file ({e.strerror})") from None
+    docs = []
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+            if line.strip():
+                docs.append(json.loads(line))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{number}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if docs and not isinstance(docs[-1], dict):
+            raise ValueError(f"{path}:{number}: each line must be a JSON object")
+    return docs
 
 
 @dataclass
