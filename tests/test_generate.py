@@ -203,7 +203,8 @@ def test_per_row_generators_draw_from_the_same_distribution():
 
 
 def test_sampling_params_are_validated():
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=-1)):
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=-1),
+                dict(seed=-1), dict(seed=2**64), dict(temperature=float("nan"))):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 

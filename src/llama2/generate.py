@@ -16,10 +16,16 @@ from torch import Tensor
 
 from llama2.model import Transformer
 
+# Temperatures below this are greedy decoding, as in vLLM: dividing logits by a tiny
+# temperature overflows them to inf (NaN probabilities below ~1e-38), and long before that the
+# distribution is already one-hot in float32.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
-    """Defaults are Meta's chat defaults (temperature 0.6, top-p 0.9); temperature 0 = greedy."""
+    """Defaults are Meta's chat defaults (temperature 0.6, top-p 0.9); temperature 0 (or anything
+    below ``GREEDY_BELOW``) = greedy."""
 
     temperature: float = 0.6
     top_p: float = 0.9
@@ -32,7 +38,7 @@ class SamplingParams:
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # (NaN too)
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -40,8 +46,14 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:  # what torch.Generator takes
+            raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -63,9 +75,10 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generat
 
     ``generator`` is None (torch's global RNG), one ``torch.Generator`` for the whole batch, or a
     sequence of B generators, one per row: then row i's draw depends only on row i's logits and
-    its generator, never on the other rows of the batch.
+    its generator, never on the other rows of the batch. A temperature below ``GREEDY_BELOW``
+    is greedy.
     """
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k:

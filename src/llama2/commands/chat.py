@@ -50,7 +50,7 @@ def main(args) -> int:
     from llama2.generate import ContextOverflow, Generator
 
     params = sampling_params(args)  # validate before loading
-    model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify)
     gen = Generator(model, tokenizer, compile=args.compile)
     session = ChatSession(tokenizer, gen.max_seq_len, params.max_new_tokens, args.system)
     interactive = sys.stdin.isatty()
@@ -83,7 +83,7 @@ def main(args) -> int:
             continue
         if dropped:
             note(f"(forgot the {dropped} oldest exchange{'s' * (dropped > 1)} to fit the context)")
-        turn_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + turn)
+        turn_params = params if params.seed is None else dataclasses.replace(params, seed=(params.seed + turn) % 2**63)
         turn += 1
         pieces: list[str] = []
         try:

@@ -7,6 +7,15 @@ Requests are decoded together by :class:`llama2.serve.engine.Engine` (continuous
 Prompts and BOS: a string prompt is encoded with exactly one BOS in front; a prompt given as
 token ids is used exactly as given, so it must carry its own BOS (lm-eval does, with
 ``add_bos_token=True``). Chat requests use Meta's Llama 2 chat format (``encode_chat``).
+
+Hardening: a request can only fail itself. Bodies are limited in size (``--max-body-bytes``,
+413) before they are read, then parsed off the event loop into strict pydantic models with
+bounds (see "limits" below), so wrong types, out-of-range numbers, invalid Unicode, deep
+nesting and huge integers are 400s naming the field. Tokenization runs in a worker thread.
+Every error is OpenAI's ``{"error": {message, type, param, code}}`` JSON *response* — never an
+exception escaping to uvicorn, which would close the keep-alive connection — with a 4xx, 503
+when busy or stopping, and 500 only for the server's own failures. In the engine, a failure
+of one request's row fails that request alone (see :mod:`llama2.serve.engine`).
 """
 
 from __future__ import annotations
@@ -17,19 +26,21 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from llama2.chat import encode_chat
 from llama2.generate import SamplingParams
@@ -41,16 +52,36 @@ from .engine import (
     IncrementalDetokenizer,
     QueueFull,
     Result,
+    ShuttingDown,
     TokenLogprob,
 )
 from .engine import Request as EngineRequest
 
 log = logging.getLogger("llama2.serve")
 
-# Meta's chat defaults (facts §4), used when a request does not say and the model directory
+# Meta's chat defaults (their generation.py), used when a request does not say and the model directory
 # has no generation_config.json that does.
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.6, 0.9
-MAX_LOGPROBS = 20
+
+# -- limits ---------------------------------------------------------------------------------
+# Everything a request can make the server hold or loop over is bounded here, at the edge.
+#
+# Bodies: a full batch of full-context prompts sent as token ids (64 x 4096 ids at ~6.5 bytes
+# each, ~1.7 MB) fits twice over in 4 MiB; a 4 MiB string prompt takes ~2 s to tokenize on
+# one CPU core, off the event loop. Anything larger is refused (413) before it is parsed.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_PROMPTS = 256  # prompts in one /v1/completions request (each x n is still bounded by --max-queue)
+MAX_N = 64  # choices per prompt
+MAX_STOPS = 16  # stop strings per request ...
+MAX_STOP_CHARS = 256  # ... and their length (a stream holds back that many characters)
+MAX_MESSAGES = 1024  # chat messages per request (the context fills long before)
+MAX_ROLE_CHARS = 32
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI
+SEED_LIMIT = 2**63  # torch seeds are 64-bit; choice j of n uses (seed + j) mod SEED_LIMIT
+# Ids and counts past these are refused by the schema; the model's own vocabulary size and
+# context length are checked after parsing, with errors that name the numbers.
+TOKEN_ID_LIMIT = 2**31
+COUNT_LIMIT = 2**31
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -70,70 +101,163 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
-# -- request bodies -------------------------------------------------------------------------
-class _Common(BaseModel):
-    # Unknown fields are ignored: OpenAI clients send some we have no use for (e.g. "user").
-    model_config = ConfigDict(extra="allow")
+class BodyTooLarge(APIError):
+    def __init__(self, limit: int, size: int | None = None):
+        got = f"is {size} bytes" if size is not None else "is larger than that"
+        super().__init__(413, f"the request body {got}; this server accepts at most {limit} bytes "
+                              "(llama2 serve --max-body-bytes)", code="request_too_large")
 
+
+def _internal_error(exc: BaseException) -> APIError:
+    """What a client sees of a failure that is the server's fault, not its request's."""
+    if isinstance(exc, ShuttingDown):
+        return APIError(503, str(exc), code="server_shutting_down")
+    if isinstance(exc, EngineError):
+        return APIError(500, str(exc), code="generation_failed")
+    return APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error")
+
+
+# -- request bodies -------------------------------------------------------------------------
+# Typed and strict: "5" is not a number, true is not a token id, NaN is not a temperature.
+# Unknown fields are ignored: OpenAI clients send some we have no use for (e.g. "user").
+_STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
+class _Body(BaseModel):
+    model_config = _STRICT
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Common(_Body):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=0, lt=COUNT_LIMIT)
+    temperature: float | None = Field(None, ge=0, le=2)  # below GREEDY_BELOW = greedy
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0 = off
-    n: int = Field(1, ge=1, le=64)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=-1, lt=COUNT_LIMIT)  # vLLM's extension; -1 or 0 = off
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
 
 
 class CompletionBody(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[TokenId]
+             | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)])
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
 
 
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str = Field(max_length=MAX_ROLE_CHARS)
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+Messages = Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)]
+
+
 class ChatBody(_Common):
-    messages: list[dict[str, Any]]
-    max_completion_tokens: int | None = Field(None, ge=0)
+    messages: Messages
+    max_completion_tokens: int | None = Field(None, ge=0, lt=COUNT_LIMIT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
+class TokenizeBody(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: Messages | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeBody(_Body):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+# Fields whose type is a union: pydantic reports one error per alternative, so say what is allowed.
 _FIELD_HELP = {
     "prompt": "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
-    "stop": "stop must be a string or a list of strings",
-    "messages": "messages must be a list of {role, content} objects",
+    "stop": f"stop must be a string or a list of at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
+    "messages": "messages must be a list of {role, content} objects whose content is a string or a list of "
+                "{type: text, text} parts",
 }
+_TYPE_LABEL = re.compile(r"^(str|int|float|bool|list|dict)\b|[\[\-]")  # pydantic's names for union branches
 
 
-def _parse(model: type[BaseModel], body: Any) -> Any:
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    err = e.errors(include_url=False)[0]
+    loc = [p for p in err["loc"] if isinstance(p, int) or not _TYPE_LABEL.search(p)]
+    param = str(loc[0]) if loc else None
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if err["type"] == "missing":
+        return APIError(400, f"{where} is required", param=param)
+    if param in _FIELD_HELP:
+        at = f" (at {where})" if where != param else ""
+        return APIError(400, _FIELD_HELP[param] + at, param=param)
+    return APIError(400, f"{where}: {err['msg']} (got {_short(err['input'])})" if where else err["msg"],
+                    param=param)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse_body(raw: bytes, model: type[BaseModel]) -> Any:
+    """The request body as ``model``, or a 400 naming what is wrong. CPU-bound: run it in a thread."""
+    try:
+        text = raw.decode("utf-8-sig")  # (a byte-order mark is tolerated, as RFC 8259 allows)
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (at byte {e.start})") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: it is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except ValueError as e:  # Python's limit on integer digits, NaN / Infinity
+        detail = "a number has too many digits" if "digits" in str(e) else str(e)
+        raise APIError(400, f"the request body is not valid JSON: {detail}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
+        # JSON may spell a lone surrogate ("\ud800"); no tokenizer can encode that text, and
+        # the cheapest complete check is to try encoding everything once.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body contains invalid Unicode (a lone surrogate such as \\ud800)") from None
+    try:
         return model.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = str(err["loc"][0]) if err["loc"] else None
-        if param in _FIELD_HELP and err["type"] != "missing":
-            message = _FIELD_HELP[param]
-        else:
-            where = ".".join(str(p) for p in err["loc"])
-            message = f"{where}: {err['msg']}" if where else err["msg"]
-        raise APIError(400, message, param=param) from None
+        raise _validation_error(e) from None
 
 
-async def _read_json(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+async def _read_body(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()  # at most --max-body-bytes: _Edge counts it as it arrives
+    return await run_in_threadpool(_parse_body, raw, model)
 
 
 # -- the server -----------------------------------------------------------------------------
@@ -174,9 +298,6 @@ class OpenAIServer:
     def check_prompt(self, prompt: list[int], max_tokens: int, param: str) -> None:
         if not prompt:
             raise APIError(400, "the prompt is empty", param=param)
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", param=param)
         if len(prompt) + max_tokens > self.max_seq_len:
             raise APIError(
                 400,
@@ -185,6 +306,12 @@ class OpenAIServer:
                 "shorten the prompt or lower max_tokens",
                 param="max_tokens", code="context_length_exceeded",
             )
+        self.check_ids(prompt, param)
+
+    def check_ids(self, ids: Sequence[int], param: str) -> None:
+        bad = next((t for t in ids if t >= self.vocab_size), None)  # (the schema refused negative ids)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", param=param)
 
     def sampling(self, body: _Common, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -213,7 +340,7 @@ class OpenAIServer:
         except QueueFull as e:
             raise APIError(503, str(e), code="server_busy", type="server_error") from None
         except EngineError as e:
-            raise APIError(503, str(e), type="server_error") from None
+            raise _internal_error(e) from None
 
     async def collect(self, request: Request, handles) -> list[Result]:
         """Wait for every handle; if the client hangs up meanwhile, cancel them (frees the rows)."""
@@ -226,7 +353,7 @@ class OpenAIServer:
                 if await request.is_disconnected():
                     raise _ClientGone
         except EngineError as e:
-            raise APIError(500, str(e)) from None
+            raise _internal_error(e) from None
         finally:
             if not gathered.done():
                 gathered.cancel()
@@ -278,8 +405,9 @@ class OpenAIServer:
         return out
 
     # -- /v1/completions -----------------------------------------------------------------
-    def completion_prompts(self, prompt) -> list[tuple[list[int], str | None]]:
-        """(token ids, the prompt's own text or None) per prompt; strings get exactly one BOS."""
+    def completion_prompts(self, prompt, max_tokens: int) -> list[tuple[list[int], str | None]]:
+        """(token ids, the prompt's own text or None) per prompt, checked against the context;
+        strings get exactly one BOS. Tokenizes: run it in a thread."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
@@ -288,14 +416,32 @@ class OpenAIServer:
             prompt = [prompt]
         out = []
         for p in prompt:
-            if isinstance(p, str):
-                out.append((self.tokenizer.encode(p, bos=True), p))
-            else:
-                out.append((list(p), None))
+            ids = self.tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p)
+            self.check_prompt(ids, max_tokens, "prompt")
+            out.append((ids, p if isinstance(p, str) else None))
         return out
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Meta's chat format; a dialogue it refuses (roles out of order, tags inside a message)
+        is a 400. Tokenizes: run it in a thread."""
+        try:
+            return encode_chat(self.tokenizer, messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    def encode_messages(self, messages: list[dict], max_tokens: int | None) -> tuple[list[int], int]:
+        """A chat's prompt ids and max_tokens (default: the rest of the context), checked.
+        Tokenizes: run it in a thread."""
+        prompt = self.encode_chat(messages)
+        if max_tokens is None:  # as long as the context allows
+            if len(prompt) >= self.max_seq_len:
+                self.check_prompt(prompt, 1, "messages")
+            max_tokens = self.max_seq_len - len(prompt)
+        self.check_prompt(prompt, max_tokens, "messages")
+        return prompt, max_tokens
+
     async def completions(self, request: Request) -> Response:
-        body: CompletionBody = _parse(CompletionBody, await _read_json(request))
+        body: CompletionBody = await _read_body(request, CompletionBody)
         self.check_model(body.model)
         if body.suffix:
             raise APIError(400, "suffix is not supported by this server", param="suffix")
@@ -304,9 +450,7 @@ class OpenAIServer:
         if body.stream and body.logprobs is not None:
             raise APIError(400, "logprobs are not supported with stream=true", param="logprobs")
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
-        prompts = self.completion_prompts(body.prompt)
-        for ids, _ in prompts:
-            self.check_prompt(ids, max_tokens, "prompt")
+        prompts = await run_in_threadpool(self.completion_prompts, body.prompt, max_tokens)
         want_logprobs = body.logprobs is not None
         params = self.sampling(body, max_tokens, want_logprobs, body.logprobs or 0)
         echo_logprobs = (body.logprobs or 0) if (body.echo and want_logprobs) else None
@@ -366,32 +510,24 @@ class OpenAIServer:
             else:
                 results[i] = result
                 yield chunk(i, "", result.finish_reason)
-        if (body.stream_options or {}).get("include_usage"):
+        if body.stream_options is not None and body.stream_options.include_usage:
             usage = _usage(sum(len(ids) for ids, _ in prompts), [results[i] for i in sorted(results)])
             yield {"id": rid, "object": "text_completion", "created": created, "model": self.name,
                    "choices": [], "usage": usage}
 
     # -- /v1/chat/completions ------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
-        body: ChatBody = _parse(ChatBody, await _read_json(request))
+        body: ChatBody = await _read_body(request, ChatBody)
         self.check_model(body.model)
         messages = _chat_messages(body.messages)
-        try:
-            prompt = encode_chat(self.tokenizer, messages)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        prompt, max_tokens = await run_in_threadpool(self.encode_messages, messages, max_tokens)
         if self.guard is not None:
             unsafe, categories = await self.check_guard(messages)
             if unsafe:
                 raise APIError(400, "the conversation was flagged as unsafe by the safety classifier"
                                + (f" ({', '.join(categories)})" if categories else ""),
                                param="messages", code="content_filter")
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if max_tokens is None:  # as long as the context allows
-            if len(prompt) >= self.max_seq_len:
-                self.check_prompt(prompt, 1, "messages")
-            max_tokens = self.max_seq_len - len(prompt)
-        self.check_prompt(prompt, max_tokens, "messages")
         params = self.sampling(body, max_tokens, body.logprobs, (body.top_logprobs or 0) if body.logprobs else 0)
         handles = self.submit([EngineRequest(prompt, _choice_params(params, j), continue_prompt=False)
                                for j in range(body.n)])
@@ -448,14 +584,14 @@ class OpenAIServer:
             else:
                 results[i] = result
                 yield self._chat_chunk(rid, created, i, {}, result.finish_reason)
-        if (body.stream_options or {}).get("include_usage"):
+        if body.stream_options is not None and body.stream_options.include_usage:
             yield self._usage_chunk(rid, created, prompt_len, [results[i] for i in sorted(results)])
 
     async def _replay_chat(self, rid, created, contents, reasons, prompt_len, results, body) -> AsyncIterator[dict]:
         for i, (text, reason) in enumerate(zip(contents, reasons)):
             yield self._chat_chunk(rid, created, i, {"role": "assistant", "content": text}, None)
             yield self._chat_chunk(rid, created, i, {}, reason)
-        if (body.stream_options or {}).get("include_usage"):
+        if body.stream_options is not None and body.stream_options.include_usage:
             yield self._usage_chunk(rid, created, prompt_len, results)
 
     # -- small endpoints -----------------------------------------------------------------
@@ -464,36 +600,21 @@ class OpenAIServer:
                 "max_model_len": self.max_seq_len}
 
     async def tokenize(self, request: Request) -> Response:
-        body = await _read_json(request)
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        self.check_model(body.get("model"))
-        if "messages" in body:
-            try:
-                ids = encode_chat(self.tokenizer, _chat_messages(body["messages"]))
-            except ValueError as e:
-                raise APIError(400, str(e), param="messages") from None
-        elif isinstance(body.get("prompt"), str):
-            add_special = body.get("add_special_tokens", True)
-            if not isinstance(add_special, bool):
-                raise APIError(400, "add_special_tokens must be true or false", param="add_special_tokens")
-            ids = self.tokenizer.encode(body["prompt"], bos=add_special)
+        body: TokenizeBody = await _read_body(request, TokenizeBody)
+        self.check_model(body.model)
+        if body.messages is not None:
+            ids = await run_in_threadpool(self.encode_chat, _chat_messages(body.messages))
+        elif body.prompt is not None:
+            ids = await run_in_threadpool(self.tokenizer.encode, body.prompt, body.add_special_tokens)
         else:
             raise APIError(400, "send a string 'prompt' (or chat 'messages') to tokenize", param="prompt")
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.max_seq_len})
 
     async def detokenize(self, request: Request) -> Response:
-        body = await _read_json(request)
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        self.check_model(body.get("model"))
-        ids = body.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise APIError(400, "tokens must be a list of token ids", param="tokens")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", param="tokens")
-        return JSONResponse({"prompt": self.tokenizer.decode(ids)})
+        body: DetokenizeBody = await _read_body(request, DetokenizeBody)
+        self.check_model(body.model)
+        self.check_ids(body.tokens, "tokens")
+        return JSONResponse({"prompt": await run_in_threadpool(self.tokenizer.decode, body.tokens)})
 
 
 class _ClientGone(Exception):
@@ -501,8 +622,9 @@ class _ClientGone(Exception):
 
 
 def _choice_params(params: SamplingParams, j: int) -> SamplingParams:
-    """Choice j of n: a seeded request gives its choices seeds seed, seed+1, ... so they differ."""
-    return params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
+    """Choice j of n: a seeded request gives its choices seeds seed, seed+1, ... so they differ
+    (wrapping below SEED_LIMIT, so every one is a seed torch accepts)."""
+    return params if params.seed is None or j == 0 else replace(params, seed=(params.seed + j) % SEED_LIMIT)
 
 
 def _usage(prompt_tokens: int, results: Sequence[Result]) -> dict:
@@ -511,22 +633,10 @@ def _usage(prompt_tokens: int, results: Sequence[Result]) -> dict:
             "total_tokens": prompt_tokens + completion}
 
 
-def _chat_messages(messages: Any) -> list[dict]:
+def _chat_messages(messages: Sequence[ChatMessage]) -> list[dict]:
     """OpenAI messages -> [{role, content}] with string content (text parts are joined)."""
-    if not isinstance(messages, list):
-        raise APIError(400, _FIELD_HELP["messages"], param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise APIError(400, f"message {i} must be an object with 'role' and 'content'", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise APIError(400, f"message {i}: only text content parts are supported", param="messages")
-            content = "".join(p["text"] for p in content)
-        out.append({"role": m.get("role"), "content": content} if "role" in m else dict(m))
-    return out
+    return [{"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+            for m in messages]
 
 
 async def _merged(handles) -> AsyncIterator[tuple[int, str | None, Result | None]]:
@@ -565,8 +675,10 @@ def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
         try:
             async for event in events:
                 yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-        except EngineError as e:
-            yield f"data: {json.dumps(APIError(500, str(e)).body())}\n\n"
+        except Exception as e:  # the status line is sent: the error becomes the stream's last event
+            if not isinstance(e, EngineError):
+                log.exception("streaming a response failed")
+            yield f"data: {json.dumps(_internal_error(e).body())}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
@@ -582,7 +694,85 @@ def _read_generation_defaults(path: Path) -> dict:
     return {k: float(cfg[k]) for k in ("temperature", "top_p") if isinstance(cfg.get(k), int | float)}
 
 
-# -- the app --------------------------------------------------------------------------------
+# -- the app ----------------------------------------------------------------------------------
+class _Edge:
+    """The ASGI layer around everything the app does (inside Starlette's ServerErrorMiddleware).
+
+    * Bodies over ``max_body_bytes`` are refused with 413 before the app reads a byte when
+      Content-Length says so, else as soon as the chunks received pass the limit.
+    * No exception gets past it. Starlette's own catch-all answers 500 but then re-raises,
+      and uvicorn closes the connection — dropping the next request on a keep-alive
+      connection too. Routes already turn their errors into responses (``_endpoint``); this
+      is the backstop for anything outside them.
+    """
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.limit = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await BodyTooLarge(self.limit, int(declared)).response()(scope, receive, send)
+
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:  # a chunked body (or one longer than it said)
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        state = {"started": False, "complete": False}
+
+        async def tracking_send(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["complete"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except Exception as e:
+            error = e if isinstance(e, APIError) else _internal_error(e)
+            if error.status >= 500:
+                log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            try:
+                if not state["started"]:
+                    await error.response()(scope, receive, send)
+                elif not state["complete"]:  # end the body cleanly so the connection stays usable
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except Exception:  # the client is gone: nothing left to tell it
+                pass
+
+
+def _endpoint(server: OpenAIServer, handler, *, authorize: bool = True):
+    """A route: every failure of this request becomes this request's JSON error response
+    (never an exception for the layers above, which would close the connection)."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            if authorize:
+                server.authorize(request)
+            response = await handler(request)
+            return response if isinstance(response, Response) else JSONResponse(response)
+        except APIError as e:
+            return e.response()
+        except (_ClientGone, ClientDisconnect):
+            return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+        except Exception as e:
+            log.exception("internal error in %s %s", request.method, request.url.path)
+            return _internal_error(e).response()
+
+    return endpoint
+
+
 def create_app(
     model,
     api_key: str | None = None,
@@ -593,13 +783,17 @@ def create_app(
     *,
     device: str | None = None,
     dtype=None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    verify: bool = True,
 ) -> FastAPI:
     """The FastAPI app for a model directory or a ``(Transformer, Tokenizer)`` pair.
 
     ``guard``: optional object with ``check(messages) -> (unsafe, categories)``; chat requests
     flagged unsafe are refused (400, code ``content_filter``) and flagged answers are withheld
-    (``finish_reason: "content_filter"``).
+    (``finish_reason: "content_filter"``). ``max_body_bytes``: larger request bodies get 413.
     """
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     aliases: list[str] = []
     defaults: dict = {}
     if isinstance(model, tuple):
@@ -609,7 +803,7 @@ def create_app(
         from llama2.checkpoint import load_model, load_tokenizer
 
         path = Path(model)
-        model = load_model(path, dtype=dtype, device=device or "cpu")
+        model = load_model(path, dtype=dtype, device=device or "cpu", verify=verify)
         tokenizer = load_tokenizer(path, model.config.vocab_size)
         name = model_name or path.resolve().name
         aliases = [str(model_dir) for model_dir in (path, path.resolve())]
@@ -628,50 +822,30 @@ def create_app(
 
     app = FastAPI(title="llama2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> Response:
-        return exc.response()
-
-    @app.exception_handler(_ClientGone)
-    async def client_gone(request: Request, exc: _ClientGone) -> Response:
-        return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+    app.add_middleware(_Edge, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return APIError(exc.status_code, str(exc.detail), code=None).response()
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:  # unknown path, method
+        return APIError(exc.status_code, str(exc.detail)).response()
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return APIError(500, f"internal server error: {type(exc).__name__}").response()
-
-    def guarded(handler):
-        async def endpoint(request: Request) -> Response:
-            server.authorize(request)
-            return await handler(request)
-        return endpoint
-
-    @app.get("/health")
-    async def health() -> dict:
+    async def health(request: Request) -> dict:
         return {"status": "ok", "model": server.name, "running": server.engine.running,
                 "waiting": server.engine.queued}
 
-    @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        server.authorize(request)
         return {"object": "list", "data": [server.model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model_info(model_id: str, request: Request) -> dict:
-        server.authorize(request)
-        server.check_model(model_id)
+    async def model_info(request: Request) -> dict:
+        server.check_model(request.path_params["model_id"])
         return server.model_card()
 
-    app.add_api_route("/v1/completions", guarded(server.completions), methods=["POST"])
-    app.add_api_route("/v1/chat/completions", guarded(server.chat), methods=["POST"])
-    app.add_api_route("/tokenize", guarded(server.tokenize), methods=["POST"])
-    app.add_api_route("/detokenize", guarded(server.detokenize), methods=["POST"])
+    app.add_api_route("/health", _endpoint(server, health, authorize=False), methods=["GET", "HEAD"])
+    app.add_api_route("/v1/models", _endpoint(server, models), methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", _endpoint(server, model_info), methods=["GET"])
+    app.add_api_route("/v1/completions", _endpoint(server, server.completions), methods=["POST"])
+    app.add_api_route("/v1/chat/completions", _endpoint(server, server.chat), methods=["POST"])
+    app.add_api_route("/tokenize", _endpoint(server, server.tokenize), methods=["POST"])
+    app.add_api_route("/detokenize", _endpoint(server, server.detokenize), methods=["POST"])
     return app
 
 
@@ -686,30 +860,90 @@ def configure(parser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default: 8)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="sequences allowed to wait for a free slot before answering 503 (default: 64)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                        help="refuse larger request bodies with 413 before reading them "
+                             f"(default: {DEFAULT_MAX_BODY_BYTES}, 4 MiB)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", help="f32, f16, bf16 or auto (the checkpoint's)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the weight files against the directory's checksums.json")
     parser.add_argument("--guard", metavar="DIR", help="a Llama Guard-style classifier directory (llama2 guard)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _device(spec: str | None):
+    """The device to serve on, or a one-line ValueError (before minutes are spent loading weights)."""
+    import torch
+
+    from llama2.generate import default_device
+
+    if spec is None:
+        return default_device()
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {spec!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {spec}: MPS is not available on this machine")
+    return device
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the server's socket first, so a taken or invalid address costs no model load."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # (proto is IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets, else each
+        # response's body waits ~40 ms behind its headers)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise ValueError(f"--host {host!r}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def main(args) -> int:
     import uvicorn
 
     from llama2.checkpoint import parse_dtype
-    from llama2.generate import default_device
 
-    device = args.device or default_device()
-    guard = None
-    if args.guard:
-        from llama2.serve.guard import load_guard  # only when asked: it loads a second model
+    # Every argument is checked before the model loads; a bad one is one line (the CLI prints
+    # ValueErrors without a traceback) and exit status 1.
+    for flag, value, least in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 0),
+                               ("--max-body-bytes", args.max_body_bytes, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+    device = _device(args.device)
+    dtype = parse_dtype(args.dtype)
+    sock = _listen(args.host, args.port)
+    try:
+        guard = None
+        if args.guard:
+            from llama2.serve.guard import load_guard  # only when asked: it loads a second model
 
-        guard = load_guard(args.guard, device=device)
-    app = create_app(args.model, api_key=args.api_key, max_batch_size=args.max_batch_size,
-                     max_queue=args.max_queue, guard=guard, model_name=args.model_name,
-                     device=device, dtype=parse_dtype(args.dtype))
-    name = app.state.server.name
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device})", flush=True)
-    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print("warning: listening beyond this machine without --api-key", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+            guard = load_guard(args.guard, device=device)
+        app = create_app(args.model, api_key=args.api_key, max_batch_size=args.max_batch_size,
+                         max_queue=args.max_queue, guard=guard, model_name=args.model_name,
+                         device=device, dtype=dtype, max_body_bytes=args.max_body_bytes,
+                         verify=args.verify)
+        name = app.state.server.name
+        port = sock.getsockname()[1]
+        print(f"serving {name!r} on http://{args.host}:{port}/v1 ({device})", flush=True)
+        if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+            print("warning: listening beyond this machine without --api-key", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

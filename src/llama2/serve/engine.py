@@ -22,6 +22,13 @@ everything left of it, so each row decodes as if it were alone.
 The engine runs in one background thread (``start``); requests are submitted from the
 asyncio event loop (``submit``) and their text comes back through a ``Handle``. A bounded
 waiting queue turns overload into ``QueueFull`` (the server answers 503).
+
+**Failures stay with the request that caused them.** Whatever goes wrong while setting up
+one row (its prompt, its RNG seed), computing its prompt log-probs or sampling its next token
+fails that row alone: its handle gets an ``EngineError`` and every other row keeps decoding.
+A failed prefill forward fails only the requests joining in it (their rows were never added).
+Only a failure of what the rows share — the batched decode forward or moving the cache
+around — fails every row in the batch, since their cache can no longer be trusted.
 """
 
 from __future__ import annotations
@@ -53,6 +60,14 @@ class QueueFull(RuntimeError):
 
 class EngineError(RuntimeError):
     """The engine failed while decoding this request (HTTP 500); the server carries on."""
+
+
+class ShuttingDown(EngineError):
+    """The server is stopping; nothing more is decoded (HTTP 503)."""
+
+
+def _failure(exc: BaseException) -> EngineError:
+    return EngineError(f"generation failed: {type(exc).__name__}: {exc}")
 
 
 @dataclass
@@ -91,6 +106,7 @@ class Handle:
     def __init__(self, engine: Engine, request: Request, loop: asyncio.AbstractEventLoop):
         self.request = request
         self.cancelled = False
+        self.finished = False  # (engine thread) its Result or error was emitted; nothing follows
         self._engine = engine
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
@@ -98,6 +114,10 @@ class Handle:
 
     # -- engine thread -----------------------------------------------------------------
     def _emit(self, event) -> None:
+        if self.finished:
+            return
+        if isinstance(event, (Result, Exception)):
+            self.finished = True
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (server shut down): nobody is listening
@@ -158,17 +178,23 @@ class IncrementalDetokenizer:
 
 
 class _Row:
-    """A running sequence: where it lives in the cache, what it has produced, how to sample it."""
+    """A running sequence: where it lives in the cache, what it has produced, how to sample it.
 
-    def __init__(self, handle: Handle, start: int, tokenizer, max_seq_len: int, device):
+    Built before its prefill, so that a request the engine cannot decode (a prompt outside the
+    vocabulary, a seed torch refuses) fails here, alone, instead of inside a shared forward.
+    """
+
+    def __init__(self, handle: Handle, tokenizer, vocab_size: int, max_seq_len: int, device):
         req = handle.request
-        self.handle, self.params, self.start = handle, req.params, start
+        _check_prompt(req.prompt, vocab_size, max_seq_len)
+        self.handle, self.params = handle, req.params
+        self.start = 0  # set when it joins the batch
         self.max_new = min(req.params.max_new_tokens, max_seq_len - len(req.prompt))
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] = []
         self.generator = None
-        if req.params.seed is not None and req.params.temperature > 0:
+        if req.params.seed is not None and not req.params.greedy:
             # One generator per row, seeded like Generator.generate seeds its single one, so a
             # seeded request draws the same tokens whether it runs alone or in a batch.
             self.generator = torch.Generator(device=device).manual_seed(req.params.seed)
@@ -180,6 +206,7 @@ class _Row:
         self.sent = 0  # characters of text already handed to the client
         self.cut = False  # a stop string ended the text
         self.finish_reason: str | None = None
+        self.failed = False
 
     @property
     def last(self) -> int:
@@ -218,8 +245,13 @@ class _Row:
             self.handle._emit(Result(self.tokens, self.text, self.finish_reason, self.logprobs,
                                      self.prompt_logprobs))
 
+    def fail(self, exc: BaseException) -> None:
+        """This row alone cannot go on: its client gets the error, the row leaves at the next step."""
+        self.failed = True
+        self.handle._emit(_failure(exc))
+
     def done(self) -> bool:
-        return self.finish_reason is not None or self.handle.cancelled
+        return self.finish_reason is not None or self.failed or self.handle.cancelled
 
 
 class _CacheView(nn.Module):
@@ -265,6 +297,7 @@ class Engine:
         self.rows: list[_Row] = []  # engine thread only; rows[i] lives in cache row i
         self.cursor = 0  # the slot the next decode step writes
         self.waiting: collections.deque[Handle] = collections.deque()  # guarded by _cv
+        self.vocab_size = cfg.vocab_size
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -277,7 +310,7 @@ class Engine:
         handles = [Handle(self, r, loop) for r in requests]
         with self._cv:
             if self._stopping:
-                raise EngineError("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if len(self.waiting) + len(handles) > self.max_queue:
                 raise QueueFull(
                     f"the server is busy: {len(self.waiting)} requests are waiting "
@@ -317,9 +350,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        error = EngineError("the server is shutting down")
         for handle in [r.handle for r in self.rows] + list(self.waiting):
-            handle._emit(error)
+            handle._emit(ShuttingDown("the server is shutting down"))
         self.rows.clear()
         self.waiting.clear()
 
@@ -334,7 +366,11 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One step: drop finished rows, let waiting requests join, decode one token for all."""
+        """One step: drop finished rows, let waiting requests join, decode one token for all.
+
+        Per-request failures are handled where they happen (``_prefill``, ``_sample``); what
+        reaches this handler broke state the rows share, so every row in the batch fails.
+        """
         joiners: list[Handle] = []
         try:
             self._release()
@@ -345,10 +381,10 @@ class Engine:
             if self.rows:
                 self._decode()
         except Exception as e:  # a failed step must not kill the server
-            log.exception("engine step failed; failing the requests in it")
-            error = EngineError(f"generation failed: {type(e).__name__}: {e}")
-            for handle in {id(h): h for h in [r.handle for r in self.rows] + joiners}.values():
-                handle._emit(error)
+            log.exception("engine step failed; failing the %d requests in the batch",
+                          len(self.rows) + len(joiners))
+            for handle in [r.handle for r in self.rows] + joiners:
+                handle._emit(_failure(e))  # (a handle already finished ignores it)
             self.rows.clear()
 
     def _take_waiting(self) -> list[Handle]:
@@ -398,7 +434,7 @@ class Engine:
             if not row.done():
                 i += 1
                 continue
-            if row.finish_reason is None:  # cancelled while running
+            if row.finish_reason is None and not row.failed:  # cancelled while running
                 with self._cv:  # (_forget counts from the event loop's thread)
                     self.stats["cancelled"] += 1
             last = len(self.rows) - 1
@@ -411,51 +447,73 @@ class Engine:
 
     # -- the model -------------------------------------------------------------------------
     def _prefill(self, joiners: list[Handle]) -> None:
-        """Run the new prompts in one left-padded forward, into rows n.. at [cursor - len, cursor)."""
-        joiners = [h for h in joiners if not h.cancelled]
-        if not joiners:
+        """Run the new prompts in one left-padded forward, into rows n.. at [cursor - len, cursor).
+
+        A request that cannot be set up fails alone; a failed forward fails only these joiners
+        (the running rows' cache rows are not touched by it).
+        """
+        rows = []
+        for handle in joiners:
+            if handle.cancelled:
+                continue
+            try:
+                rows.append(_Row(handle, self.tokenizer, self.vocab_size, self.max_seq_len, self.device))
+            except Exception as e:
+                log.warning("request refused by the engine: %s: %s", type(e).__name__, e)
+                handle._emit(_failure(e))
+        if not rows:
             return
-        lens = [len(h.request.prompt) for h in joiners]
+        lens = [len(r.handle.request.prompt) for r in rows]
         width = max(lens)
         if not self.rows:
             self.cursor = width  # a fresh timeline
         elif self.cursor < width:
             self._shift(width - self.cursor)
-        c, n, k, dev = self.cursor, len(self.rows), len(joiners), self.device
+        c, n, k, dev = self.cursor, len(self.rows), len(rows), self.device
 
-        tokens = torch.zeros((k, width), dtype=torch.long, device=dev)
-        for j, h in enumerate(joiners):
-            tokens[j, width - lens[j] :] = torch.tensor(h.request.prompt, dtype=torch.long)
-        pads = torch.tensor([width - n_ for n_ in lens], device=dev)
-        slots = torch.arange(c - width, c, device=dev)
-        keys = torch.arange(c, device=dev).view(1, 1, 1, c)
-        query = slots.view(1, 1, width, 1)
-        starts = (c - torch.tensor(lens, device=dev)).view(k, 1, 1, 1)
-        # Own keys only (from the row's start), causally; a padding query may see itself so
-        # that no softmax row is empty (its output is never used).
-        mask = ((keys >= starts) & (keys <= query)) | (keys == query)
-        positions = (torch.arange(width, device=dev).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
-        self._attach(n, n + k)
         try:
-            h = self.model.hidden_states(tokens, positions=positions, slots=slots, mask=mask)
-        finally:
-            self._detach()
-        # Only the last position's logits are needed to continue, unless the prompt's own
-        # log-probs were asked for (echo): projecting every position to the vocabulary is
-        # the costliest part of a long prefill.
-        logits = self.model.output(h[:, -1]).float()
+            tokens = torch.zeros((k, width), dtype=torch.long, device=dev)
+            for j, row in enumerate(rows):
+                tokens[j, width - lens[j] :] = torch.tensor(row.handle.request.prompt, dtype=torch.long)
+            pads = torch.tensor([width - n_ for n_ in lens], device=dev)
+            slots = torch.arange(c - width, c, device=dev)
+            keys = torch.arange(c, device=dev).view(1, 1, 1, c)
+            query = slots.view(1, 1, width, 1)
+            starts = (c - torch.tensor(lens, device=dev)).view(k, 1, 1, 1)
+            # Own keys only (from the row's start), causally; a padding query may see itself so
+            # that no softmax row is empty (its output is never used).
+            mask = ((keys >= starts) & (keys <= query)) | (keys == query)
+            positions = (torch.arange(width, device=dev).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+            self._attach(n, n + k)
+            try:
+                h = self.model.hidden_states(tokens, positions=positions, slots=slots, mask=mask)
+            finally:
+                self._detach()
+            # Only the last position's logits are needed to continue, unless the prompt's own
+            # log-probs were asked for (echo): projecting every position to the vocabulary is
+            # the costliest part of a long prefill.
+            logits = self.model.output(h[:, -1]).float()
+        except Exception as e:
+            log.exception("prefill failed; failing the %d requests joining in it", k)
+            for row in rows:
+                row.fail(e)
+            return
         self.stats["prefills"] += 1
 
-        for j, handle in enumerate(joiners):
-            row = _Row(handle, c - lens[j], self.tokenizer, self.max_seq_len, dev)
+        for j, row in enumerate(rows):
+            row.start = c - lens[j]
             self.rows.append(row)
-            want = handle.request.prompt_logprobs
-            if want is not None:
-                own = self.model.output(h[j, width - lens[j] :]).float()
-                row.prompt_logprobs = _prompt_logprobs(own, handle.request.prompt, want)
-            if row.max_new <= 0:
-                row.finish_reason = "length"
-                row._emit_ready()
+            try:
+                want = row.handle.request.prompt_logprobs
+                if want is not None:
+                    own = self.model.output(h[j, width - lens[j] :]).float()
+                    row.prompt_logprobs = _prompt_logprobs(own, row.handle.request.prompt, want)
+                if row.max_new <= 0:
+                    row.finish_reason = "length"
+                    row._emit_ready()
+            except Exception as e:
+                log.exception("setting up a request's answer failed; failing that request")
+                row.fail(e)
         self._sample(self.rows[n:], logits)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(self.rows))
 
@@ -478,23 +536,41 @@ class Engine:
         self._sample(self.rows, logits[:, -1])
 
     def _sample(self, rows: list[_Row], logits: Tensor) -> None:
-        """Pick each row's next token with its own sampling parameters."""
+        """Pick each row's next token with its own sampling parameters; a row that fails here
+        fails alone (the others' tokens do not depend on it)."""
         greedy = logits.argmax(dim=-1).tolist()  # one transfer for every greedy row
         for i, row in enumerate(rows):
             if row.done():
                 continue
-            p = row.params
-            if p.temperature == 0:
-                token = greedy[i]
-            else:
-                token = int(sample(logits[i : i + 1], p.temperature, p.top_p, p.top_k, row.generator)[0])
-            lp = None
-            if p.logprobs:
-                # Log-probs of the model's own distribution (before temperature / top-p), as
-                # OpenAI and vLLM report them.
-                full = torch.log_softmax(logits[i], dim=-1)
-                lp = TokenLogprob(token, float(full[token]), _top(full, p.top_logprobs))
-            row.accept(token, self.eos_id, lp)
+            try:
+                self._sample_row(row, logits[i], greedy[i])
+            except Exception as e:
+                log.exception("sampling a request failed; failing that request alone")
+                row.fail(e)
+
+    def _sample_row(self, row: _Row, logits: Tensor, greedy: int) -> None:
+        p = row.params
+        if p.greedy:
+            token = greedy
+        else:
+            token = int(sample(logits.unsqueeze(0), p.temperature, p.top_p, p.top_k, row.generator)[0])
+        lp = None
+        if p.logprobs:
+            # Log-probs of the model's own distribution (before temperature / top-p), as
+            # OpenAI and vLLM report them.
+            full = torch.log_softmax(logits, dim=-1)
+            lp = TokenLogprob(token, float(full[token]), _top(full, p.top_logprobs))
+        row.accept(token, self.eos_id, lp)
+
+
+def _check_prompt(prompt: Sequence[int], vocab_size: int, max_seq_len: int) -> None:
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if len(prompt) > max_seq_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {max_seq_len}")
+    bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab_size)), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad!r} is outside the vocabulary (0..{vocab_size - 1})")
 
 
 def _top(logprobs: Tensor, k: int) -> dict[int, float]:
