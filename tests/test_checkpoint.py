@@ -1,7 +1,7 @@
 """Checkpoints: our/Hugging Face directories, Meta's release format, conversion, bad input.
 
 Meta-format checkpoints are written here from scratch (params.json + consolidated.NN.pth,
-split across model-parallel ranks by the rules of facts §2) and checked against an
+split across model-parallel ranks by the rules of fairscale's parallel layers) and checked against an
 independent forward pass written in Meta's convention (adjacent-pair complex RoPE,
 repeat_kv), not against our own model code.
 """
@@ -96,7 +96,7 @@ def meta_weights(p: dict, vocab: int, seed: int = 0, dtype=torch.float32) -> dic
 
 
 def split_dim(name: str) -> int | None:
-    """facts §2: column-parallel weights split on dim 0, row-parallel and the embedding on dim 1."""
+    """Column-parallel weights split on dim 0, row-parallel and the embedding on dim 1."""
     if name.endswith(("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight")) or name == "output.weight":
         return 0
     if name.endswith(("wo.weight", "w2.weight")) or name == "tok_embeddings.weight":
@@ -375,8 +375,8 @@ def test_hf_writer_holds_at_most_one_shard(tmp_path, monkeypatch):
     read, saved = [0], []
     real_iter, real_save = hf.iter_hf_tensors, hf._atomic_save
 
-    def counting_iter(path):
-        for item in real_iter(path):
+    def counting_iter(path, *args):
+        for item in real_iter(path, *args):
             read[0] += 1
             yield item
 
@@ -500,7 +500,7 @@ def test_missing_tensor(saved):
     tensors = load_file(f)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, f)
-    msg = _error(saved)
+    msg = _error(saved, verify=False)  # past the checksum, which no longer matches
     assert str(f) in msg and "model.layers.1.mlp.up_proj.weight" in msg
 
 

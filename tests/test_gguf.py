@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp (facts §14), read back with gguf's own GGUFReader.
+"""GGUF export for llama.cpp (its GGUF spec), read back with gguf's own GGUFReader.
 
 The exported tensors are fed to the independent Meta-convention forward pass of
 test_checkpoint, which is what llama.cpp's "llama" architecture computes with Q/K in Meta's

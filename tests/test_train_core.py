@@ -169,10 +169,31 @@ def test_metrics_and_checkpoint_contents(tmp_path):
     ckpts = list_checkpoints(tmp_path / "run")
     assert [p.name for p in ckpts] == ["step-6"]  # keep_last=1 pruned step-3
     files = {p.name for p in ckpts[0].iterdir()}
-    assert files == {"model.pt", "optimizer.pt", "trainer.pt", "rank-0.pt", "config.yaml"}
-    state = torch.load(ckpts[0] / "trainer.pt", weights_only=False)
+    assert files == {"model.pt", "optimizer.pt", "trainer.json", "rank-0.pt", "config.yaml"}
+    state = json.loads((ckpts[0] / "trainer.json").read_text())
     assert state["step"] == 6 and state["data"] == {"pos": 12} and state["schedule"]["warmup_steps"] == 2
-    assert "rng" in torch.load(ckpts[0] / "rank-0.pt", weights_only=False)
+    assert "rng" in torch.load(ckpts[0] / "rank-0.pt", weights_only=True)
+
+
+def test_checkpoint_tensor_files_need_nothing_but_the_safe_unpickler(tmp_path):
+    t = make(tmp_path, max_steps=3)
+    t.fit()
+    for name in ("model.pt", "optimizer.pt", "rank-0.pt"):
+        torch.load(latest_checkpoint(tmp_path / "run") / name, weights_only=True)  # raises on any Python object
+
+
+def test_rng_states_round_trip_exactly():
+    import random
+
+    import numpy as np
+
+    random.random(), np.random.standard_normal()  # numpy now holds a cached gaussian
+    saved = core._rng_state()
+    want = (random.random(), random.gauss(0, 1), np.random.standard_normal(), np.random.rand(), torch.rand(1))
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    core._set_rng_state(saved)
+    got = (random.random(), random.gauss(0, 1), np.random.standard_normal(), np.random.rand(), torch.rand(1))
+    assert got == want
 
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+            PermissionError) as e:
         # Bad input: one line naming the file/field/value, no traceback.
         print(f"llama2 {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,13 +35,15 @@ def detect_format(path: str | os.PathLike) -> str:
     raise CheckpointError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
 
 
-def load_state(path: str | os.PathLike) -> tuple[ModelConfig, dict, Iterator[tuple[str, torch.Tensor]]]:
-    """(config, raw config dict, lazy iterator of (our name, tensor)) for either format."""
+def load_state(path: str | os.PathLike, verify: bool = True) -> tuple[ModelConfig, dict, Iterator[tuple[str, torch.Tensor]]]:
+    """(config, raw config dict, lazy iterator of (our name, tensor)) for either format. With
+    ``verify``, each weight file is checked against the directory's ``checksums.json`` (when it
+    has one) as the iterator reaches it; a config-only call reads no weights."""
     path = Path(path)
     if detect_format(path) == "hf":
         raw = hf.read_config(path)
         cfg = hf.config_from_hf(raw, path / "config.json")
-        return cfg, raw, ((hf.from_hf_name(n), t) for n, t in hf.iter_hf_tensors(path))
+        return cfg, raw, ((hf.from_hf_name(n), t) for n, t in hf.iter_hf_tensors(path, verify))
     cfg = meta.read_params(path)
     return cfg, {"params": meta.meta_params(cfg)}, meta.iter_meta_tensors(path, cfg)
 
@@ -84,23 +88,26 @@ def load_into(module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], so
     module.load_state_dict(state, assign=True)
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu") -> Transformer:
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu",
+               verify: bool = True) -> Transformer:
     """Load a Llama model from our/HF directory or Meta's format; weights keep their dtype
-    unless ``dtype`` is given."""
+    unless ``dtype`` is given. ``verify=False`` skips the checksum check of the weight files
+    (one extra read of them; see ``hf.CHECKSUMS``)."""
     path = Path(path)
-    cfg, _, tensors = load_state(path)
+    cfg, _, tensors = load_state(path, verify)
     with torch.device("meta"):
         model = Transformer(cfg)
     load_into(model, tensors, path, dtype)
     return model.to(device).eval()
 
 
-def load_scalar_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu"):
+def load_scalar_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu",
+                      verify: bool = True):
     """Load a reward (or value) model directory: a Llama trunk with a scalar ``score`` head."""
     from llama2.model.heads import ScalarModel
 
     path = Path(path)
-    cfg, raw, tensors = load_state(path)
+    cfg, raw, tensors = load_state(path, verify)
     if "LlamaForSequenceClassification" not in (raw.get("architectures") or []):
         raise CheckpointError(f"{path}: not a reward model (config.json architectures is "
                               f"{raw.get('architectures')}, expected LlamaForSequenceClassification)")
@@ -173,17 +180,50 @@ def _write_metadata(path: Path, cfg: ModelConfig, dtype, tokenizer, architecture
         hf.write_tokenizer_files(path, tokenizer, cfg.max_seq_len)
 
 
+@contextlib.contextmanager
+def staged(dst: Path, directory: bool) -> Iterator[Path]:
+    """A hidden temporary directory (or file) beside ``dst`` to write into; it is renamed to
+    ``dst`` only once the block completes, and removed (with any parent folders made for it)
+    if the block fails or is interrupted, so a failed conversion leaves nothing behind."""
+    made = [p for p in (dst.parent, *dst.parent.parents) if not p.exists()]
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir() if directory else tmp.touch()
+    except OSError as e:
+        if made:
+            shutil.rmtree(made[-1], ignore_errors=True)
+        blocker = next((p for p in dst.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror or str(e)
+        raise CheckpointError(f"{dst}: cannot be written ({why})") from None
+    try:
+        yield tmp
+        os.replace(tmp, dst)  # an empty directory at dst is replaced too
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        if made:
+            shutil.rmtree(made[-1], ignore_errors=True)
+        raise
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, n_shards: int = 1,
             max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None,
             tokenizer: str | os.PathLike | None = None,
-            progress: Callable[[str], None] | None = None) -> Path:
+            progress: Callable[[str], None] | None = None, verify: bool = True) -> Path:
     """Convert between formats without materialising two copies of the weights.
 
     ``to='hf'``: Meta (or HF) -> our HF-compatible directory. ``to='meta'``: -> Meta's format
     with ``n_shards`` model-parallel files. ``to='gguf'``: -> one llama.cpp GGUF file ``dst``.
     ``dtype`` casts the weights (default: keep them); ``tokenizer`` overrides the
     ``tokenizer.model`` found beside (or one folder above) the source; ``progress(name)`` is
-    called after each tensor is written.
+    called after each tensor is written. ``verify`` checks the source's weight files against
+    its ``checksums.json``, if any.
+
+    All or nothing: the output is written beside ``dst`` under a hidden name and renamed to
+    ``dst`` once complete; a failure removes it. A directory target must be new or empty.
     """
     src, dst = Path(src), Path(dst)
     if to not in ("hf", "meta", "gguf"):
@@ -193,9 +233,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, n_shards: i
     if to == "gguf":
         from .gguf import export_gguf
 
-        return export_gguf(src, dst, dtype=dtype, tokenizer_path=tokenizer, progress=progress)
+        if dst.is_dir():
+            raise CheckpointError(f"{dst}: is a directory; a GGUF target is a file")
+        with staged(dst, directory=False) as tmp:
+            export_gguf(src, tmp, dtype=dtype, tokenizer_path=tokenizer, progress=progress, verify=verify)
+        return dst
     if n_shards < 1:
         raise ValueError(f"--shards must be at least 1, got {n_shards}")
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst}: exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()):
+        raise CheckpointError(f"{dst}: already exists and is not empty; convert into a new directory")
 
     def stream(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in tensors:
@@ -203,25 +251,25 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, n_shards: i
             if progress is not None:
                 progress(name)
 
-    cfg, _, tensors = load_state(src)
+    cfg, _, tensors = load_state(src, verify)
     tok_file = Path(tokenizer) if tokenizer is not None else meta.find_tokenizer(src)
     tok = load_tokenizer(tok_file, cfg.vocab_size) if tok_file is not None else None
-    dst.mkdir(parents=True, exist_ok=True)
-    if to == "hf":
-        dtypes: set[torch.dtype] = set()
+    with staged(dst, directory=True) as out:
+        if to == "hf":
+            dtypes: set[torch.dtype] = set()
 
-        def renamed():
-            for n, t in stream(tensors):
-                dtypes.add(t.dtype)  # not the tensor itself: nothing may outlive its shard
-                yield hf.to_hf_name(n), t
+            def renamed():
+                for n, t in stream(tensors):
+                    dtypes.add(t.dtype)  # not the tensor itself: nothing may outlive its shard
+                    yield hf.to_hf_name(n), t
 
-        hf.write_safetensors(dst, renamed(), max_shard_bytes)
-        if not dtypes:
-            raise CheckpointError(f"{src}: no tensors found")
-        store = dtype or (torch.float32 if torch.float32 in dtypes else next(iter(dtypes)))
-        _write_metadata(dst, cfg, store, tok)
-    else:
-        meta.save_meta(lambda: stream(load_state(src)[2]), cfg, dst, n_shards, tok_file)
+            hf.write_safetensors(out, renamed(), max_shard_bytes)
+            if not dtypes:
+                raise CheckpointError(f"{src}: no tensors found")
+            store = dtype or (torch.float32 if torch.float32 in dtypes else next(iter(dtypes)))
+            _write_metadata(out, cfg, store, tok)
+        else:
+            meta.save_meta(lambda: stream(load_state(src, verify)[2]), cfg, out, n_shards, tok_file)
     return dst
 
 

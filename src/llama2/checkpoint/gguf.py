@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp (facts §14), written with the ``gguf`` package.
+"""GGUF export for llama.cpp (its GGUF spec), written with the ``gguf`` package.
 
 llama.cpp's ``llama`` architecture keeps wq/wk in Meta's adjacent-pair RoPE layout, so their
 rows are permuted back from our rotate-half layout. 1-D norm weights stay float32 (as
@@ -27,7 +27,7 @@ from .errors import CheckpointError
 
 GGUF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# our parameter name -> llama.cpp's tensor name (facts §14)
+# our parameter name -> llama.cpp's tensor name (llama.cpp's convert_hf_to_gguf.py)
 _TO_GGUF = [
     (r"^tok_embeddings\.weight$", "token_embd.weight"),
     (r"^norm\.weight$", "output_norm.weight"),
@@ -201,16 +201,19 @@ def _add_tokenizer(writer, tokenizer) -> None:
 
 
 @contextlib.contextmanager
-def open_tensors(path: Path) -> Iterator[tuple[ModelConfig, Callable[[str], torch.Tensor]]]:
+def open_tensors(path: Path, verify: bool = True) -> Iterator[tuple[ModelConfig, Callable[[str], torch.Tensor]]]:
     """Random access to a model directory's tensors by our name, in our layout, without
-    reading anything until asked (safetensors and Meta's .pth files are memory-mapped)."""
+    reading anything until asked (safetensors and Meta's .pth files are memory-mapped).
+    ``verify`` first checks the weight files against ``checksums.json``, if there is one."""
     from . import detect_format
 
     if detect_format(path) == "hf":
         cfg = hf.config_from_hf(hf.read_config(path), path / "config.json")
+        checksums = hf.read_checksums(path) if verify else None
         with contextlib.ExitStack() as stack:
             where: dict[str, tuple[object, str, Path]] = {}
             for file in hf.weight_files(path):
+                hf.verify_file(file, checksums)
                 try:
                     f = stack.enter_context(safe_open(str(file), framework="pt"))
                 except Exception as e:  # noqa: BLE001 - safetensors raises several types
@@ -257,6 +260,7 @@ def export_gguf(
     dtype: torch.dtype | None = None,
     tokenizer_path: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    verify: bool = True,
 ) -> Path:
     """Convert a model directory (ours/Hugging Face, or Meta's) to one GGUF file.
 
@@ -265,7 +269,7 @@ def export_gguf(
     from . import load_tokenizer
 
     src, dst = Path(src), Path(dst)
-    with open_tensors(src) as (cfg, get):
+    with open_tensors(src, verify) as (cfg, get):
         tok_file = Path(tokenizer_path) if tokenizer_path is not None else meta.find_tokenizer(src)
         if tok_file is None:
             raise CheckpointError(f"{src}: no tokenizer.model found (GGUF needs one); pass the tokenizer path")

@@ -7,6 +7,7 @@ vLLM and llama.cpp's converter read it as it is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,10 @@ from .errors import CheckpointError
 
 SAFETENSORS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+# sha256 of each weight file, written with them and checked before they are read: flipped bytes
+# in a float tensor load without any error and only show up as garbage output. transformers
+# ignores the extra file.
+CHECKSUMS = "checksums.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 # our parameter name -> transformers' name (one regex each, applied to the whole name)
@@ -173,9 +178,48 @@ def _open_error(file: Path, e: Exception) -> CheckpointError:
     return CheckpointError(f"{file}: cannot read safetensors ({first})")
 
 
-def iter_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(transformers name, tensor) pairs, read lazily one tensor at a time."""
+def read_checksums(path: Path) -> dict[str, str] | None:
+    """{weight file name: sha256} from the directory's manifest; None when it has none (a
+    directory written by transformers or another tool)."""
+    file = path / CHECKSUMS
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest.get("algorithm") != "sha256" or not isinstance(files, dict):
+            raise ValueError("expected {\"algorithm\": \"sha256\", \"files\": {name: hex digest}}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: invalid checksum manifest ({e})") from None
+    return files
+
+
+def sha256_file(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_file(file: Path, checksums: dict[str, str] | None) -> None:
+    """Raise one line naming ``file`` when it does not match the directory's manifest."""
+    if checksums is None:
+        return
+    manifest = file.parent / CHECKSUMS
+    want = checksums.get(file.name)
+    if want is None:
+        raise CheckpointError(f"{file}: not listed in {manifest} (rewritten by another tool? delete {CHECKSUMS} "
+                              f"to accept the new weights, or pass --no-verify)")
+    if sha256_file(file) != want:
+        raise CheckpointError(f"{file}: does not match its sha256 in {manifest}: the file is corrupt (if another "
+                              f"tool rewrote it, delete {CHECKSUMS}; --no-verify skips the check)")
+
+
+def iter_hf_tensors(path: Path, verify: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, tensor) pairs, read lazily one tensor at a time. With ``verify``, each
+    weight file is checked against ``checksums.json`` (if the directory has one) before any
+    tensor of it is read."""
+    checksums = read_checksums(path) if verify else None
     for file in weight_files(path):
+        verify_file(file, checksums)
         # safetensors raises its own SafetensorError (an Exception) for truncated/corrupt files.
         try:
             handle = safe_open(str(file), framework="pt")
@@ -200,8 +244,11 @@ def write_safetensors(
     """Write (name, tensor) pairs as ``model.safetensors`` or as shards with an index.
 
     Tensors are consumed one shard at a time, so a lazy iterator never holds more than one
-    shard in memory.
+    shard in memory. ``checksums.json`` (each file's sha256, computed as it is written) is
+    written last.
     """
+    (path / CHECKSUMS).unlink(missing_ok=True)  # a stale manifest must not outlive the files it describes
+    digests: dict[str, str] = {}
     shards: list[str] = []
     weight_map: dict[str, str] = {}
     total = 0
@@ -211,7 +258,7 @@ def write_safetensors(
     def flush() -> None:
         nonlocal current, current_bytes
         name = f"model-{len(shards) + 1:05d}.safetensors.part"
-        _atomic_save(current, path / name)
+        digests[name] = _atomic_save(current, path / name)
         shards.append(name)
         for k in current:
             weight_map[k] = name
@@ -225,8 +272,9 @@ def write_safetensors(
         current_bytes += size
         total += size
     if not shards:  # everything fits in one file
-        _atomic_save(current, path / SAFETENSORS)
+        digest = _atomic_save(current, path / SAFETENSORS)
         (path / INDEX).unlink(missing_ok=True)
+        write_json(path / CHECKSUMS, {"algorithm": "sha256", "files": {SAFETENSORS: digest}})
         return
     flush()
     n = len(shards)
@@ -236,6 +284,8 @@ def write_safetensors(
     index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
     _atomic_write_text(path / INDEX, json.dumps(index, indent=2))
     (path / SAFETENSORS).unlink(missing_ok=True)
+    write_json(path / CHECKSUMS, {"algorithm": "sha256",
+                                  "files": {new: digests[old] for old, new in renamed.items()}})
 
 
 _ST_DTYPES = {
@@ -245,8 +295,9 @@ _ST_DTYPES = {
 }
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a .safetensors file straight from the tensors' memory.
+def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> str:
+    """Write a .safetensors file straight from the tensors' memory; returns its sha256, hashed
+    from the bytes as they are written (reading the file back would cost another pass).
 
     ``safetensors.torch.save_file`` first copies every tensor into a ``bytes`` object, which
     doubles the peak memory of a shard; this writes the same format without that copy.
@@ -261,18 +312,24 @@ def save_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dic
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    h = hashlib.sha256()
     with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            h.update(chunk)
         for t in tensors.values():
             if t.numel():
-                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                f.write(data)
+                h.update(data)
+    return h.hexdigest()
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
+def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> str:
     tmp = file.with_name(file.name + ".tmp")
-    save_safetensors(tensors, tmp)
+    digest = save_safetensors(tensors, tmp)
     os.replace(tmp, file)
+    return digest
 
 
 def _atomic_write_text(file: Path, text: str) -> None:

@@ -1,6 +1,6 @@
 """Meta's release format: ``params.json`` + ``consolidated.NN.pth`` (one file per model-parallel rank).
 
-Shards are merged by how Meta's model-parallel layers split each weight (facts §2), and the
+Shards are merged by how Meta's model-parallel layers split each weight (fairscale's column/row-parallel linears), and the
 rows of wq/wk are permuted between Meta's adjacent-pair RoPE and our rotate-half layout.
 Everything is read memory-mapped and written one tensor or one shard at a time.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -110,6 +111,9 @@ def read_params(path: Path) -> ModelConfig:
 def _load_shard(file: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused an object: never load it any other way
+        raise CheckpointError(f"{file}: refused: it holds Python objects, not only tensors; nothing in it "
+                              f"was loaded") from None
     except Exception as e:  # torch raises many types for a corrupt file
         raise CheckpointError(f"{file}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
 

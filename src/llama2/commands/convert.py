@@ -41,6 +41,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="tokenizer.model to ship (default: the one beside or one folder above SRC)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest safetensors file for --to hf (default 5GB, as transformers)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking SRC's weight files against its checksums.json")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
 
@@ -95,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"  [{done}/{total}] {name}", file=sys.stderr, flush=True)
 
     out = convert(src, dst, to, n_shards=args.shards, max_shard_bytes=max_shard_bytes, dtype=dtype,
-                  tokenizer=args.tokenizer, progress=progress)
+                  tokenizer=args.tokenizer, progress=progress, verify=args.verify)
     if tty and not args.quiet:
         print(file=sys.stderr)
     say(f"done in {time.monotonic() - start:.1f}s: {out}")

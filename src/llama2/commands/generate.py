@@ -20,12 +20,15 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model/--dtype/--device, shared with ``llama2 chat``."""
+    """--model/--dtype/--device/--no-verify, shared with ``llama2 chat``."""
     p.add_argument("--model", type=Path, required=True, metavar="DIR",
                    help="model directory (config.json + safetensors, or Meta's params.json + consolidated.*.pth)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype (default auto: the stored dtype, but float32 for float16 weights on CPU)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip checking the weight files against the model directory's checksums.json "
+                        "(one extra read of the weights; faster start)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU): faster decoding after a first "
                         "call that compiles")
@@ -63,26 +66,57 @@ def read_prompt(args) -> str:
             return sys.stdin.read()
         if not args.prompt_file.is_file():
             raise FileNotFoundError(f"{args.prompt_file}: prompt file not found")
-        return args.prompt_file.read_text(encoding="utf-8")
+        try:
+            return args.prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{args.prompt_file}: not UTF-8 text (byte {e.start})") from None
     raise ValueError("no prompt: give --prompt TEXT or --prompt-file PATH ('-' reads stdin for either)")
 
 
-def load_for_inference(path: Path, dtype: str = "auto", device: str | None = None):
-    """(model, tokenizer) ready for decoding. The tokenizer is checked against the model's
-    vocabulary before any weight is read, so a mismatch fails fast with one clear line."""
+def check_device(name: str | None) -> str:
+    """The device to run on: ``name`` checked (None: cuda if available, else cpu). A device that
+    is malformed or not on this machine is one line, not a traceback from deep inside torch."""
+    import torch
+
+    from llama2.generate import default_device
+
+    if name is None:
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r}: not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (no GPU, or this torch "
+                             f"{torch.__version__} has no CUDA); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: MPS (Apple GPU) is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name}: unsupported device type {dev.type!r}; use cpu, cuda, cuda:N or mps")
+    return name
+
+
+def load_for_inference(path: Path, dtype: str = "auto", device: str | None = None, verify: bool = True):
+    """(model, tokenizer) ready for decoding. The device and the tokenizer (against the model's
+    vocabulary) are checked before any weight is read, so a mistake fails fast with one clear
+    line. ``verify`` checks the weight files against the directory's checksums."""
     import torch
 
     from llama2.checkpoint import load_model, load_state, load_tokenizer
-    from llama2.generate import default_device
 
+    device = check_device(device)
     cfg = load_state(path)[0]  # config only; the tensors are read lazily below
     tokenizer = load_tokenizer(path, cfg.vocab_size)
-    device = device or default_device()
     if dtype == "auto":
         chosen = None
     else:
         chosen = getattr(torch, dtype)
-    model = load_model(path, dtype=chosen, device=device)
+    model = load_model(path, dtype=chosen, device=device, verify=verify)
     if chosen is None and str(device).startswith("cpu") and model.tok_embeddings.weight.dtype == torch.float16:
         model = model.float()  # float16 matmuls are slow (or missing) on CPU
     return model, tokenizer
@@ -100,7 +134,7 @@ def main(args) -> int:
 
     params = sampling_params(args, stop=tuple(args.stop), logprobs=args.json)  # validate before loading
     text = read_prompt(args)
-    model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify)
     gen = Generator(model, tokenizer, compile=args.compile)
     ids = tokenizer.encode(text, bos=not args.no_bos)
     gen.check_prompt(ids)  # empty / longer than the context: one line, before any output

@@ -14,7 +14,7 @@ import json
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    t = sub.add_parser("train", help="train a BPE tokenizer (facts §3 settings)")
+    t = sub.add_parser("train", help="train a BPE tokenizer (Llama 2's settings, paper §2.1)")
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", metavar="FILE", help="text (.txt, .gz, .xz) or JSONL files")
     src.add_argument("--default-corpus", action="store_true", help="the corpus shipped with the package")

@@ -37,12 +37,20 @@ class Example:
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterable[tuple[int, dict]]:
-    """(line number, object) for each non-empty line; errors name the file and line."""
+    """(line number, object) for each non-empty line; every error, bad UTF-8 included, names
+    the file and line. The one reader of the package's JSONL inputs."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    # Bytes, decoded line by line: a text-mode file raises UnicodeDecodeError mid-iteration
+    # with neither file nor line in it.
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a leading byte-order mark is not data
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") \
+                    from None
             if not line.strip():
                 continue
             try:
@@ -80,7 +88,7 @@ def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
             validate_dialogue(msgs, allow_final_assistant=True)
             if msgs[-1]["role"] != "assistant":
                 raise ValueError("the last message must be the assistant's answer to learn from")
-        except ValueError as e:
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # a row of the wrong shape
             raise DataError(f"{path}:{n}: {e}") from None
         out.append(msgs)
     if not out:

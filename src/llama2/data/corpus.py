@@ -85,7 +85,12 @@ def _read_raw(path: Path, compression: str | None) -> str:
         with _OPENERS[compression](path, "rb") as f:
             data = f.read()
     # utf-8-sig: a leading byte-order mark is not text
-    return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _jsonl_texts(path: Path, raw: str) -> Iterator[str]:

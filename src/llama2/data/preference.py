@@ -85,7 +85,7 @@ def load_pairs(path: str | os.PathLike) -> list[Pair]:
     for n, obj in read_jsonl(path):
         try:
             pairs.append(parse_pair(obj))
-        except ValueError as e:
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:  # a row of the wrong shape
             raise DataError(f"{path}:{n}: {e}") from None
     if not pairs:
         raise DataError(f"{path}: no preference pairs found")

@@ -51,7 +51,7 @@ SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 # §3.2.2: the four rating levels of a preference pair (the paper pools "unsure" with the last).
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 
-# Llama Guard v1 unsafe-content categories (facts §13).
+# Llama Guard v1 unsafe-content categories (Inan et al. 2023).
 CATEGORIES = {
     "O1": "Violence and Hate",
     "O2": "Sexual Content",
@@ -1142,7 +1142,7 @@ class World:
             out += picked
         return out
 
-    # ---- safety classifier (Llama Guard, facts §13) ----------------------------------------
+    # ---- safety classifier (Llama Guard, Inan et al. 2023) ----------------------------------------
 
     def guard_examples(self, split: str, n: int) -> list[dict]:
         """``n`` labelled conversations ``{"messages", "target", "unsafe", "categories"}``.
@@ -1200,8 +1200,10 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The objects of a JSONL file; errors name the file and line (chat_data.read_jsonl)."""
+    from llama2.data.chat_data import read_jsonl as numbered
+
+    return [obj for _, obj in numbered(path)]
 
 
 DEFAULT_SIZES = {

@@ -12,7 +12,7 @@ trainer owns everything else. One optimizer step is::
 
 around which it logs ``metrics.jsonl`` and a progress bar, evaluates every ``eval_every``
 steps and writes atomic checkpoints every ``save_every`` steps. The defaults are the paper's
-pretraining values (Touvron et al. 2023, §2.2; facts §5); stages override them in their own
+pretraining values (Touvron et al. 2023, §2.2); stages override them in their own
 config dataclasses (which subclass :class:`TrainConfig`).
 
 Distributed: launch with ``torchrun``; ``init_distributed`` reads its environment. FSDP2
@@ -23,7 +23,9 @@ the full state, so there is nothing to gather).
 
 Exact resume: the checkpoint holds the weights, the optimizer moments, the step (the schedule
 is a pure function of it), the data position and every RNG state, so N steps + resume + N
-steps reproduce 2N steps bit for bit (on CPU; GPU kernels may not be deterministic).
+steps reproduce 2N steps bit for bit (on CPU; GPU kernels may not be deterministic). Nothing
+in a checkpoint can run code when resumed: ``trainer.json`` is plain JSON, the ``.pt`` files hold
+tensors and plain values only (RNG states included) and are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llama2.checkpoint.safe import load_tensors, read_state_json, refuse_legacy, write_state_json
 from llama2.recipe import config_diff, setting, to_dict, write_recipe
 
 IGNORE_INDEX = -100
@@ -60,7 +63,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class TrainConfig:
-    """The loop's settings; defaults are Llama 2's pretraining recipe (§2.2, facts §5)."""
+    """The loop's settings; defaults are Llama 2's pretraining recipe (§2.2)."""
 
     out: str = setting("runs/train", "run folder: metrics.jsonl, checkpoints/, model/", metavar="DIR")
     max_steps: int = setting(476_837, "optimizer steps to train for (2T tokens / 4M-token batches, §2.2)")
@@ -294,7 +297,9 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     found = []
     for p in root.glob("step-*") if root.is_dir() else []:
         suffix = p.name[len("step-"):]
-        if p.is_dir() and suffix.isdigit() and (p / "trainer.pt").is_file():
+        # trainer.json is written last, so its presence marks a complete checkpoint; an old
+        # run's trainer.pt is listed too, so that resuming it is refused rather than ignored.
+        if p.is_dir() and suffix.isdigit() and ((p / "trainer.json").is_file() or (p / "trainer.pt").is_file()):
             found.append((int(suffix), p))
     return [p for _, p in sorted(found)]
 
@@ -305,18 +310,64 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and plain numbers, so that ``torch.load(weights_only=True)``
+    reads it back (Python's and numpy's own state objects are tuples with an ndarray inside)."""
+    version, words, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def truncate_metrics(file: Path, key: str, upto: int, warn: Callable[[str], None]) -> None:
+    """Keep the records of ``file`` (JSON lines) whose ``key`` is at most ``upto``: a resumed run
+    forgets what an interrupted one logged after its checkpoint. A torn last line (the process
+    was killed mid-write) is dropped with a warning; a bad line before it is an error naming
+    the file and line, since deleting it would lose records silently."""
+    if not file.is_file():
+        return
+    if upto < 0:  # a fresh start keeps nothing, whatever state the old log is in
+        file.write_text("", encoding="utf-8")
+        return
+    lines = file.read_bytes().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    keep = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if n == len(lines):
+                warn(f"warning: {file}:{n}: dropped a torn last line (the run was interrupted mid-write)")
+                break
+            raise ValueError(f"{file}:{n}: not a JSON record ({e}); fix or delete that line to resume") from None
+        if record.get(key, 0) <= upto:
+            keep.append(raw.decode("utf-8"))
+    file.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def last_record(file: Path) -> dict:
+    """The last record of a metrics file (read after :func:`truncate_metrics`), or {} if none."""
+    lines = file.read_text(encoding="utf-8").splitlines() if file.is_file() else []
+    return json.loads(lines[-1]) if lines and lines[-1].strip() else {}
 
 
 def _fsync_tree(path: Path) -> None:
@@ -517,7 +568,8 @@ class Trainer:
         last: dict = {"step": self.step}
         if self.step >= cfg.max_steps:
             self.log(f"already at step {self.step} >= max_steps={cfg.max_steps}: nothing to train")
-            return last
+            # What the run that got here returned, so that a resumed stage reports the same.
+            return last_record(self.out / "metrics.jsonl") or last
         if self.step == 0 and cfg.eval_every:
             first = self.evaluate()
             if first:
@@ -589,14 +641,15 @@ class Trainer:
         _barrier(self.dist)
         if self.dist.is_main:
             write_recipe(self.run_config, tmp / "config.yaml")
-            torch.save({
+            # Plain JSON: the one file read before anything else can never run code.
+            write_state_json(tmp / "trainer.json", {
                 "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size,
                 "mode": self.mode, "schedule": {"kind": self.cfg.schedule, "lr": self.cfg.lr,
                                                 "warmup_steps": self.cfg.warmup_steps,
                                                 "decay_steps": self.cfg.decay_steps or self.cfg.max_steps,
                                                 "min_lr_ratio": self.cfg.min_lr_ratio},
                 "data": self.train_data.state_dict(), "config": to_dict(self.run_config),
-            }, tmp / "trainer.pt")  # written last: its presence marks a complete checkpoint
+            })  # written last: its presence marks a complete checkpoint
             _fsync_tree(tmp)
             if final.exists():  # re-saving a step (after resuming from an older checkpoint DIR)
                 shutil.rmtree(final)
@@ -610,28 +663,29 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)
-        if not (path / "trainer.pt").is_file():
-            raise FileNotFoundError(f"{path}: not a checkpoint (no trainer.pt)")
-        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        refuse_legacy(path)
+        if not (path / "trainer.json").is_file():
+            raise FileNotFoundError(f"{path}: not a checkpoint (no trainer.json)")
+        state = read_state_json(path / "trainer.json")
         if (path / "dcp").is_dir():
             if self.mode != "fsdp":
                 raise ValueError(f"{path}: written by an FSDP run; resume it with --distributed fsdp under torchrun")
-            import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            from llama2.checkpoint.safe import load_dcp
 
             model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
             sd = {"model": model_sd, "optim": optim_sd}
-            dcp.load(sd, checkpoint_id=str(path / "dcp"))
+            load_dcp(sd, path / "dcp")
             set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         else:
             if self.mode == "fsdp":
                 raise ValueError(f"{path}: written without FSDP; resume it with --distributed ddp")
-            self.module.load_state_dict(torch.load(path / "model.pt", map_location=self.device))
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
-                                                      weights_only=False))
+            self.module.load_state_dict(load_tensors(path / "model.pt", map_location=self.device))
+            self.optimizer.load_state_dict(load_tensors(path / "optimizer.pt", map_location=self.device))
         mine = path / f"rank-{self.dist.rank}.pt"
         if mine.is_file() and state.get("world_size") == self.dist.world_size:
-            rank_state = torch.load(mine, map_location="cpu", weights_only=False)
+            rank_state = load_tensors(mine)
             _set_rng_state(rank_state["rng"])
             self.train_data.load_state_dict(rank_state["data"])
         else:  # a different world size: the data position is global, RNG streams restart
@@ -666,12 +720,7 @@ class Trainer:
             self._truncate_metrics(self.step if path is not None else -1)
 
     def _truncate_metrics(self, step: int) -> None:
-        file = self.out / "metrics.jsonl"
-        if not file.is_file():
-            return
-        keep = [line for line in file.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        file.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        truncate_metrics(self.out / "metrics.jsonl", "step", step, self.log)
 
     # -- export ----------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, Tensor]:

@@ -123,7 +123,7 @@ class PPOTrainer:
         self.reference = load_model(cfg.model, device=device).eval().requires_grad_(False)
         self.tokenizer = load_tokenizer(cfg.model, self.policy.config.vocab_size)
         self.value = (load_scalar_model(cfg.reward_model, device=device) if cfg.value_init == "reward"
-                      else ScalarModel.from_language_model(self.policy)).train()
+                      else ScalarModel.from_language_model(self.policy, seed=cfg.seed)).train()
         self.scorer = RewardScorer(cfg.reward_model, cfg.safety_model or None, device=device)
         self.opt_policy = build_optimizer(self.policy, cfg)
         self.opt_value = build_optimizer(self.value, dataclasses.replace(cfg, lr=cfg.value_lr))
@@ -211,6 +211,7 @@ class PPOTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        from llama2.checkpoint.safe import write_state_json
         from llama2.train.core import _fsync_tree, _rng_state, list_checkpoints
 
         root = self.out / "checkpoints"
@@ -220,8 +221,10 @@ class PPOTrainer:
         torch.save({"policy": self.policy.state_dict(), "value": self.value.state_dict(),
                     "opt_policy": self.opt_policy.state_dict(), "opt_value": self.opt_value.state_dict()},
                    tmp / "model.pt")
-        torch.save({"step": self.iteration, "rng": _rng_state(), "config": dataclasses.asdict(self.cfg)},
-                   tmp / "trainer.pt")  # written last: marks a complete checkpoint
+        # Tensors only (RNG states) in a .pt file, the rest in plain JSON: neither can run code.
+        torch.save({"rng": _rng_state()}, tmp / "rank-0.pt")
+        write_state_json(tmp / "trainer.json", {"step": self.iteration, "config": dataclasses.asdict(self.cfg)})
+        # trainer.json is written last: it marks a complete checkpoint
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -232,7 +235,8 @@ class PPOTrainer:
         return final
 
     def _resume(self) -> None:
-        from llama2.train.core import _set_rng_state, latest_checkpoint
+        from llama2.checkpoint.safe import load_tensors, read_state_json, refuse_legacy
+        from llama2.train.core import _set_rng_state, latest_checkpoint, truncate_metrics
 
         for tmp in (self.out / "checkpoints").glob(".tmp-step-*"):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -242,19 +246,22 @@ class PPOTrainer:
         if path is None:
             if self.cfg.resume == "latest":
                 raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+            # Starting over: forget what an interrupted run logged before its first checkpoint.
+            truncate_metrics(self.out / "metrics.jsonl", "iteration", 0, self.log)
             return
-        state = torch.load(path / "model.pt", map_location=self.device, weights_only=False)
+        refuse_legacy(path)
+        if not (path / "trainer.json").is_file():
+            raise FileNotFoundError(f"{path}: not a checkpoint (no trainer.json)")
+        trainer = read_state_json(path / "trainer.json")
+        state = load_tensors(path / "model.pt", map_location=self.device)
         self.policy.load_state_dict(state["policy"])
         self.value.load_state_dict(state["value"])
         self.opt_policy.load_state_dict(state["opt_policy"])
         self.opt_value.load_state_dict(state["opt_value"])
-        trainer = torch.load(path / "trainer.pt", weights_only=False)
         self.iteration = trainer["step"]
-        _set_rng_state(trainer["rng"])
-        metrics = self.out / "metrics.jsonl"
-        if metrics.is_file():  # forget iterations logged after this checkpoint
-            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= self.iteration]
-            metrics.write_text("".join(ln + "\n" for ln in keep))
+        _set_rng_state(load_tensors(path / "rank-0.pt")["rng"])
+        # forget iterations logged after this checkpoint
+        truncate_metrics(self.out / "metrics.jsonl", "iteration", self.iteration, self.log)
         self.log(f"resumed PPO from {path} (iteration {self.iteration})")
 
     # -- the loop -------------------------------------------------------------------------------
@@ -262,13 +269,16 @@ class PPOTrainer:
         from tqdm import tqdm
 
         from llama2.checkpoint import save_model
+        from llama2.train.core import last_record
 
-        cfg, last = self.cfg, {}
+        # Resumed: the last iteration's record, what the interrupted run would have returned.
+        cfg, last = self.cfg, last_record(self.out / "metrics.jsonl") if self.iteration else {}
         self.out.mkdir(parents=True, exist_ok=True)
         self.log(f"PPO from {cfg.model}: {cfg.max_steps} iterations of {cfg.batch_size} prompts, minibatch "
                  f"{cfg.minibatch_size}, beta {cfg.kl_coef}, safety threshold {cfg.safety_threshold}")
         bar = tqdm(total=cfg.max_steps, initial=self.iteration, unit="iter", disable=not cfg.progress or None)
-        while self.iteration < cfg.max_steps:
+        # An early stop is final: a run resumed from its checkpoint does not train on.
+        while self.iteration < cfg.max_steps and not last.get("kl", 0.0) > cfg.max_kl:
             last = self.step()
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(last) + "\n")
