@@ -1,4 +1,4 @@
-"""Llama 2-Chat's dialogue format (facts §4): ``[INST]``/``<<SYS>>`` tags, one BOS/EOS per exchange.
+"""Llama 2-Chat's dialogue format (Meta's generation.py): ``[INST]``/``<<SYS>>`` tags, one BOS/EOS per exchange.
 
 Every completed (user, assistant) exchange is tokenized on its own and wrapped in BOS ... EOS;
 the last user turn gets a BOS and no EOS. Tokenizing the joined string once gives different

@@ -4,8 +4,11 @@ tokenizer -> data -> pretrain -> sft -> reward-helpfulness, reward-safety -> rej
 -> gatt -> guard -> evaluate. Each stage writes its own run folder under ``--out`` (the same
 folder the stage's own command would write) and, once finished, a ``.done.json`` marker
 with its wall time; re-running skips finished stages, and an interrupted stage resumes from
-its last checkpoint. The final chat model is copied to ``OUT/chat``; ``OUT/report.md`` and
-``OUT/report.html`` show what every stage did.
+its last checkpoint. Every random draw of a stage comes from the recipe's seed, never from what
+an earlier stage or process left in a global generator, so a run interrupted anywhere (Ctrl-C,
+a killed process) and re-run ends with the same models and report as one that never stopped
+(on CPU, bit for bit; tests/test_resume.py). The final chat model is copied to ``OUT/chat``;
+``OUT/report.md`` and ``OUT/report.html`` show what every stage did.
 
 A recipe is a plain YAML file: ``stages:`` maps each stage to the fields of its config (the
 same fields as the stage's command-line flags); paths between stages are filled in here.
@@ -228,11 +231,11 @@ def stage_evaluate(ctx: Context) -> dict:
                                         world_seed=seed)
         results[stage]["reward_models"] = stamp
         results[stage]["world_seed"] = seed
-        cache.write_text(json.dumps(results[stage], indent=2) + "\n")
+        _write_json(cache, results[stage])  # read back on resume: never half-written
     folder = ctx.folder("evaluate")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (folder / "samples.json").write_text(json.dumps(sample_conversations(ctx), indent=2) + "\n")
+    _write_json(folder / "results.json", results)
+    _write_json(folder / "samples.json", sample_conversations(ctx))
     keep = ("task_accuracy", "safe_refusal_rate", "false_refusal_rate", "combined_reward")
     return {stage: {k: v for k, v in r.items() if k in keep}
             for stage, r in results.items()}
@@ -323,9 +326,7 @@ def run_pipeline(recipe_name: str = "tiny", out: str | os.PathLike = "runs/demo"
         summary = RUNNERS[stage](ctx) or {}
         seconds = time.perf_counter() - t0
         ctx.folder(stage).mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stage": stage, "seconds": seconds, "summary": _jsonable(summary)}, indent=2))
-        os.replace(tmp, marker)
+        _write_json(marker, {"stage": stage, "seconds": seconds, "summary": _jsonable(summary)})
         log(f"[{i}/{len(STAGES)}] {stage}: finished in {_fmt(seconds)}")
     if until is None or until == "evaluate":
         from llama2.report import write_report
@@ -335,6 +336,13 @@ def run_pipeline(recipe_name: str = "tiny", out: str | os.PathLike = "runs/demo"
         log(f"chat with the result:   llama2 chat --model {out / 'chat'}")
         log(f"serve it:               llama2 serve --model {out / 'chat'} --guard {out / 'guard' / 'model'}")
     return out
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write a JSON file whole or not at all (a run killed mid-write leaves the old file or none)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _jsonable(obj):

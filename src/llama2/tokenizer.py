@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -12,7 +12,7 @@ import sentencepiece as spm
 
 
 class Tokenizer:
-    """``encode(s, bos, eos)`` = optional BOS + SentencePiece pieces + optional EOS (facts §3)."""
+    """``encode(s, bos, eos)`` = optional BOS + SentencePiece pieces + optional EOS."""
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
@@ -56,7 +56,7 @@ class Tokenizer:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
-# Llama 2's trainer settings (facts §3): BPE, digits split into single tokens, unknown bytes
+# Llama 2's trainer settings (paper §2.1): BPE, digits split into single tokens, unknown bytes
 # decomposed into <0xNN> pieces, no normalisation, a dummy prefix space, whitespace kept.
 LLAMA2_TRAINER_SETTINGS = dict(
     model_type="bpe",
@@ -113,16 +113,20 @@ def train_tokenizer(
             raise ValueError(f"no text found in {', '.join(map(str, paths))}")
         if verbose:
             print(f"training a {vocab_size}-piece BPE tokenizer on {n_lines:,} lines ...", flush=True)
-        spm.SentencePieceTrainer.train(
-            input=str(flat),
-            model_prefix=str(Path(tmp) / "tokenizer"),
-            vocab_size=vocab_size,
-            max_sentence_length=max_sentence_length,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=0 if verbose else 2,
-            **LLAMA2_TRAINER_SETTINGS,
-        )
-        shutil.move(str(Path(tmp) / "tokenizer.model"), out_dir / "tokenizer.model")
+        # Fed as an iterator and written through model_writer so that the model file records no
+        # temporary paths: the same inputs give the same tokenizer.model, byte for byte.
+        model = io.BytesIO()
+        with open(flat, encoding="utf-8") as f:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=(line.rstrip("\n") for line in f),
+                model_writer=model,
+                vocab_size=vocab_size,
+                max_sentence_length=max_sentence_length,
+                input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True,
+                num_threads=num_threads or os.cpu_count() or 1,
+                minloglevel=0 if verbose else 2,
+                **LLAMA2_TRAINER_SETTINGS,
+            )
+        (out_dir / "tokenizer.model").write_bytes(model.getvalue())
     return Tokenizer(out_dir / "tokenizer.model")

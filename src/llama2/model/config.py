@@ -76,7 +76,7 @@ class ModelConfig:
         return cls(**{**PRESETS[key], **overrides})
 
 
-# The released shapes (facts §1). Code Llama: theta 1e6, 16 extra infilling pieces, 16k context.
+# The released shapes (the paper's Table 1 and Meta's params.json). Code Llama: theta 1e6, 16 extra infilling pieces, 16k context.
 PRESETS: dict[str, dict] = {
     "7b": dict(dim=4096, n_layers=32, n_heads=32),
     "13b": dict(dim=5120, n_layers=40, n_heads=40),

@@ -35,17 +35,27 @@ class ScalarModel(Transformer):
         super().init_weights(std)
         self.reset_score()
 
-    def reset_score(self) -> None:
-        # A fresh head starts near zero so initial rewards (and PPO values) are unbiased.
-        nn.init.normal_(self.score.weight, std=1.0 / (self.config.dim + 1) ** 0.5)
+    def reset_score(self, generator: torch.Generator | None = None) -> None:
+        # A fresh head starts near zero so initial rewards (and PPO values) are unbiased. Drawn on
+        # the CPU in float32 from ``generator`` (torch's global RNG without one), so one seed gives
+        # one head on any device and in any dtype.
+        w = self.score.weight
+        std = 1.0 / (self.config.dim + 1) ** 0.5
+        fresh = torch.randn(w.shape, generator=generator, dtype=torch.float32) * std
+        with torch.no_grad():
+            w.copy_(fresh.to(w.dtype))
 
     @classmethod
-    def from_language_model(cls, lm: Transformer) -> ScalarModel:
-        """Take a chat model's trunk, drop its next-token head, add a new scalar head."""
-        model = cls(lm.config).to(lm.tok_embeddings.weight.dtype)
-        state = {k: v for k, v in lm.state_dict().items() if not k.startswith("output.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert missing == ["score.weight"] and not unexpected, (missing, unexpected)
-        with torch.no_grad():
-            model.reset_score()
+    def from_language_model(cls, lm: Transformer, seed: int = 0) -> ScalarModel:
+        """Take a chat model's trunk (copied), drop its next-token head, add a new scalar head
+        drawn from ``seed`` alone: a reward model trained with one seed starts from the same
+        weights whatever drew from torch's global RNG before (an earlier stage, a cached step
+        skipped on resume)."""
+        with torch.device("meta"):  # no default init: the trunk is copied, the head drawn below
+            model = cls(lm.config)
+        w = lm.tok_embeddings.weight
+        state = {k: v.detach().clone() for k, v in lm.state_dict().items() if not k.startswith("output.")}
+        state["score.weight"] = torch.empty(1, lm.config.dim, dtype=w.dtype, device=w.device)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.reset_score(torch.Generator().manual_seed(seed))
         return model

@@ -187,7 +187,7 @@ def run(cfg: RewardConfig, quiet: bool = False) -> dict:
     tokenizer = load_tokenizer(cfg.model, lm.config.vocab_size)
     # Every rank samples the same (seeded) answers; only the main one writes the cache.
     own = own_answer_pairs(cfg, lm, tokenizer, log, write=info.is_main) if cfg.policy_prompts else []
-    model = ScalarModel.from_language_model(lm)
+    model = ScalarModel.from_language_model(lm, seed=cfg.seed)
     del lm
     train, val = load_training_pairs(cfg, own)
     data = PairDataset(train, tokenizer, cfg.margin, cfg.max_len, name="preference pairs")
