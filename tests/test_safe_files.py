@@ -271,7 +271,7 @@ def test_an_unusable_device_is_one_line_and_exit_1(model_dir, capsys, monkeypatc
 
 
 def test_a_cuda_index_past_the_last_gpu_is_named(monkeypatch):
-    from llama2.commands.generate import check_device
+    from llama2.generate import check_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -73,34 +73,6 @@ def read_prompt(args) -> str:
     raise ValueError("no prompt: give --prompt TEXT or --prompt-file PATH ('-' reads stdin for either)")
 
 
-def check_device(name: str | None) -> str:
-    """The device to run on: ``name`` checked (None: cuda if available, else cpu). A device that
-    is malformed or not on this machine is one line, not a traceback from deep inside torch."""
-    import torch
-
-    from llama2.generate import default_device
-
-    if name is None:
-        return default_device()
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r}: not a device; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (no GPU, or this torch "
-                             f"{torch.__version__} has no CUDA); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {name}: MPS (Apple GPU) is not available on this machine; use --device cpu")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {name}: unsupported device type {dev.type!r}; use cpu, cuda, cuda:N or mps")
-    return name
-
-
 def load_for_inference(path: Path, dtype: str = "auto", device: str | None = None, verify: bool = True):
     """(model, tokenizer) ready for decoding. The device and the tokenizer (against the model's
     vocabulary) are checked before any weight is read, so a mistake fails fast with one clear
@@ -108,6 +80,7 @@ def load_for_inference(path: Path, dtype: str = "auto", device: str | None = Non
     import torch
 
     from llama2.checkpoint import load_model, load_state, load_tokenizer
+    from llama2.generate import check_device
 
     device = check_device(device)
     cfg = load_state(path)[0]  # config only; the tensors are read lazily below

@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from llama2.chat import encode_chat
-from llama2.generate import SamplingParams
+from llama2.generate import SamplingParams, check_device
 
 from .engine import (
     TEXT_CONTEXT_TOKENS,
@@ -871,28 +871,6 @@ def configure(parser) -> None:
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def _device(spec: str | None):
-    """The device to serve on, or a one-line ValueError (before minutes are spent loading weights)."""
-    import torch
-
-    from llama2.generate import default_device
-
-    if spec is None:
-        return default_device()
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {spec!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {spec}: MPS is not available on this machine")
-    return device
-
-
 def _listen(host: str, port: int) -> socket.socket:
     """Bind the server's socket first, so a taken or invalid address costs no model load."""
     if not 0 <= port <= 65535:
@@ -925,7 +903,7 @@ def main(args) -> int:
                                ("--max-body-bytes", args.max_body_bytes, 1)):
         if value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
-    device = _device(args.device)
+    device = check_device(args.device)
     dtype = parse_dtype(args.dtype)
     sock = _listen(args.host, args.port)
     try:
