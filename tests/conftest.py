@@ -33,7 +33,7 @@ def tiny_model() -> Transformer:
 @pytest.fixture(scope="session")
 def pretrain_data(tmp_path_factory):
     """Token shards of 150k characters of the bundled corpus on a 384-piece tokenizer."""
-    from llama2.data.corpus import default_corpus_files, read_text
+    from llama2.corpus import default_corpus_files, read_text
     from llama2.data.shards import prepare
     from llama2.tokenizer import train_tokenizer
 
@@ -65,7 +65,7 @@ def ppo_config(root, policy, rm, out, steps):
     from llama2.train.ppo import PPOConfig
 
     return PPOConfig(out=str(root / out), model=str(policy), reward_model=str(rm), safety_model=str(rm),
-                     max_steps=steps, batch_size=4, minibatch_size=2, micro_batch_size=2, lr=1e-3, value_lr=1e-3,
+                     max_steps=steps, batch_size=4, minibatch_size=2, lr=1e-3, value_lr=1e-3,
                      max_new_tokens=6, prompts=12, save_every=1, progress=False)
 
 

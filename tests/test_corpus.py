@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from llama2.data.corpus import (
+from llama2.corpus import (
     default_corpus_dir,
     default_corpus_files,
     iter_documents,

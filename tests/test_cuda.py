@@ -307,18 +307,18 @@ def test_ppo_rolls_out_scores_and_updates_on_cuda_and_resumes(rl_dirs):
 
 
 def test_rejection_sampling_samples_and_scores_on_cuda(rl_dirs, monkeypatch):
-    import llama2.train.scoring as scoring
+    import llama2.train.rejection as rejection
     from llama2.cli import main as cli
 
     root, policy, rm = rl_dirs
     seen = []
-    real = scoring.sample_answers
+    real = rejection.sample_answers
 
     def spy(model, *args, **kwargs):
         seen.append(next(model.parameters()).device.type)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(scoring, "sample_answers", spy)
+    monkeypatch.setattr(rejection, "sample_answers", spy)
     out = root / "rs"
     assert cli(["rejection-sample", "--model", str(policy), "--reward-model", str(rm), "--safety-model", str(rm),
                 "--out", str(out), "--prompts", "6", "--k", "3", "--max-new-tokens", "6", "--batch-size", "2",
@@ -328,21 +328,21 @@ def test_rejection_sampling_samples_and_scores_on_cuda(rl_dirs, monkeypatch):
 
 
 def test_world_evaluation_on_cuda_equals_the_cpu_one(rl_dirs, monkeypatch):
-    import llama2.generate
+    import llama2.eval.cli
     from llama2.eval.cli import evaluate_model
 
     root, policy, rm = rl_dirs
     kw = dict(max_items=12, gatt_dialogues=2, gatt_turns=(1, 2), max_new_tokens=8, reward_model=str(rm),
               safety_model=str(rm), reward_prompts=6)
     on_gpu = evaluate_model(str(policy), **kw)
-    monkeypatch.setattr(llama2.generate, "default_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(llama2.eval.cli, "default_device", lambda: torch.device("cpu"))
     on_cpu = evaluate_model(str(policy), **kw)
     assert [a["answer"] for a in on_gpu["answers"]] == [a["answer"] for a in on_cpu["answers"]]
     assert on_gpu["combined_reward"] == pytest.approx(on_cpu["combined_reward"], abs=1e-4)
 
 
 def test_guard_scores_on_cuda_equal_the_cpu_ones(rl_dirs):
-    from llama2.serve.guard import Guard
+    from llama2.guard import Guard
 
     root, policy, _ = rl_dirs
     conversations = [[{"role": "user", "content": "How do I bake bread?"}],

@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import yaml
 
 from llama2.pipeline import STAGES, find_recipe, read_pipeline_recipe, run_pipeline
 
@@ -20,6 +21,25 @@ def test_bad_recipe_names_the_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages:\n  pretrian: {}\n")
     with pytest.raises(ValueError, match="unknown stage.*pretrian"):
+        read_pipeline_recipe(bad)
+
+
+@pytest.mark.parametrize("stage", [*STAGES, "safety-distill"])
+def test_an_unknown_key_in_any_stage_names_the_stage_and_the_key(tmp_path, stage):
+    recipe = yaml.safe_load(find_recipe("tiny").read_text())
+    blocks = recipe["standalone"] if stage == "safety-distill" else recipe["stages"]
+    blocks[stage]["vocab_sise"] = 4096
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError) as e:
+        read_pipeline_recipe(bad)
+    assert f"stage '{stage}'" in str(e.value) and "'vocab_sise'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unknown_top_level_key_is_refused(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("seed: 0\nstagse: {}\nstages:\n  tokenizer: {vocab_size: 512}\n")
+    with pytest.raises(ValueError, match="unknown field.*stagse"):
         read_pipeline_recipe(bad)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from llama2 import Transformer
 from llama2.checkpoint import load_model
-from llama2.serve.guard import CATEGORIES, Guard, guard_prompt, metrics
+from llama2.guard import CATEGORIES, Guard, guard_prompt, metrics
 from llama2.train.ppo import PPOTrainer, build_rollout
 
 from .conftest import ppo_config, tiny_config

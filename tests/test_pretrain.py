@@ -12,8 +12,8 @@ import torch
 
 from llama2.cli import main as cli
 from llama2.model import ModelConfig
-from llama2.recipe import from_dict, load_config, read_recipe
-from llama2.train.pretrain import TINY_RECIPE, PretrainConfig
+from llama2.recipe import TINY_RECIPE, from_dict, load_config, read_recipe
+from llama2.train.pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -43,11 +43,11 @@ def test_defaults_are_the_papers():
 
 
 def test_tiny_recipe_file_is_the_built_in_default():
-    assert from_dict(PretrainConfig, read_recipe(RECIPES / "pretrain-tiny.yaml")) == from_dict(PretrainConfig,
-                                                                                               TINY_RECIPE)
     import argparse
 
-    assert load_config(PretrainConfig, argparse.Namespace(config=None), TINY_RECIPE).model.dim == 256
+    tiny = read_recipe(TINY_RECIPE)["stages"]["pretrain"]
+    built_in = load_config(PretrainConfig, argparse.Namespace(config=None), stage="pretrain")
+    assert built_in == from_dict(PretrainConfig, tiny) and built_in.model.dim == 256
 
 
 @pytest.mark.parametrize("name,preset,lr", [("1b", "1b", 3e-4), ("7b", "7b", 3e-4), ("13b", "13b", 3e-4),
@@ -97,7 +97,7 @@ def test_vocabulary_mismatch(tmp_path, capsys, data):
 
 def test_run_folder_and_model_directory(tmp_path, capsys, data):
     out = tmp_path / "run"
-    assert cli(args_for(data, out, "--max-steps", "4", "--save-every", "2")) == 0
+    assert cli(args_for(data, out, "--max-steps", "4", "--save-every", "2", "--keep-last", "2")) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"} <= set(rows[2])

@@ -4,9 +4,20 @@ import argparse
 from dataclasses import dataclass
 
 import pytest
+import yaml
 
 from llama2.model import ModelConfig
-from llama2.recipe import add_config_args, config_diff, dump_recipe, from_dict, load_config, setting, to_dict
+from llama2.recipe import (
+    TINY_RECIPE,
+    add_config_args,
+    config_diff,
+    dump_recipe,
+    from_dict,
+    load_config,
+    read_recipe,
+    setting,
+    to_dict,
+)
 
 
 @dataclass
@@ -120,3 +131,62 @@ def test_model_config_nests_with_its_own_validation():
     assert cfg.model.n_kv_heads == 4  # ModelConfig.__post_init__ ran
     with pytest.raises(ValueError, match="recipe.yaml: invalid model config"):
         from_dict(WithModel, {"model": {"dim": 65, "n_heads": 4}}, source="recipe.yaml")
+
+
+# -- the built-in tiny recipe: one file ------------------------------------------------------
+
+# Every stage command with a tiny default: its argv, and its block of tiny.yaml.
+STAGE_COMMANDS = [
+    (["pretrain"], "pretrain"),
+    (["sft"], "sft"),
+    (["reward", "train"], "reward-helpfulness"),
+    (["reward", "train", "--kind", "safety"], "reward-safety"),
+    (["rejection-sample"], "rejection"),
+    (["ppo"], "ppo"),
+    (["gatt"], "gatt"),
+    (["guard", "train"], "guard"),
+    (["safety-distill"], "safety-distill"),
+]
+
+
+def _print_config(argv, capsys) -> dict:
+    from llama2.cli import main
+
+    assert main([*argv, "--print-config"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def _tiny_block(stage: str) -> dict:
+    recipe = read_recipe(TINY_RECIPE)
+    return {**(recipe.get("standalone") or {}), **recipe["stages"]}[stage]
+
+
+@pytest.mark.parametrize("argv,stage", STAGE_COMMANDS, ids=[s for _, s in STAGE_COMMANDS])
+def test_a_stage_command_without_config_uses_exactly_its_block_of_tiny_yaml(argv, stage, capsys):
+    from llama2.pipeline import STAGE_CONFIGS, STANDALONE_CONFIGS
+
+    cls = {**STAGE_CONFIGS, **STANDALONE_CONFIGS}[stage]
+    kind = {"kind": stage.removeprefix("reward-")} if stage.startswith("reward-") else {}
+    assert _print_config(argv, capsys) == to_dict(from_dict(cls, {**_tiny_block(stage), **kind}))
+
+
+def test_a_flag_still_beats_the_tiny_block(capsys):
+    assert _tiny_block("sft")["batch_size"] != 4
+    assert _print_config(["sft", "--batch-size", "4", "--micro-batch-size", "4"], capsys)["batch_size"] == 4
+
+
+def test_tokenizer_data_and_evaluate_default_to_their_commands():
+    """The pipeline's tokenizer, data and evaluate stages read the same dataclasses as
+    `llama2 tokenizer train`, `llama2 prepare` and `llama2 evaluate`, with their defaults."""
+    from llama2.commands import tokenizer
+    from llama2.data import shards
+    from llama2.eval import cli as evaluate
+    from llama2.pipeline import STAGE_CONFIGS
+
+    assert STAGE_CONFIGS["tokenizer"] is tokenizer.TokenizerConfig
+    assert STAGE_CONFIGS["data"] is shards.PrepareConfig
+    assert STAGE_CONFIGS["evaluate"] is evaluate.EvaluateConfig
+    assert shards.PrepareConfig().val_fraction == 0.01
+    cfg = evaluate.EvaluateConfig()
+    assert (cfg.max_items, cfg.max_new_tokens, cfg.gatt_dialogues, cfg.reward_prompts) == (100, 64, 30, 100)
+    assert tokenizer.TokenizerConfig().vocab_size == 32000  # Llama 2's (§2.1)

@@ -69,7 +69,6 @@ def test_ppo_stopped_early_by_its_kl_limit_stays_stopped_when_resumed(rl_dirs, m
     the policy of the iteration that stopped, it does not train on to max_steps."""
     import dataclasses
 
-    import llama2.checkpoint
     from llama2.train import ppo
 
     root, policy, rm = rl_dirs
@@ -84,7 +83,7 @@ def test_ppo_stopped_early_by_its_kl_limit_stays_stopped_when_resumed(rl_dirs, m
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(llama2.checkpoint, "save_model", killed)
+        m.setattr(ppo, "save_model", killed)  # the name ppo.py writes its policy with
         with pytest.raises(KeyboardInterrupt):
             ppo.run(config("kl-resumed"), quiet=True)
     assert _without_time(ppo.run(config("kl-resumed"), quiet=True)) == _without_time(straight)
@@ -104,7 +103,7 @@ def _stage(args) -> str:
 
 INTERRUPTIONS = [
     ("tokenizer, trained, before its stage is marked done",
-     "llama2.tokenizer:train_tokenizer", lambda args, calls: True, False),
+     "llama2.commands.tokenizer:train_tokenizer", lambda args, calls: True, False),
     ("pretrain, mid-training: step 5 logged, its last checkpoint at step 3",
      "llama2.train.core:Trainer._write_metrics",
      lambda args, calls: _stage(args) == "pretrain" and args[1]["step"] == 5, False),

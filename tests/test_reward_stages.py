@@ -89,7 +89,7 @@ def test_safety_distillation_keeps_only_answers_the_safety_model_prefers(tmp_pat
 def test_held_out_reward_is_the_gated_reward_of_the_answers_to_test_prompts(reward_dir):
     from llama2.data.world import World
     from llama2.eval.cli import held_out_reward
-    from llama2.train.scoring import RewardScorer
+    from llama2.scoring import RewardScorer
 
     def generate(dialogues):
         return ["I can't help with that." if i % 2 else "The answer is 4." for i in range(len(dialogues))]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llama2.checkpoint import CheckpointError
-from llama2.train.core import latest_checkpoint, truncate_metrics
+from llama2.train.state import latest_checkpoint, truncate_metrics
 
 from .conftest import ppo_config
 from .test_train_core import make
@@ -221,16 +221,16 @@ def test_a_leading_byte_order_mark_is_not_an_error(tmp_path):
 
 
 def test_the_world_cache_reader_names_file_and_line(tmp_path):
-    from llama2.data.world import read_jsonl
+    from llama2.utils import read_jsonl
 
     f = tmp_path / "cache.jsonl"
     f.write_text('{"a": 1}\n\n{"a": 2\n')
     with pytest.raises(ValueError, match=f"^{f}:3: invalid JSON"):
-        read_jsonl(f)
+        list(read_jsonl(f))
 
 
 def test_invalid_utf8_in_a_corpus_file_names_file_and_line(tmp_path):
-    from llama2.data.corpus import read_text
+    from llama2.corpus import read_text
 
     f = tmp_path / "text.txt"
     f.write_bytes(b"one\ntwo\nth\xffree\n")
@@ -271,7 +271,7 @@ def test_an_unusable_device_is_one_line_and_exit_1(model_dir, capsys, monkeypatc
 
 
 def test_a_cuda_index_past_the_last_gpu_is_named(monkeypatch):
-    from llama2.generate import check_device
+    from llama2.utils import check_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

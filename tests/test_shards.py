@@ -1,13 +1,14 @@
 """`llama2 prepare` and the packed-sequence loader: BOS/EOS framing, determinism, skipping
 complete shards, malformed lines reported, no window twice per epoch, rank awareness."""
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
 
+from llama2.corpus import default_corpus_files, read_text
 from llama2.data import shards
-from llama2.data.corpus import default_corpus_files, read_text
 from llama2.data.shards import (
     EvalBatches,
     PackedLoader,
@@ -201,3 +202,15 @@ def test_cli_tokenizer_and_prepare(corpus, tmp_path, capsys):
     assert cli(["prepare", "--tokenizer", str(tmp_path / "tok"), "--input", str(tmp_path / "none.txt"),
                 "--out", str(tmp_path / "d")]) == 1
     assert "none.txt" in capsys.readouterr().err
+
+
+def test_prepare_writes_the_bytes_it_always_wrote(corpus, tmp_path):
+    """Shard bytes, sidecars and index.json are pinned by a hash (the inputs' folder written as "<corpus>")."""
+    out = tmp_path / "data"
+    prepare([corpus["jsonl"], corpus["txt"]], corpus["tok"], out, val_fraction=0.1, workers=1, shard_chars=20_000,
+            log=quiet)
+    h = hashlib.sha256()
+    for path in sorted(out.iterdir()):
+        data = path.read_bytes().replace(str(corpus["jsonl"].parent).encode(), b"<corpus>")
+        h.update(path.name.encode() + b"\0" + data)
+    assert h.hexdigest()[:16] == "db673ee75fbad4d3"

@@ -18,12 +18,11 @@ from llama2.train.core import (
     build_optimizer,
     cross_entropy,
     grad_accum_steps,
-    latest_checkpoint,
-    list_checkpoints,
     lm_loss,
     lr_at,
     transformer_flops_per_token,
 )
+from llama2.train.state import latest_checkpoint, list_checkpoints, rng_state, set_rng_state
 
 NANO = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=32)
 
@@ -188,10 +187,10 @@ def test_rng_states_round_trip_exactly():
     import numpy as np
 
     random.random(), np.random.standard_normal()  # numpy now holds a cached gaussian
-    saved = core._rng_state()
+    saved = rng_state()
     want = (random.random(), random.gauss(0, 1), np.random.standard_normal(), np.random.rand(), torch.rand(1))
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    core._set_rng_state(saved)
+    set_rng_state(saved)
     got = (random.random(), random.gauss(0, 1), np.random.standard_normal(), np.random.rand(), torch.rand(1))
     assert got == want
 

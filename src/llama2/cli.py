@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("llama2.commands.generate", "complete a prompt"),
     "chat": ("llama2.commands.chat", "chat with a model in the terminal"),
     "serve": ("llama2.serve.app", "OpenAI-compatible HTTP server"),
-    "guard": ("llama2.serve.guard", "Llama Guard-style safety classifier"),
+    "guard": ("llama2.train.guard", "Llama Guard-style safety classifier"),
     "evaluate": ("llama2.eval.cli", "evaluate a model on the assistant-world suite"),
     "convert": ("llama2.commands.convert", "convert between Meta, Hugging Face and GGUF formats"),
     "info": ("llama2.commands.info", "parameters and memory of a preset or model directory"),

@@ -107,36 +107,6 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generat
     return choice.squeeze(-1)
 
 
-def default_device() -> torch.device:
-    """Where inference (and the RL stages' sampling and scoring) runs unless told otherwise: the
-    GPU when there is one, like the trainer's, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def check_device(name: str | None) -> str | torch.device:
-    """The device to run on: ``name`` checked (None: cuda if available, else cpu). A device that
-    is malformed or not on this machine is one line, not a traceback from deep inside torch."""
-    if name is None:
-        return default_device()
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r}: not a device; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (no GPU, or this torch "
-                             f"{torch.__version__} has no CUDA); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {name}: MPS (Apple GPU) is not available on this machine; use --device cpu")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {name}: unsupported device type {dev.type!r}; use cpu, cuda, cuda:N or mps")
-    return name
-
-
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
     width = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)

@@ -11,7 +11,9 @@ a killed process) and re-run ends with the same models and report as one that ne
 ``OUT/report.md`` and ``OUT/report.html`` show what every stage did.
 
 A recipe is a plain YAML file: ``stages:`` maps each stage to the fields of its config (the
-same fields as the stage's command-line flags); paths between stages are filled in here.
+same fields as the stage's command-line flags: :data:`STAGE_CONFIGS`); paths between stages are
+filled in here. Every block is checked against its config when the recipe is read, so a typo
+fails in one line naming the stage and the key before anything runs.
 """
 
 from __future__ import annotations
@@ -27,11 +29,37 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("tokenizer", "data", "pretrain", "sft", "reward-helpfulness", "reward-safety", "rejection", "ppo",
-          "gatt", "guard", "evaluate")
-# Models evaluated on the assistant-world suite, in the order of the paper's pipeline.
-EVALUATED = ("pretrain", "sft", "rejection", "ppo", "gatt")
+from llama2.checkpoint import load_model, load_tokenizer
+from llama2.commands import tokenizer as tokenizer_command
+from llama2.commands.tokenizer import TokenizerConfig
+from llama2.corpus import default_corpus_files
+from llama2.data.shards import PrepareConfig, prepare_from_config
+from llama2.data.world import World
+from llama2.eval import cli as evaluate_command
+from llama2.eval.cli import EvaluateConfig, chat_generate_fn
+from llama2.recipe import from_dict, read_recipe, stage_settings
+from llama2.stages import EVALUATED, STAGES
+from llama2.train import distill, gatt, guard, ppo, pretrain, rejection, reward, sft
+from llama2.utils import default_device
+
 RECIPES_DIR = Path(__file__).resolve().parent / "resources" / "recipes"
+# The config of each stage: the fields its recipe block may set (those of its command's flags).
+STAGE_CONFIGS: dict[str, type] = {
+    "tokenizer": TokenizerConfig,
+    "data": PrepareConfig,
+    "pretrain": pretrain.PretrainConfig,
+    "sft": sft.SFTConfig,
+    "reward-helpfulness": reward.RewardConfig,
+    "reward-safety": reward.RewardConfig,
+    "rejection": rejection.RejectionConfig,
+    "ppo": ppo.PPOConfig,
+    "gatt": gatt.GAttConfig,
+    "guard": guard.GuardConfig,
+    "evaluate": EvaluateConfig,
+}
+# Commands that `llama2 run` does not chain; a recipe's ``standalone:`` block holds their settings
+# (tiny.yaml's are what they use without --config).
+STANDALONE_CONFIGS: dict[str, type] = {"safety-distill": distill.DistillConfig}
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -48,8 +76,7 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def read_pipeline_recipe(path: Path) -> dict:
-    from llama2.recipe import read_recipe
-
+    """The recipe at ``path``, every stage's block checked against the stage's config."""
     recipe = read_recipe(path)
     stages = recipe.get("stages") or {}
     if not stages:  # every stage on its command's defaults does not chain (e.g. vocabulary sizes)
@@ -58,9 +85,17 @@ def read_pipeline_recipe(path: Path) -> dict:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"{path}: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
-    extra = sorted(set(recipe) - {"name", "description", "seed", "stages", "estimated_seconds"})
+    extra = sorted(set(recipe) - {"name", "description", "seed", "stages", "standalone", "estimated_seconds"})
     if extra:
         raise ValueError(f"{path}: unknown field(s) {', '.join(extra)}")
+    standalone = recipe.get("standalone") or {}
+    unknown = sorted(set(standalone) - set(STANDALONE_CONFIGS))
+    if unknown:
+        raise ValueError(f"{path}: unknown standalone stage(s) {', '.join(unknown)}; they are "
+                         f"{', '.join(STANDALONE_CONFIGS)}")
+    for stage, cls in [*STAGE_CONFIGS.items(), *STANDALONE_CONFIGS.items()]:
+        if stage in stages or stage in standalone:
+            from_dict(cls, stage_settings(recipe, stage, cls), f"{path}: stage {stage!r}")
     return recipe
 
 
@@ -70,9 +105,6 @@ class Context:
     recipe: dict
     log: Callable[[str], None]
 
-    def settings(self, stage: str) -> dict:
-        return dict((self.recipe.get("stages") or {}).get(stage) or {})
-
     def folder(self, stage: str) -> Path:
         return self.out / stage
 
@@ -81,61 +113,30 @@ class Context:
 
 
 def _config(cls, ctx: Context, stage: str, **paths):
-    """The stage's config: recipe settings, then the paths the pipeline wires between stages."""
-    from llama2.recipe import from_dict
-
-    values = {**ctx.settings(stage), **paths}
-    values.setdefault("seed", ctx.recipe.get("seed", 0))
-    if any(f.name == "world_seed" for f in dataclasses.fields(cls)):  # the stages that read the world
-        values.setdefault("world_seed", ctx.recipe.get("seed", 0))
-    values.setdefault("progress", True)
-    return from_dict(cls, values, f"recipe stage {stage!r}")
+    """The stage's config: recipe settings (the recipe's seed as the stage's seed and world
+    seed), then the paths the pipeline wires between stages."""
+    return from_dict(cls, {**stage_settings(ctx.recipe, stage, cls), **paths}, f"recipe stage {stage!r}")
 
 
 # ---- the stages -------------------------------------------------------------------------------
 
 def stage_tokenizer(ctx: Context) -> dict:
     """A SentencePiece BPE tokenizer with Llama 2's settings on the corpus and the world's text."""
-    from llama2.data.corpus import default_corpus_files
-    from llama2.data.world import World
-    from llama2.tokenizer import train_tokenizer
-
-    s = ctx.settings("tokenizer")
-    folder = ctx.folder("tokenizer")
-    folder.mkdir(parents=True, exist_ok=True)
-    world = World(ctx.recipe.get("seed", 0))
-    world_text = folder / "world.txt"
-    lines = [world.knowledge_text()]
-    for row in world.sft_examples("train", s.get("world_examples", 2000)):
-        lines += [m["content"] for m in row["messages"]]
-    world_text.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tok = train_tokenizer(list(default_corpus_files()) + [world_text], folder, vocab_size=s.get("vocab_size", 4096),
-                          verbose=False)
+    cfg = _config(TokenizerConfig, ctx, "tokenizer")
+    tok = tokenizer_command.train(cfg, default_corpus_files(), ctx.folder("tokenizer"))
     return {"vocab_size": tok.vocab_size}
 
 
 def stage_data(ctx: Context) -> dict:
     """Token shards of the corpus plus the world's fact sheet (the base model's 'knowledge')."""
-    from llama2.data.corpus import default_corpus_files
-    from llama2.data.shards import prepare
-    from llama2.data.world import World
-
-    s = ctx.settings("data")
-    folder = ctx.folder("data")
-    folder.mkdir(parents=True, exist_ok=True)
-    knowledge = folder / "knowledge.txt"
-    # Repeated so the facts weigh something next to the novels.
-    text = World(ctx.recipe.get("seed", 0)).knowledge_text()
-    knowledge.write_text("\n\n".join([text] * s.get("knowledge_repeats", 20)), encoding="utf-8")
-    index = prepare(list(default_corpus_files()) + [knowledge], ctx.folder("tokenizer") / "tokenizer.model", folder,
-                    val_fraction=s.get("val_fraction", 0.02), progress=True, log=ctx.log)
+    cfg = _config(PrepareConfig, ctx, "data")
+    index = prepare_from_config(cfg, default_corpus_files(), ctx.folder("tokenizer") / "tokenizer.model",
+                                ctx.folder("data"), log=ctx.log)
     return {"tokens": index["tokens"]}
 
 
 def stage_pretrain(ctx: Context) -> dict:
     """Pretraining on the token shards (§2.2)."""
-    from llama2.train import pretrain
-
     cfg = _config(pretrain.PretrainConfig, ctx, "pretrain", out=str(ctx.folder("pretrain")),
                   data=str(ctx.folder("data")))
     return pretrain.run(cfg)
@@ -143,15 +144,11 @@ def stage_pretrain(ctx: Context) -> dict:
 
 def stage_sft(ctx: Context) -> dict:
     """Supervised fine-tuning on the assistant world (§3.1)."""
-    from llama2.train import sft
-
     return sft.run(_config(sft.SFTConfig, ctx, "sft", out=str(ctx.folder("sft")), model=ctx.model("pretrain")))
 
 
 def _reward(kind: str):
     def run(ctx: Context) -> dict:
-        from llama2.train import reward
-
         stage = f"reward-{kind}"
         cfg = _config(reward.RewardConfig, ctx, stage, kind=kind, out=str(ctx.folder(stage)), model=ctx.model("sft"))
         return reward.run(cfg)
@@ -161,8 +158,6 @@ def _reward(kind: str):
 
 def stage_rejection(ctx: Context) -> dict:
     """Rejection sampling: best of K answers under the reward models (§3.2.3)."""
-    from llama2.train import rejection
-
     cfg = _config(rejection.RejectionConfig, ctx, "rejection", out=str(ctx.folder("rejection")),
                   model=ctx.model("sft"), reward_model=ctx.model("reward-helpfulness"),
                   safety_model=ctx.model("reward-safety"))
@@ -171,8 +166,6 @@ def stage_rejection(ctx: Context) -> dict:
 
 def stage_ppo(ctx: Context) -> dict:
     """PPO with the safety-gated reward and a KL penalty (§3.2.3)."""
-    from llama2.train import ppo
-
     cfg = _config(ppo.PPOConfig, ctx, "ppo", out=str(ctx.folder("ppo")), model=ctx.model("rejection"),
                   reward_model=ctx.model("reward-helpfulness"), safety_model=ctx.model("reward-safety"))
     return ppo.run(cfg)
@@ -180,8 +173,6 @@ def stage_ppo(ctx: Context) -> dict:
 
 def stage_gatt(ctx: Context) -> dict:
     """Ghost Attention for multi-turn system instructions (§3.3)."""
-    from llama2.train import gatt
-
     result = gatt.run(_config(gatt.GAttConfig, ctx, "gatt", out=str(ctx.folder("gatt")), model=ctx.model("ppo")))
     chat = ctx.out / "chat"
     if chat.exists():
@@ -192,8 +183,6 @@ def stage_gatt(ctx: Context) -> dict:
 
 def stage_guard(ctx: Context) -> dict:
     """A Llama Guard-style safety classifier."""
-    from llama2.serve import guard
-
     cfg = _config(guard.GuardConfig, ctx, "guard", out=str(ctx.folder("guard")), model=ctx.model("sft"))
     return guard.run(cfg)
 
@@ -204,10 +193,8 @@ def _file_stamp(path: Path) -> str | None:
 
 def stage_evaluate(ctx: Context) -> dict:
     """The assistant-world suite on every stage's model (cached per model), then the report."""
-    from llama2.eval.cli import evaluate_model
-
-    s = ctx.settings("evaluate")
-    seed = ctx.recipe.get("seed", 0)
+    cfg = _config(EvaluateConfig, ctx, "evaluate")
+    seed = cfg.world_seed
     # The held-out reward depends on the reward models too: a cached result counts only if they
     # are the same files (re-running the reward stages re-evaluates every model) and it asked
     # this run's world.
@@ -222,13 +209,9 @@ def stage_evaluate(ctx: Context) -> dict:
                 results[stage] = cached
                 continue
         ctx.log(f"evaluating {stage} model on the assistant world ...")
-        results[stage] = evaluate_model(ctx.model(stage), split="test", max_items=s.get("max_items", 60),
-                                        gatt_dialogues=s.get("gatt_dialogues", 20),
-                                        max_new_tokens=s.get("max_new_tokens", 48),
-                                        reward_model=ctx.model("reward-helpfulness"),
-                                        safety_model=ctx.model("reward-safety"),
-                                        reward_prompts=s.get("reward_prompts", 100),
-                                        world_seed=seed)
+        results[stage] = evaluate_command.evaluate_model(
+            ctx.model(stage), reward_model=ctx.model("reward-helpfulness"), safety_model=ctx.model("reward-safety"),
+            **dataclasses.asdict(cfg))
         results[stage]["reward_models"] = stamp
         results[stage]["world_seed"] = seed
         _write_json(cache, results[stage])  # read back on resume: never half-written
@@ -244,11 +227,6 @@ def stage_evaluate(ctx: Context) -> dict:
 def sample_conversations(ctx: Context, n_per_kind: int = 1) -> list[dict]:
     """A few held-out prompts (a task, an unsafe request, a benign look-alike, a constrained
     third turn) answered greedily by every stage's model, for the report."""
-    from llama2.checkpoint import load_model, load_tokenizer
-    from llama2.data.world import World
-    from llama2.eval.cli import chat_generate_fn
-    from llama2.generate import default_device
-
     world = World(ctx.recipe.get("seed", 0))
     prompts = []
     for kind in ("task", "unsafe", "benign"):

@@ -13,6 +13,11 @@ field::
 merges, in increasing priority: the dataclass defaults < the recipe file (``--config``) <
 flags given explicitly on the command line. Unknown or ill-typed fields in a file fail with
 one line naming the file and the field, before anything expensive happens.
+
+The tiny values live in one file, ``resources/recipes/tiny.yaml`` (what ``llama2 run`` uses by
+default): a stage command run without ``--config`` takes that stage's block from it
+(``load_config(SFTConfig, args, stage="sft")``), through the same :func:`stage_settings` the
+pipeline uses; the paper's values stay the dataclass defaults.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ import yaml
 
 __all__ = [
     "setting", "add_config_args", "load_config", "from_dict", "to_dict", "read_recipe",
-    "write_recipe", "dump_recipe", "config_diff",
+    "write_recipe", "dump_recipe", "config_diff", "stage_settings", "tiny_settings", "TINY_RECIPE",
 ]
+
+TINY_RECIPE = Path(__file__).resolve().parent / "resources" / "recipes" / "tiny.yaml"
 
 _DEST = "cfg__"  # argparse dest prefix: keeps config flags apart from the CLI's own attributes
 
@@ -285,16 +292,40 @@ def add_config_args(parser: argparse.ArgumentParser, cls, config_flag: bool = Tr
         group.add_argument(flag, **kw)
 
 
+def stage_settings(recipe: Mapping, stage: str, cls) -> dict:
+    """The fields of ``stage`` in a pipeline recipe (its ``stages:`` block, or ``standalone:`` for
+    the commands ``llama2 run`` does not chain), with the recipe's ``seed`` as the stage's seed
+    and world seed: what the pipeline runs, before it adds the paths between stages."""
+    blocks = {**(recipe.get("standalone") or {}), **(recipe.get("stages") or {})}
+    values = dict(blocks.get(stage) or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name in ("seed", "world_seed"):
+        if name in names:
+            values.setdefault(name, recipe.get("seed", 0))
+    if "progress" in names:
+        values.setdefault("progress", True)
+    return values
+
+
+def tiny_settings(stage: str, cls) -> dict:
+    """``stage``'s block of the built-in tiny recipe (tiny.yaml), as :func:`stage_settings`."""
+    return stage_settings(read_recipe(TINY_RECIPE), stage, cls)
+
+
 def load_config(cls, args: argparse.Namespace | None = None, default_recipe: Mapping | None = None,
-                default_source: str = "built-in recipe"):
-    """Defaults < recipe (``args.config``, or ``default_recipe`` when no file is given) < the
-    flags given explicitly. Raises a one-line ValueError/FileNotFoundError on bad input."""
+                default_source: str = "built-in recipe", stage: str | None = None):
+    """Defaults < recipe (``args.config``; when no file is given, ``stage``'s block of tiny.yaml
+    or ``default_recipe``) < the flags given explicitly. Raises a one-line
+    ValueError/FileNotFoundError on bad input."""
     merged: dict = {}
     source = "command line"
     config_file = getattr(args, "config", None) if args is not None else None
     if config_file:
         merged = read_recipe(config_file)
         source = str(config_file)
+    elif stage is not None:
+        merged = tiny_settings(stage, cls)
+        source = f"{TINY_RECIPE.name} stage {stage!r}"
     elif default_recipe is not None:
         merged = dict(default_recipe)
         source = default_source

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+from llama2.eval.stats import SIGNIFICANCE, paired_changes, sign_test
+from llama2.stages import EVALUATED, STAGES
 
 STAGE_LABELS = {"pretrain": "base (pretrained)", "sft": "SFT", "rejection": "rejection sampling", "ppo": "PPO",
                 "gatt": "GAtt (final chat model)"}
@@ -31,8 +35,6 @@ def _pct(x) -> str:
 
 def collect(run: Path) -> dict:
     """Everything the report shows, gathered from the run folder."""
-    from llama2.pipeline import EVALUATED, STAGES
-
     data: dict = {"stages": {}, "metrics": {}, "eval": {}}
     for stage in STAGES:
         done = _read_json(run / stage / ".done.json")
@@ -230,8 +232,6 @@ def _paired(key: str, before: dict, after: dict, turn: str | None = None) -> tup
     """' (gained G, lost L of N task prompts; sign test p = P)' and P: the same prompts judged
     in both models' evaluations, compared one by one (llama2.eval.stats). None where the two
     evaluations do not hold per-prompt results for the same prompts."""
-    from llama2.eval.stats import paired_changes, sign_test
-
     if key == "combined_reward":
         a, b, noun = before.get("combined_rewards"), after.get("combined_rewards"), "prompts"
     elif key == "gatt_adherence":
@@ -267,8 +267,6 @@ def verdicts(data: dict) -> list[str]:
     evaluations hold per-prompt results, a change counts only when a sign test over the prompts
     that changed gives p < 0.05 (llama2.eval.stats.SIGNIFICANCE); otherwise it is reported as
     NOT significant, because at this scale a different seed moves the rates as much."""
-    from llama2.eval.stats import SIGNIFICANCE
-
     e, out = data["eval"], []
 
     def compare(before: str, after: str, key: str, what: str, higher_is_better: bool = True,
@@ -330,12 +328,233 @@ def verdicts(data: dict) -> list[str]:
     return out
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> tuple[str, str]:
-    md = "| " + " | ".join(headers) + " |\n|" + "---|" * len(headers) + "\n"
-    md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
-    h = "<table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in headers) + "</tr>"
-    h += "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows) + "</table>"
-    return md, h
+# ---- the document: one list of blocks, rendered as Markdown and as HTML -------------------------------
+
+
+@dataclass
+class Code:
+    """Inline code: `x` in Markdown, <code>x</code> in HTML."""
+
+    text: str
+
+
+@dataclass
+class Bold:
+    text: str
+
+
+@dataclass
+class Answer:
+    """A model's answer, shown exactly: its repr in Markdown (quotes and escapes visible), <code> in HTML."""
+
+    text: str
+
+
+Span = str | Code | Bold | Answer
+
+
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Paragraph:
+    spans: list[Span]
+
+
+@dataclass
+class Bullets:
+    items: list[list[Span]]
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Image:
+    file: str  # under figures/
+    caption: str
+
+
+Block = Heading | Paragraph | Bullets | Table | Image
+
+
+def _md_spans(spans: list[Span]) -> str:
+    out = []
+    for s in spans:
+        if isinstance(s, Code):
+            out.append(f"`{s.text}`")
+        elif isinstance(s, Bold):
+            out.append(f"**{s.text}**")
+        elif isinstance(s, Answer):
+            out.append(repr(s.text))
+        else:
+            out.append(s)
+    return "".join(out)
+
+
+def _html_spans(spans: list[Span]) -> str:
+    out = []
+    for s in spans:
+        if isinstance(s, Code | Answer):
+            out.append(f"<code>{html.escape(s.text)}</code>")
+        elif isinstance(s, Bold):
+            out.append(f"<b>{html.escape(s.text)}</b>")
+        else:
+            out.append(html.escape(s))
+    return "".join(out)
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    """Each block followed by a blank line."""
+    lines: list[str] = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            lines.append("#" * b.level + " " + b.text)
+        elif isinstance(b, Paragraph):
+            lines.append(_md_spans(b.spans))
+        elif isinstance(b, Bullets):
+            lines += ["- " + _md_spans(item) for item in b.items]
+        elif isinstance(b, Table):
+            lines += ["| " + " | ".join(b.headers) + " |", "|" + "---|" * len(b.headers)]
+            lines += ["| " + " | ".join(r) + " |" for r in b.rows]
+        else:
+            lines.append(f"![{b.caption}](figures/{b.file})")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def render_html(blocks: list[Block]) -> str:
+    """A standalone page; every text escaped."""
+    parts: list[str] = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            parts.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
+        elif isinstance(b, Paragraph):
+            parts.append(f"<p>{_html_spans(b.spans)}</p>")
+        elif isinstance(b, Bullets):
+            parts.append("<ul>" + "".join(f"<li>{_html_spans(item)}</li>" for item in b.items) + "</ul>")
+        elif isinstance(b, Table):
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in b.headers) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>"
+                                   for r in b.rows) + "</table>")
+        else:
+            parts.append(f"<img src='figures/{b.file}' alt='{html.escape(b.caption)}'>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em}"
+             "img{max-width:100%;border:1px solid #eee}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>llama2 run report</title><style>{style}</style>"
+            f"</head><body>{''.join(parts)}</body></html>\n")
+
+
+# ---- the sections, in the order of the report ----------------------------------------------------
+
+FIGURES = [
+    ("losses.png", "Loss curves of each training stage", figure_losses),
+    ("reward_accuracy.png", "Reward-model accuracy by rating level (the shape of the paper's Table 8)",
+     figure_reward_accuracy),
+    ("reward_vs_k.png", "Rejection sampling: max and mean reward among K samples (Figure 7 shape)",
+     figure_reward_vs_k),
+    ("ppo.png", "PPO: combined reward and KL to the reference per iteration", figure_ppo),
+    ("gatt.png", "System-instruction adherence by turn, with and without GAtt (Table 30 shape)", figure_gatt),
+    ("stages.png", "Task accuracy, safe-refusal and false-refusal rates after each stage", figure_stages),
+]
+
+
+def section_title(run: Path) -> list[Block]:
+    return [Heading(1, "Llama 2 recipe at tiny scale: run report"),
+            Paragraph(["Run folder: ", Code(str(run)), ". Every number below is read from the run's own files."])]
+
+
+def section_verdicts(data: dict) -> list[Block]:
+    lines = verdicts(data)
+    if not lines:
+        return []
+    return [Heading(2, "What each stage did"), Bullets([[v] for v in lines])]
+
+
+def section_suite(data: dict) -> list[Block]:
+    if not data["eval"]:
+        return []
+    rows = []
+    for stage, e in data["eval"].items():
+        adh = e.get("gatt_adherence") or {}
+        last = max(adh, key=int) if adh else None
+        reward = e.get("combined_reward")
+        rows.append([STAGE_LABELS.get(stage, stage), _pct(e.get("task_accuracy")), _pct(e.get("safe_refusal_rate")),
+                     _pct(e.get("false_refusal_rate")), _pct(adh.get(last)) if last else "–",
+                     "–" if reward is None else f"{reward:.3f}"])
+    last_turn = max((int(t) for e in data["eval"].values() for t in (e.get("gatt_adherence") or {})), default=0)
+    headers = ["model", "task accuracy", "safe refusal", "false refusal", f"instruction kept at turn {last_turn}",
+               "combined reward (held-out)"]
+    return [Heading(2, "The assistant-world suite after each stage (held-out test split)"), Table(headers, rows)]
+
+
+def section_figures(data: dict, figdir: Path) -> list[Block]:
+    """Each figure that the run has the data for, drawn into ``figdir``."""
+    out: list[Block] = []
+    for file, caption, make in FIGURES:
+        if make(data, figdir / file):
+            out += [Heading(3, caption), Image(file, caption)]
+    return out
+
+
+def section_reward_models(data: dict) -> list[Block]:
+    out: list[Block] = []
+    for kind, r in data["reward_eval"].items():
+        if not r:
+            continue
+        rows = [[RATING_LABELS[k], _pct(v), str(r["pairs_by_rating"].get(k, ""))]
+                for k, v in r["accuracy_by_rating"].items()]
+        rows.append(["overall", _pct(r["accuracy"]), str(r["pairs"])])
+        out += [Heading(3, f"{kind.capitalize()} reward model on held-out pairs"),
+                Table(["rating", "accuracy", "pairs"], rows)]
+        if "unsafe_detection" in r:
+            d = r["unsafe_detection"]
+            out.append(Paragraph([f"Flagging answers whose safety score is below {d['threshold']}: precision "
+                                  f"{d['precision']:.2f}, recall {d['recall']:.2f} (the paper: 0.89 / 0.55 on Meta "
+                                  "Safety)."]))
+    return out
+
+
+def section_guard(data: dict) -> list[Block]:
+    g = data["guard_eval"]
+    if not g:
+        return []
+    rows = [[c, _pct(v.get("precision")), _pct(v.get("recall"))] for c, v in (g.get("per_category") or {}).items()]
+    if "overall" in g:
+        rows.append(["overall (unsafe vs safe)", _pct(g["overall"].get("precision")), _pct(g["overall"].get("recall"))])
+    return [Heading(2, "Safety classifier (Llama Guard style) on held-out conversations"),
+            Table(["category", "precision", "recall"], rows)]
+
+
+def section_samples(data: dict) -> list[Block]:
+    if not data["samples"]:
+        return []
+    out: list[Block] = [Heading(2, "Sample conversations before and after alignment")]
+    for s in data["samples"]:
+        prompt = " / ".join(f"{m['role']}: {m['content']}" for m in s["messages"])
+        out += [Paragraph([Bold(prompt)]),
+                Bullets([[f"{STAGE_LABELS.get(k, k)}: ", Answer(v)] for k, v in s["answers"].items()])]
+    return out
+
+
+def section_time(data: dict) -> list[Block]:
+    if not data["stages"]:
+        return []
+    rows = []
+    for stage, d in data["stages"].items():
+        m = data["metrics"].get(stage) or []
+        tps = [r["tokens_per_s"] for r in m if r.get("tokens_per_s")]
+        rows.append([stage, f"{d['seconds']:.0f} s", f"{sum(tps) / len(tps):,.0f}" if tps else "–"])
+    total = sum(d["seconds"] for d in data["stages"].values())
+    rows.append(["total", f"{total:.0f} s ({total / 60:.1f} min)", ""])
+    return [Heading(2, "Time per stage"), Table(["stage", "wall time", "training tokens/s"], rows)]
 
 
 def write_report(run: str | Path) -> Path:
@@ -344,100 +563,8 @@ def write_report(run: str | Path) -> Path:
     data = collect(run)
     figdir = run / "figures"
     figdir.mkdir(exist_ok=True)
-    figures = [
-        ("losses.png", "Loss curves of each training stage", figure_losses),
-        ("reward_accuracy.png", "Reward-model accuracy by rating level (the shape of the paper's Table 8)",
-         figure_reward_accuracy),
-        ("reward_vs_k.png", "Rejection sampling: max and mean reward among K samples (Figure 7 shape)",
-         figure_reward_vs_k),
-        ("ppo.png", "PPO: combined reward and KL to the reference per iteration", figure_ppo),
-        ("gatt.png", "System-instruction adherence by turn, with and without GAtt (Table 30 shape)", figure_gatt),
-        ("stages.png", "Task accuracy, safe-refusal and false-refusal rates after each stage", figure_stages),
-    ]
-    md: list[str] = ["# Llama 2 recipe at tiny scale: run report", "",
-                     f"Run folder: `{run}`. Every number below is read from the run's own files.", ""]
-    hp: list[str] = [f"<h1>Llama 2 recipe at tiny scale: run report</h1><p>Run folder: <code>{html.escape(str(run))}"
-                     "</code>. Every number below is read from the run's own files.</p>"]
-
-    lines = verdicts(data)
-    if lines:
-        md += ["## What each stage did", ""] + [f"- {v}" for v in lines] + [""]
-        hp.append("<h2>What each stage did</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in lines) + "</ul>")
-
-    if data["eval"]:
-        rows = []
-        for stage, e in data["eval"].items():
-            adh = e.get("gatt_adherence") or {}
-            last = max(adh, key=int) if adh else None
-            reward = e.get("combined_reward")
-            rows.append([STAGE_LABELS.get(stage, stage), _pct(e.get("task_accuracy")), _pct(e.get("safe_refusal_rate")),
-                         _pct(e.get("false_refusal_rate")), _pct(adh.get(last)) if last else "–",
-                         "–" if reward is None else f"{reward:.3f}"])
-        last_turn = max((int(t) for e in data["eval"].values() for t in (e.get("gatt_adherence") or {})), default=0)
-        t_md, t_html = _table(["model", "task accuracy", "safe refusal", "false refusal",
-                               f"instruction kept at turn {last_turn}", "combined reward (held-out)"], rows)
-        md += ["## The assistant-world suite after each stage (held-out test split)", "", t_md]
-        hp.append("<h2>The assistant-world suite after each stage (held-out test split)</h2>" + t_html)
-
-    for file, caption, make in figures:
-        if make(data, figdir / file):
-            md += [f"### {caption}", "", f"![{caption}](figures/{file})", ""]
-            hp.append(f"<h3>{html.escape(caption)}</h3><img src='figures/{file}' alt='{html.escape(caption)}'>")
-
-    for kind, r in data["reward_eval"].items():
-        if not r:
-            continue
-        rows = [[RATING_LABELS[k], _pct(v), str(r["pairs_by_rating"].get(k, ""))]
-                for k, v in r["accuracy_by_rating"].items()]
-        rows.append(["overall", _pct(r["accuracy"]), str(r["pairs"])])
-        t_md, t_html = _table(["rating", "accuracy", "pairs"], rows)
-        title = f"{kind.capitalize()} reward model on held-out pairs"
-        md += [f"### {title}", "", t_md]
-        hp.append(f"<h3>{title}</h3>{t_html}")
-        if "unsafe_detection" in r:
-            d = r["unsafe_detection"]
-            note = (f"Flagging answers whose safety score is below {d['threshold']}: precision {d['precision']:.2f}, "
-                    f"recall {d['recall']:.2f} (the paper: 0.89 / 0.55 on Meta Safety).")
-            md += [note, ""]
-            hp.append(f"<p>{html.escape(note)}</p>")
-
-    if data["guard_eval"]:
-        g = data["guard_eval"]
-        rows = [[c, _pct(v.get("precision")), _pct(v.get("recall"))] for c, v in (g.get("per_category") or {}).items()]
-        if "overall" in g:
-            rows.append(["overall (unsafe vs safe)", _pct(g["overall"].get("precision")),
-                         _pct(g["overall"].get("recall"))])
-        t_md, t_html = _table(["category", "precision", "recall"], rows)
-        md += ["## Safety classifier (Llama Guard style) on held-out conversations", "", t_md]
-        hp.append("<h2>Safety classifier (Llama Guard style) on held-out conversations</h2>" + t_html)
-
-    if data["samples"]:
-        md += ["## Sample conversations before and after alignment", ""]
-        hp.append("<h2>Sample conversations before and after alignment</h2>")
-        for s in data["samples"]:
-            prompt = " / ".join(f"{m['role']}: {m['content']}" for m in s["messages"])
-            md += [f"**{prompt}**", ""] + [f"- {STAGE_LABELS.get(k, k)}: {v!r}" for k, v in s["answers"].items()] + [""]
-            hp.append(f"<p><b>{html.escape(prompt)}</b></p><ul>" + "".join(
-                f"<li>{html.escape(STAGE_LABELS.get(k, k))}: <code>{html.escape(v)}</code></li>"
-                for k, v in s["answers"].items()) + "</ul>")
-
-    if data["stages"]:
-        rows = []
-        for stage, d in data["stages"].items():
-            m = data["metrics"].get(stage) or []
-            tps = [r["tokens_per_s"] for r in m if r.get("tokens_per_s")]
-            rows.append([stage, f"{d['seconds']:.0f} s", f"{sum(tps) / len(tps):,.0f}" if tps else "–"])
-        total = sum(d["seconds"] for d in data["stages"].values())
-        rows.append(["total", f"{total:.0f} s ({total / 60:.1f} min)", ""])
-        t_md, t_html = _table(["stage", "wall time", "training tokens/s"], rows)
-        md += ["## Time per stage", "", t_md]
-        hp.append("<h2>Time per stage</h2>" + t_html)
-
-    (run / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em}"
-             "img{max-width:100%;border:1px solid #eee}")
-    (run / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>llama2 run report</title><style>{style}</style>"
-        f"</head><body>{''.join(hp)}</body></html>\n", encoding="utf-8")
+    blocks = (section_title(run) + section_verdicts(data) + section_suite(data) + section_figures(data, figdir)
+              + section_reward_models(data) + section_guard(data) + section_samples(data) + section_time(data))
+    (run / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
+    (run / "report.html").write_text(render_html(blocks), encoding="utf-8")
     return run / "report.html"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from llama2.corpus import iter_documents
+
 
 class Tokenizer:
     """``encode(s, bos, eos)`` = optional BOS + SentencePiece pieces + optional EOS."""
@@ -45,9 +47,6 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
-
-    def piece_to_id(self, piece: str) -> int:
-        return self.sp.piece_to_id(piece)
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -90,8 +89,6 @@ def train_tokenizer(
 
     ``inputs`` are text, ``.gz``/``.xz`` text or JSONL (``{"text": ...}``) files.
     """
-    from llama2.data.corpus import iter_documents
-
     paths = [Path(p) for p in inputs]
     for p in paths:
         if not p.is_file():

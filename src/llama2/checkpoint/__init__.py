@@ -13,26 +13,15 @@ import torch
 from torch import nn
 
 from llama2.model import ModelConfig, Transformer
+from llama2.model.heads import ScalarModel
 
 from . import hf, meta
 from .errors import CheckpointError
+from .gguf import export_gguf
+from .locate import detect_format, load_tokenizer
 
 __all__ = ["CheckpointError", "load_model", "save_model", "load_state", "load_tokenizer", "convert", "detect_format",
            "parse_dtype", "DTYPES", "load_scalar_model", "save_scalar_model"]
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """'hf' for a config.json directory, 'meta' for params.json + consolidated.NN.pth."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such model directory")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: a model is a directory (config.json or params.json inside)")
-    if (path / "config.json").is_file():
-        return "hf"
-    if meta.is_meta_dir(path):
-        return "meta"
-    raise CheckpointError(f"{path}: neither config.json (Hugging Face) nor params.json (Meta) found")
 
 
 def load_state(path: str | os.PathLike, verify: bool = True) -> tuple[ModelConfig, dict, Iterator[tuple[str, torch.Tensor]]]:
@@ -104,8 +93,6 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
 def load_scalar_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu",
                       verify: bool = True):
     """Load a reward (or value) model directory: a Llama trunk with a scalar ``score`` head."""
-    from llama2.model.heads import ScalarModel
-
     path = Path(path)
     cfg, raw, tensors = load_state(path, verify)
     if "LlamaForSequenceClassification" not in (raw.get("architectures") or []):
@@ -121,22 +108,6 @@ def save_scalar_model(model: nn.Module, path: str | os.PathLike, tokenizer=None,
     """Save a reward/value model so transformers' LlamaForSequenceClassification reads it."""
     return save_model(model, path, tokenizer=tokenizer, architecture="LlamaForSequenceClassification",
                       extra_config={"num_labels": 1, "pad_token_id": 0, **extra_config})
-
-
-def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None):
-    """The tokenizer that belongs to a model directory; checks it matches the model's vocabulary."""
-    from llama2.tokenizer import Tokenizer
-
-    path = Path(path)
-    file = meta.find_tokenizer(path) if path.is_dir() else path
-    if file is None:
-        raise CheckpointError(f"{path}: no tokenizer.model in the model directory")
-    tok = Tokenizer(file)
-    if vocab_size is not None and tok.vocab_size != vocab_size:
-        raise CheckpointError(
-            f"{file}: tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {vocab_size}"
-        )
-    return tok
 
 
 def save_model(
@@ -231,8 +202,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, n_shards: i
     if src.resolve() == dst.resolve():
         raise CheckpointError(f"{dst}: output must differ from the input")
     if to == "gguf":
-        from .gguf import export_gguf
-
         if dst.is_dir():
             raise CheckpointError(f"{dst}: is a directory; a GGUF target is a file")
         with staged(dst, directory=False) as tmp:

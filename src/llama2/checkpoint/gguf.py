@@ -20,10 +20,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from llama2.chat import CHAT_TEMPLATE
 from llama2.model import ModelConfig, Transformer
 
 from . import hf, meta
 from .errors import CheckpointError
+from .locate import detect_format, load_tokenizer
 
 GGUF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -176,8 +178,6 @@ def write_gguf(
 
 
 def _add_tokenizer(writer, tokenizer) -> None:
-    from llama2.chat import CHAT_TEMPLATE
-
     sp = tokenizer.sp
     n = sp.vocab_size()
     writer.add_tokenizer_model("llama")
@@ -205,8 +205,6 @@ def open_tensors(path: Path, verify: bool = True) -> Iterator[tuple[ModelConfig,
     """Random access to a model directory's tensors by our name, in our layout, without
     reading anything until asked (safetensors and Meta's .pth files are memory-mapped).
     ``verify`` first checks the weight files against ``checksums.json``, if there is one."""
-    from . import detect_format
-
     if detect_format(path) == "hf":
         cfg = hf.config_from_hf(hf.read_config(path), path / "config.json")
         checksums = hf.read_checksums(path) if verify else None
@@ -266,8 +264,6 @@ def export_gguf(
 
     ``dtype`` None keeps the checkpoint's floating-point type. The tokenizer is the directory's
     ``tokenizer.model`` (or the one a folder up, as in Meta's downloads) unless given."""
-    from . import load_tokenizer
-
     src, dst = Path(src), Path(dst)
     with open_tensors(src, verify) as (cfg, get):
         tok_file = Path(tokenizer_path) if tokenizer_path is not None else meta.find_tokenizer(src)
@@ -278,9 +274,3 @@ def export_gguf(
             first = get("tok_embeddings.weight").dtype
             dtype = first if first in GGUF_DTYPES else torch.float16
         return write_gguf(dst, cfg, get, tokenizer, dtype, name=src.resolve().name, progress=progress)
-
-
-def save_gguf(model, path: str | os.PathLike, tokenizer, dtype: torch.dtype = torch.float16) -> Path:
-    """Write an in-memory Transformer as a GGUF file."""
-    sd = model.state_dict()
-    return write_gguf(path, model.config, sd.__getitem__, tokenizer, dtype)

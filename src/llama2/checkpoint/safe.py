@@ -93,8 +93,11 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
 def load_dcp(state_dict: dict, path: str | os.PathLike) -> None:
     """``torch.distributed.checkpoint.load`` into ``state_dict`` without unpickling anything but
     tensors, plain values and DCP's metadata classes."""
+    # Imported here: torch.distributed.checkpoint takes most of a second to import, and only
+    # resuming a sharded (FSDP) run needs it.
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     path = Path(path)
@@ -118,8 +121,6 @@ def load_dcp(state_dict: dict, path: str | os.PathLike) -> None:
                 set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
             else:
                 self.state_dict[read_item.dest_index.fqn] = obj
-
-    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         dcp.load(state_dict, checkpoint_id=str(path), planner=SafePlanner())

@@ -17,7 +17,9 @@ import argparse
 import dataclasses
 import sys
 
+from llama2.chat_session import ChatSession
 from llama2.commands.generate import add_model_args, add_sampling_args, load_for_inference, sampling_params
+from llama2.generate import ContextOverflow, Generator
 
 HELP = "commands: /reset forgets the conversation, /exit (or Ctrl-D) quits, /help shows this"
 
@@ -46,9 +48,6 @@ def read_line(interactive: bool) -> str | None:
 
 
 def main(args) -> int:
-    from llama2.chat_session import ChatSession
-    from llama2.generate import ContextOverflow, Generator
-
     params = sampling_params(args)  # validate before loading
     model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify)
     gen = Generator(model, tokenizer, compile=args.compile)

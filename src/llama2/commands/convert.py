@@ -13,6 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from llama2.checkpoint import convert, detect_format, load_state, parse_dtype
+from llama2.model import Transformer
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
           "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
@@ -55,11 +60,6 @@ def _target(args, src_format: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
-    from llama2.checkpoint import convert, detect_format, load_state, parse_dtype
-    from llama2.model import Transformer
-
     src, dst = Path(args.src), Path(args.dst)
     dtype = parse_dtype(args.dtype)
     max_shard_bytes = parse_size(args.max_shard_size)

@@ -16,6 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from llama2.checkpoint import load_model, load_state, load_tokenizer
+from llama2.generate import Generator, SamplingParams
+from llama2.utils import check_device
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -77,11 +83,6 @@ def load_for_inference(path: Path, dtype: str = "auto", device: str | None = Non
     """(model, tokenizer) ready for decoding. The device and the tokenizer (against the model's
     vocabulary) are checked before any weight is read, so a mistake fails fast with one clear
     line. ``verify`` checks the weight files against the directory's checksums."""
-    import torch
-
-    from llama2.checkpoint import load_model, load_state, load_tokenizer
-    from llama2.generate import check_device
-
     device = check_device(device)
     cfg = load_state(path)[0]  # config only; the tensors are read lazily below
     tokenizer = load_tokenizer(path, cfg.vocab_size)
@@ -96,15 +97,11 @@ def load_for_inference(path: Path, dtype: str = "auto", device: str | None = Non
 
 
 def sampling_params(args, **extra):
-    from llama2.generate import SamplingParams
-
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, **extra)
 
 
 def main(args) -> int:
-    from llama2.generate import Generator
-
     params = sampling_params(args, stop=tuple(args.stop), logprobs=args.json)  # validate before loading
     text = read_prompt(args)
     model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify)

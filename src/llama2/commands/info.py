@@ -15,13 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
+from llama2.checkpoint import detect_format, load_state, meta
+from llama2.model import PRESETS, ModelConfig
+
 BYTES = {"f32": 4, "f16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 _FROM_TORCH = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from llama2.model import PRESETS
-
     p.add_argument("model", metavar="PRESET|DIR",
                    help=f"a preset ({', '.join(PRESETS)}) or a model directory (ours/HF or Meta's)")
     p.add_argument("--context", type=int, default=None, metavar="N",
@@ -54,9 +55,6 @@ def kv_cache_bytes(cfg, context: int, batch: int = 1, bytes_per_element: float =
 
 def _resolve(model: str):
     """(config, description, stored dtype name or None) for a preset name or a directory."""
-    from llama2.checkpoint import detect_format, load_state
-    from llama2.model import PRESETS, ModelConfig
-
     path = Path(model)
     if model.lower() in PRESETS and not path.exists():
         return ModelConfig.from_preset(model), f"preset {model.lower()}", None
@@ -68,8 +66,6 @@ def _resolve(model: str):
     if fmt == "hf":
         stored = _FROM_TORCH.get(str(raw.get("torch_dtype") or raw.get("dtype") or ""))
     else:
-        from llama2.checkpoint import meta
-
         emb = meta._load_shard(meta.shard_files(path)[0]).get("tok_embeddings.weight")  # memory-mapped
         if emb is not None:
             stored = _FROM_TORCH.get(str(emb.dtype).removeprefix("torch."))

@@ -10,21 +10,16 @@ next one's first token.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from llama2.chat import chat_segments
+from llama2.chat import chat_segments, validate_dialogue
+from llama2.utils import DataError, read_jsonl
 
 IGNORE = -100
-
-
-class DataError(ValueError):
-    """A data file that cannot be used; the message names the file and line."""
 
 
 @dataclass
@@ -34,32 +29,6 @@ class Example:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterable[tuple[int, dict]]:
-    """(line number, object) for each non-empty line; every error, bad UTF-8 included, names
-    the file and line. The one reader of the package's JSONL inputs."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    # Bytes, decoded line by line: a text-mode file raises UnicodeDecodeError mid-iteration
-    # with neither file nor line in it.
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a leading byte-order mark is not data
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") \
-                    from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
 
 
 def to_messages(obj: dict) -> list[dict]:
@@ -79,8 +48,6 @@ def to_messages(obj: dict) -> list[dict]:
 
 def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
     """Conversations from a JSONL file, each validated (it must end with an assistant answer)."""
-    from llama2.chat import validate_dialogue
-
     out = []
     for n, obj in read_jsonl(path):
         try:

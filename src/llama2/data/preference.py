@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from llama2.chat import chat_segments, validate_dialogue
-
-from .chat_data import DataError, read_jsonl
+from llama2.utils import DataError, read_jsonl
 
 # Table 27: margin m(r) by rating, "small" and "large" variants. The paper does not say which
 # the final models used; "small" is our default because it helped most on similar pairs.

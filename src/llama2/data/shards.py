@@ -32,15 +32,21 @@ import gzip
 import hashlib
 import json
 import lzma
+import multiprocessing as mp
 import os
 import shutil
 import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
+from llama2.data.world import World
+from llama2.recipe import add_config_args, load_config, setting
+from llama2.tokenizer import Tokenizer
 
 INDEX = "index.json"
 FORMAT = "llama2-token-shards"
@@ -85,13 +91,13 @@ def _is_jsonl(path: Path) -> bool:
 def read_documents(path: str | os.PathLike, stats: InputStats | None = None) -> Iterator[str]:
     """Documents of one input file. JSONL: one ``{"text": ...}`` per line; a line that is not
     JSON, not an object or has no string ``text`` is counted in ``stats`` as malformed, never
-    silently dropped. Text files: as ``llama2.data.corpus.iter_documents`` splits them."""
+    silently dropped. Text files: as ``llama2.corpus.iter_documents`` splits them."""
     path = Path(path)
     stats = stats if stats is not None else InputStats(str(path))
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     if not _is_jsonl(path):
-        from llama2.data.corpus import iter_documents
+        from llama2.corpus import iter_documents
 
         for doc in iter_documents(path):
             if doc:
@@ -139,14 +145,145 @@ def in_validation(text: str, val_fraction: float) -> bool:
     return zlib.crc32(text.encode("utf-8")) % 1_000_000 < val_fraction * 1_000_000
 
 
-_TOKENIZERS: dict[str, object] = {}
+def prepare(inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike, out: str | os.PathLike,
+            val_fraction: float = 0.01, workers: int | None = None, shard_chars: int = 8_000_000,
+            progress: bool = True, log=None) -> dict:
+    """Tokenize ``inputs`` into ``out`` (see the module docstring); returns the index."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    paths = _input_paths(inputs)
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    tok = Tokenizer(tokenizer)  # validates the file before any work
+    out = Path(out)
+    tok_sha = _copy_tokenizer(tok, out)
+    dtype = token_dtype(tok.vocab_size)
+    workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
+    stats = [InputStats(str(p)) for p in paths]
+    jobs = (_job(out, split, name, texts, tok_sha, dtype)
+            for split, name, texts in _shard_documents(paths, stats, val_fraction, shard_chars))
+    shards, reused = _run_jobs(jobs, workers, dtype.itemsize, progress)
+    _remove_stale_shards(out, shards)
+    index = _index(tok, tok_sha, dtype, val_fraction, shards, stats)
+    tmp = out / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
+    os.replace(tmp, out / INDEX)
+    _log_summary(log, out, index, reused, stats)
+    return index
+
+
+def _input_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("prepare: no input files given")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"input file not found: {p}")
+    return paths
+
+
+def _copy_tokenizer(tok: Tokenizer, out: Path) -> str:
+    """Put the tokenizer in ``out`` (the directory is self-contained); returns its SHA-256."""
+    out.mkdir(parents=True, exist_ok=True)
+    if tok.path.resolve() != (out / "tokenizer.model").resolve():
+        shutil.copyfile(tok.path, out / "tokenizer.model")
+    return _sha256_file(out / "tokenizer.model")
+
+
+def _shard_documents(paths: Sequence[Path], stats: Sequence[InputStats], val_fraction: float,
+                     shard_chars: int) -> Iterator[tuple[str, str, list[str]]]:
+    """(split, shard file name, documents), the documents read lazily in input order: a split's
+    shard is cut once it holds ``shard_chars`` characters; both splits' last shards come at the end."""
+    pending: dict[str, list[str]] = {s: [] for s in SPLITS}
+    size = dict.fromkeys(SPLITS, 0)
+    count = dict.fromkeys(SPLITS, 0)
+    for p, st in zip(paths, stats):
+        for doc in read_documents(p, st):
+            split = "val" if in_validation(doc, val_fraction) else "train"
+            pending[split].append(doc)
+            size[split] += len(doc)
+            if size[split] >= shard_chars:
+                yield split, f"{split}-{count[split]:05d}.bin", pending[split]
+                pending[split], size[split] = [], 0
+                count[split] += 1
+    for split in SPLITS:
+        if pending[split]:
+            yield split, f"{split}-{count[split]:05d}.bin", pending[split]
+
+
+def _job(out: Path, split: str, name: str, texts: list[str], tok_sha: str,
+         dtype: np.dtype) -> tuple[str, tuple[str, list[str], str, str, str]]:
+    """(split, the job of :func:`_encode_shard`). The key hashes all a shard's bytes depend on
+    (tokenizer, dtype, its documents), so a complete shard with the same key can be reused."""
+    h = hashlib.sha256(f"{tok_sha} {dtype.name}".encode())
+    for t in texts:
+        h.update(len(t).to_bytes(8, "little"))
+        h.update(t.encode("utf-8"))
+    tok_file = str((out / "tokenizer.model").resolve())
+    return split, (tok_file, texts, str(out / name), dtype.name, h.hexdigest())
+
+
+def _run_jobs(jobs: Iterable[tuple[str, tuple]], workers: int, itemsize: int,
+              progress: bool) -> tuple[dict[str, list[dict]], int]:
+    """Each split's shard sidecars sorted by file, and how many complete shards were reused."""
+    bar = tqdm(desc="prepare", unit=" shards", disable=not progress or not sys.stderr.isatty())
+    shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    reused = 0
+    # fork: workers need only numpy and SentencePiece, and must not re-run the caller's script.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    pool = mp.get_context(method).Pool(workers) if workers > 1 else None
+    try:
+        for split, meta, was_done in _results(jobs, pool, workers, itemsize):
+            shards[split].append(meta)
+            reused += was_done
+            bar.update(1)
+            bar.set_postfix(tokens=f"{sum(m['tokens'] for s in SPLITS for m in shards[s]):,}")
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+    for split in SPLITS:
+        shards[split].sort(key=lambda m: m["file"])
+    return shards, reused
+
+
+def _results(jobs: Iterable[tuple[str, tuple]], pool, workers: int,
+             itemsize: int) -> Iterator[tuple[str, dict, bool]]:
+    """(split, sidecar, reused) for every job: a complete shard is reused, the others are encoded
+    here (no pool) or by the pool, at most ``2 * workers`` in flight to bound the texts held in memory."""
+    in_flight = []
+    for split, job in jobs:
+        done = _shard_done(Path(job[2]), job[4], itemsize)
+        if done is not None:
+            yield split, done, True
+        elif pool is None:
+            yield split, _encode_shard(job), False
+        else:
+            in_flight.append((split, pool.apply_async(_encode_shard, (job,))))
+            while len(in_flight) > 2 * workers:
+                s, r = in_flight.pop(0)
+                yield s, r.get(), False
+    for s, r in in_flight:
+        yield s, r.get(), False
+
+
+def _shard_done(out_file: Path, key: str, itemsize: int) -> dict | None:
+    """The sidecar of a complete shard made from the same key, or None."""
+    side = out_file.with_suffix(".json")
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != key or not out_file.is_file() or out_file.stat().st_size != meta["tokens"] * itemsize:
+        return None
+    return meta
+
+
+_TOKENIZERS: dict[str, Tokenizer] = {}
 
 
 def _encode_shard(job: tuple[str, list[str], str, str, str]) -> dict:
     """Worker: tokenize one shard's documents (BOS ... EOS each) and write it atomically."""
     tok_path, texts, out_file, dtype, key = job
-    from llama2.tokenizer import Tokenizer
-
     tok = _TOKENIZERS.get(tok_path)
     if tok is None:
         tok = _TOKENIZERS[tok_path] = Tokenizer(tok_path)
@@ -165,116 +302,20 @@ def _encode_shard(job: tuple[str, list[str], str, str, str]) -> dict:
     return meta
 
 
-def _shard_done(out_file: Path, key: str, itemsize: int) -> dict | None:
-    side = out_file.with_suffix(".json")
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if meta.get("key") != key or not out_file.is_file() or out_file.stat().st_size != meta["tokens"] * itemsize:
-        return None
-    return meta
-
-
-def prepare(inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike, out: str | os.PathLike,
-            val_fraction: float = 0.01, workers: int | None = None, shard_chars: int = 8_000_000,
-            progress: bool = True, log=None) -> dict:
-    """Tokenize ``inputs`` into ``out`` (see the module docstring); returns the index."""
-    from llama2.tokenizer import Tokenizer
-
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise ValueError("prepare: no input files given")
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"input file not found: {p}")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    tok = Tokenizer(tokenizer)  # validates the file before any work
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if tok.path.resolve() != (out / "tokenizer.model").resolve():
-        shutil.copyfile(tok.path, out / "tokenizer.model")
-    tok_file = str((out / "tokenizer.model").resolve())
-    tok_sha = _sha256_file(out / "tokenizer.model")
-    dtype = token_dtype(tok.vocab_size)
-    workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
-
-    stats = [InputStats(str(p)) for p in paths]
-
-    def jobs() -> Iterator[tuple[str, str, list[str]]]:
-        """(split, shard file, documents) in input order, for both splits."""
-        pending = {s: [] for s in SPLITS}
-        size = dict.fromkeys(SPLITS, 0)
-        count = dict.fromkeys(SPLITS, 0)
-        for p, st in zip(paths, stats):
-            for doc in read_documents(p, st):
-                split = "val" if in_validation(doc, val_fraction) else "train"
-                pending[split].append(doc)
-                size[split] += len(doc)
-                if size[split] >= shard_chars:
-                    yield split, f"{split}-{count[split]:05d}.bin", pending[split]
-                    pending[split], size[split] = [], 0
-                    count[split] += 1
-        for split in SPLITS:
-            if pending[split]:
-                yield split, f"{split}-{count[split]:05d}.bin", pending[split]
-
-    def keyed() -> Iterator[tuple[str, tuple]]:
-        for split, name, texts in jobs():
-            h = hashlib.sha256(f"{tok_sha} {dtype.name}".encode())
-            for t in texts:
-                h.update(len(t).to_bytes(8, "little"))
-                h.update(t.encode("utf-8"))
-            yield split, (tok_file, texts, str(out / name), dtype.name, h.hexdigest())
-
-    from tqdm import tqdm
-
-    bar = tqdm(desc="prepare", unit=" shards", disable=not progress or not sys.stderr.isatty())
-    shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    skipped = 0
-
-    def results():
-        nonlocal skipped
-        todo = []
-        for split, job in keyed():
-            done = _shard_done(Path(job[2]), job[4], dtype.itemsize)
-            if done is not None:
-                skipped += 1
-                yield split, done
-            elif workers == 1:
-                yield split, _encode_shard(job)
-            else:
-                todo.append((split, pool.apply_async(_encode_shard, (job,))))
-                while len(todo) > 2 * workers:  # bound the texts held in memory
-                    s, r = todo.pop(0)
-                    yield s, r.get()
-        for s, r in todo:
-            yield s, r.get()
-
-    import multiprocessing as mp
-
-    # fork: workers need only numpy and SentencePiece, and must not re-run the caller's script.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pool = mp.get_context(method).Pool(workers) if workers > 1 else None
-    try:
-        for split, meta in results():
-            shards[split].append(meta)
-            bar.update(1)
-            bar.set_postfix(tokens=f"{sum(m['tokens'] for s in SPLITS for m in shards[s]):,}")
-    finally:
-        if pool is not None:
-            pool.terminate()
-        bar.close()
+def _remove_stale_shards(out: Path, shards: dict[str, list[dict]]) -> None:
+    """Shards left over from an earlier, larger input."""
     for split in SPLITS:
-        shards[split].sort(key=lambda m: m["file"])
         expected = {m["file"] for m in shards[split]}
-        for stale in out.glob(f"{split}-*.bin"):  # left over from an earlier, larger input
+        for stale in out.glob(f"{split}-*.bin"):
             if stale.name not in expected:
                 stale.unlink()
                 stale.with_suffix(".json").unlink(missing_ok=True)
-    index = {
+
+
+def _index(tok: Tokenizer, tok_sha: str, dtype: np.dtype, val_fraction: float, shards: dict[str, list[dict]],
+           stats: Sequence[InputStats]) -> dict:
+    """The contents of index.json (see the module docstring)."""
+    return {
         "format": FORMAT, "version": 1, "dtype": dtype.name, "vocab_size": tok.vocab_size,
         "bos_id": tok.bos_id, "eos_id": tok.eos_id, "tokenizer": "tokenizer.model",
         "tokenizer_sha256": tok_sha, "val_fraction": val_fraction,
@@ -284,16 +325,15 @@ def prepare(inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike, o
         "inputs": [{"path": st.path, "documents": st.documents, "malformed": st.malformed} for st in stats],
         "malformed": sum(st.malformed for st in stats),
     }
-    tmp = out / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
-    os.replace(tmp, out / INDEX)
+
+
+def _log_summary(log, out: Path, index: dict, reused: int, stats: Sequence[InputStats]) -> None:
     log(f"prepared {out}: train {index['tokens']['train']:,} tokens / {index['documents']['train']:,} docs, "
-        f"val {index['tokens']['val']:,} tokens / {index['documents']['val']:,} docs, {dtype.name}"
-        + (f" ({skipped} complete shard(s) reused)" if skipped else ""))
+        f"val {index['tokens']['val']:,} tokens / {index['documents']['val']:,} docs, {index['dtype']}"
+        + (f" ({reused} complete shard(s) reused)" if reused else ""))
     for st in stats:
         if st.malformed:
             log(f"warning: {st.path}: {st.malformed} malformed line(s) skipped, e.g. {st.first_malformed[0]}")
-    return index
 
 
 # ==========================================================================================
@@ -455,22 +495,42 @@ class EvalBatches:
 # CLI: llama2 prepare
 # ==========================================================================================
 
+@dataclass
+class PrepareConfig:
+    """The flags of ``llama2 prepare`` and the ``data`` stage of a ``llama2 run`` recipe."""
+    val_fraction: float = setting(0.01, "share of documents held out for validation")
+    workers: int | None = setting(None, "tokenizer processes (default: CPU count, at most 8)")
+    shard_chars: int = setting(8_000_000, "characters of text per shard (~2M tokens)")
+    knowledge_repeats: int = setting(0, "also add the bundled assistant world's fact sheet, this many times (the "
+                                        "base model's 'knowledge', what `llama2 run` does); 0: the inputs alone")
+    world_seed: int = setting(0, "seed of the bundled assistant world")
+    progress: bool = setting(True, "show a progress bar")
+
+
+def prepare_from_config(cfg: PrepareConfig, inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike,
+                   out: str | os.PathLike, log=None) -> dict:
+    """``prepare`` as ``cfg`` says, the world's fact sheet written to ``out/knowledge.txt`` first."""
+    inputs = list(inputs)
+    if cfg.knowledge_repeats:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        knowledge = Path(out) / "knowledge.txt"
+        # Repeated so the facts weigh something next to the novels.
+        text = World(cfg.world_seed).knowledge_text()
+        knowledge.write_text("\n\n".join([text] * cfg.knowledge_repeats), encoding="utf-8")
+        inputs.append(knowledge)
+    return prepare(inputs, tokenizer, out, val_fraction=cfg.val_fraction, workers=cfg.workers,
+                   shard_chars=cfg.shard_chars, progress=cfg.progress, log=log)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True, metavar="T",
                         help="tokenizer.model (or a directory holding one)")
     parser.add_argument("--input", required=True, nargs="+", metavar="FILE",
                         help="text (.txt, .gz, .xz) or JSONL ({\"text\": ...}) files")
     parser.add_argument("--out", required=True, metavar="DIR", help="output data directory")
-    parser.add_argument("--val-fraction", type=float, default=0.01,
-                        help="share of documents held out for validation (default: 0.01)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="tokenizer processes (default: CPU count, at most 8)")
-    parser.add_argument("--shard-chars", type=int, default=8_000_000,
-                        help="characters of text per shard (default: 8,000,000, ~2M tokens)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(parser, PrepareConfig, config_flag=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
-            shard_chars=args.shard_chars, progress=not args.no_progress)
+    prepare_from_config(load_config(PrepareConfig, args), args.input, args.tokenizer, args.out)
     return 0

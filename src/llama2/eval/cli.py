@@ -10,16 +10,26 @@ that only look unsafe (§4.2), and Ghost Attention adherence to a system instruc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from llama2.chat import encode_chat
+from llama2.checkpoint import load_model, load_tokenizer
+from llama2.data.world import World
+from llama2.eval.multiple_choice import evaluate_task
+from llama2.eval.suite import evaluate_world, format_table
+from llama2.generate import Generator, SamplingParams
+from llama2.recipe import add_config_args, load_config, setting
+from llama2.scoring import RewardScorer
+from llama2.utils import default_device
 
 
 def chat_generate_fn(model, tokenizer, max_new_tokens: int = 64, batch_size: int = 32):
     """A ``generate_fn(list of dialogues) -> list of answers`` over our batched greedy decoder.
     Dialogues longer than the context keep their system message and lose their oldest turns."""
-    from llama2.chat import encode_chat
-    from llama2.generate import Generator, SamplingParams
-
     gen = Generator(model, tokenizer)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     limit = model.config.max_seq_len - max_new_tokens
@@ -55,14 +65,8 @@ def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 
     With ``reward_model`` (and optionally ``safety_model``) it also scores greedy answers to
     ``reward_prompts`` held-out RL prompts with the reward models: ``combined_reward`` is the mean
     of the paper's gated Rc (§3.2.3), the quantity rejection sampling and PPO maximise."""
-    from llama2.checkpoint import load_model, load_tokenizer
-    from llama2.eval.suite import evaluate_world
-    from llama2.generate import default_device
-
     scorer, device = None, default_device()
     if reward_model:  # loaded first: a wrong directory fails before minutes of generation
-        from llama2.train.scoring import RewardScorer
-
         if reward_prompts < 1:
             raise ValueError(f"reward_prompts must be at least 1, got {reward_prompts}")
         scorer = RewardScorer(reward_model, safety_model or None, device=device)
@@ -79,8 +83,6 @@ def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 
 def held_out_reward(generate, scorer, split: str = "test", n: int = 100, world_seed: int = 0) -> dict:
     """Mean helpfulness, safety and combined reward (probabilities) of ``generate``'s answers to
     ``n`` RL prompts of the bundled world's ``split``, under a ``RewardScorer``."""
-    from llama2.data.world import World
-
     prompts = World(world_seed).rl_prompts(split, n)
     answers = generate([p["messages"] for p in prompts])
     s = scorer.combined([p["messages"] for p in prompts], answers, [p["safety"] for p in prompts])
@@ -90,44 +92,43 @@ def held_out_reward(generate, scorer, split: str = "test", n: int = 100, world_s
             "combined_rewards": [round(x, 6) for x in s["combined"].tolist()]}
 
 
+@dataclass
+class EvaluateConfig:
+    """The flags of ``llama2 evaluate`` and the ``evaluate`` stage of a ``llama2 run`` recipe
+    (the keyword arguments of :func:`evaluate_model` besides the model directories)."""
+    split: Literal["train", "val", "test"] = setting("test", "which split of the bundled assistant world (test: "
+                                                             "held out)")
+    max_items: int = setting(100, "prompts per kind (task / unsafe / benign)")
+    gatt_turns: tuple[int, ...] = setting((1, 2, 4, 6, 10, 20), "turns at which GAtt adherence is measured "
+                                                               "(Table 30)", metavar="T")
+    gatt_dialogues: int = setting(30, "constrained dialogues for GAtt adherence")
+    max_new_tokens: int = setting(64, "longest answer")
+    reward_prompts: int = setting(100, "held-out RL prompts to score with --reward-model")
+    world_seed: int = setting(0, "seed of the bundled assistant world the model was trained on")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR", help="model directory")
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"),
-                        help="which split of the bundled assistant world (default: test, held out)")
-    parser.add_argument("--max-items", type=int, default=100,
-                        help="prompts per kind (task / unsafe / benign) (default: 100)")
-    parser.add_argument("--gatt-dialogues", type=int, default=30,
-                        help="constrained dialogues for GAtt adherence (default: 30)")
-    parser.add_argument("--gatt-turns", type=int, nargs="+", default=[1, 2, 4, 6, 10, 20], metavar="T",
-                        help="turns at which GAtt adherence is measured (default: 1 2 4 6 10 20, Table 30)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default: 64)")
     parser.add_argument("--task", metavar="YAML",
                         help="instead of the suite, score an lm-eval multiple-choice task file in-process")
     parser.add_argument("--reward-model", metavar="DIR",
                         help="also score answers to held-out RL prompts with this helpfulness reward model")
     parser.add_argument("--safety-model", metavar="DIR", help="safety reward model for the gated combined reward")
-    parser.add_argument("--reward-prompts", type=int, default=100, help="held-out RL prompts to score (default: 100)")
-    parser.add_argument("--world-seed", type=int, default=0,
-                        help="seed of the bundled assistant world the model was trained on (default: 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_config_args(parser, EvaluateConfig, config_flag=False)
 
 
 def main(args: argparse.Namespace) -> int:
+    cfg = load_config(EvaluateConfig, args)  # first: a bad value fails before any model is loaded
     if args.task:
-        from llama2.eval.multiple_choice import evaluate_task
-        from llama2.generate import default_device
-
         result = evaluate_task(args.model, args.task, device=default_device())
         print(json.dumps(result) if args.json else f"{result['task']}: accuracy {result['acc']:.4f} "
                                                     f"on {result['n']} questions")
         return 0
-    result = evaluate_model(args.model, args.split, args.max_items, args.gatt_turns, args.gatt_dialogues,
-                            args.max_new_tokens, args.reward_model, args.safety_model, args.reward_prompts,
-                            args.world_seed)
+    result = evaluate_model(args.model, reward_model=args.reward_model, safety_model=args.safety_model,
+                            **dataclasses.asdict(cfg))
     if args.json:
         print(json.dumps(result))
     else:
-        from llama2.eval.suite import format_table
-
         print(format_table(result))
     return 0

@@ -20,8 +20,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import jinja2
 import torch
 import yaml
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from llama2.checkpoint import load_model, load_tokenizer
 
 TASK_DIR = Path(__file__).resolve().parent / "lm_eval_task"
 DEFAULT_TASK = TASK_DIR / "llama2_assistant_mc.yaml"
@@ -64,9 +68,6 @@ class MultipleChoiceTask:
     def _render(self, template: str, doc: dict):
         if template in doc:
             return doc[template]
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-
         # A task file is someone else's file: its templates render in Jinja's sandbox, where
         # attribute walks such as ``cycler.__init__.__globals__`` are refused, not executed.
         env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -189,8 +190,6 @@ def evaluate(model, tokenizer, task: str | os.PathLike | MultipleChoiceTask = DE
 def evaluate_task(model_dir: str | os.PathLike, task: str | os.PathLike = DEFAULT_TASK,
                   limit: int | None = None, device: str = "cpu") -> dict:
     """``llama2 evaluate --task``: score a model directory on a task; a JSON-ready dict."""
-    from llama2.checkpoint import load_model, load_tokenizer
-
     model = load_model(model_dir, device=device)
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     return evaluate(model, tokenizer, task, limit).to_dict()

@@ -36,14 +36,6 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (i, i + d/2) pairs of ``x`` [B, H, T, D] by the angles in cos/sin [B, T, D]."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 def rope_tables(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin [B, T, D] -> ([B, 1, T, D], [B, 1, T, D] with the first half of sin negated), in
     ``dtype``: prepared once per forward instead of once per layer and per q/k (see _rotate)."""
@@ -53,7 +45,8 @@ def rope_tables(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, T
 
 
 def _rotate(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
-    """apply_rope with prepared tables, bit for bit: roll(x) * [-s1, s2] == cat(-x2, x1) * [s1, s2]."""
+    """Rotate (i, i + d/2) pairs of ``x`` [B, H, T, D] by the prepared tables: x * cos +
+    cat(-x2, x1) * sin, computed as roll(x) * [-s1, s2], which is the same, bit for bit."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
@@ -88,10 +81,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if cos.dim() == 4:  # tables prepared once per forward by Transformer (rope_tables)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)  # tables from rope_tables, once per forward
         if self.cache is not None and slots is not None:
             k, v = self.cache.update(slots, k, v)
             if mask is not None:  # only the slots the mask covers take part (the filled prefix)

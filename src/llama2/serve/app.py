@@ -43,7 +43,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from llama2.chat import encode_chat
-from llama2.generate import SamplingParams, check_device
+from llama2.checkpoint import load_model, load_tokenizer, parse_dtype
+from llama2.generate import SamplingParams
+from llama2.guard import load_guard
+from llama2.utils import check_device
 
 from .engine import (
     TEXT_CONTEXT_TOKENS,
@@ -800,8 +803,6 @@ def create_app(
         model, tokenizer = model
         name = model_name or "llama2"
     else:
-        from llama2.checkpoint import load_model, load_tokenizer
-
         path = Path(model)
         model = load_model(path, dtype=dtype, device=device or "cpu", verify=verify)
         tokenizer = load_tokenizer(path, model.config.vocab_size)
@@ -895,8 +896,6 @@ def _listen(host: str, port: int) -> socket.socket:
 def main(args) -> int:
     import uvicorn
 
-    from llama2.checkpoint import parse_dtype
-
     # Every argument is checked before the model loads; a bad one is one line (the CLI prints
     # ValueErrors without a traceback) and exit status 1.
     for flag, value, least in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 0),
@@ -909,8 +908,6 @@ def main(args) -> int:
     try:
         guard = None
         if args.guard:
-            from llama2.serve.guard import load_guard  # only when asked: it loads a second model
-
             guard = load_guard(args.guard, device=device)
         app = create_app(args.model, api_key=args.api_key, max_batch_size=args.max_batch_size,
                          max_queue=args.max_queue, guard=guard, model_name=args.model_name,

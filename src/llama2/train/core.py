@@ -1,4 +1,6 @@
-"""The one training loop every stage shares: pretraining, SFT, reward models, PPO.
+"""The one training loop of every gradient-descent stage: pretraining, SFT and the stages built
+on it (GAtt, rejection sampling, distillation, the guard), the reward models. PPO runs its own
+loop (rollout, score, update) on this module's optimizer and on train/state.py's checkpoints.
 
 A stage hands the :class:`Trainer` a model, a ``loss_fn(model, batch) -> (loss, metrics)``, a
 batch iterator with ``state_dict()``/``load_state_dict()`` and a :class:`TrainConfig`; the
@@ -11,7 +13,7 @@ trainer owns everything else. One optimizer step is::
     clip_grad_norm_(params, 1.0); optimizer.step()       # AdamW 0.9/0.95, eps 1e-5, wd 0.1
 
 around which it logs ``metrics.jsonl`` and a progress bar, evaluates every ``eval_every``
-steps and writes atomic checkpoints every ``save_every`` steps. The defaults are the paper's
+steps and writes atomic checkpoints (train/state.py) every ``save_every`` steps. The defaults are the paper's
 pretraining values (Touvron et al. 2023, §2.2); stages override them in their own
 config dataclasses (which subclass :class:`TrainConfig`).
 
@@ -36,23 +38,33 @@ import itertools
 import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from llama2.checkpoint.safe import load_tensors, read_state_json, refuse_legacy, write_state_json
+from llama2.checkpoint import save_model
+from llama2.checkpoint.safe import load_dcp, load_tensors, read_state_json, refuse_legacy, write_state_json
 from llama2.recipe import config_diff, setting, to_dict, write_recipe
+from llama2.train.state import (
+    RESUME_HELP,
+    barrier,
+    checkpoint_folder,
+    last_record,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+    truncate_metrics,
+)
 
 IGNORE_INDEX = -100
 
@@ -93,11 +105,7 @@ class TrainConfig:
     eval_every: int = setting(1000, "validation loss every N steps (and at the start and end); 0 = never")
     eval_batches: int = setting(50, "validation micro-batches, all ranks together")
     log_every: int = setting(10, "console line every N steps when there is no progress bar")
-    resume: str = setting("auto", "auto: continue from the newest checkpoint in the run folder if any; "
-                                  "latest (what a bare --resume means): the same, but one must exist; "
-                                  "never: start fresh (refused if the run folder has checkpoints); "
-                                  "or a checkpoint directory",
-                          const="latest", metavar="auto|latest|never|DIR")
+    resume: str = setting("auto", RESUME_HELP, const="latest", metavar="auto|latest|never|DIR")
     peak_tflops: float | None = setting(None, "device peak for MFU, TFLOP/s per rank (default: known GPUs' "
                                               "dense bf16 peak; CPU: 0.1 per thread, an assumption)")
     progress: bool = setting(True, "show a progress bar (rank 0, when attached to a terminal)")
@@ -113,7 +121,7 @@ class TrainConfig:
         if getattr(self, "epochs", 1) <= 0:
             problems.append(f"epochs must be positive, got {self.epochs}")
         for name in ("warmup_steps", "save_every", "keep_last", "eval_every", "eval_batches"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:  # None: a stage derives it (the reward models' warmup)
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
@@ -156,9 +164,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW with the paper's betas/eps; weight decay on matrices (ndim >= 2) only: norms'
-    gains (and any biases) are not decayed."""
+    gains (and any biases) are not decayed. ``cfg``: any config with ``lr``, ``weight_decay``,
+    ``beta1``, ``beta2`` and ``eps`` (a :class:`TrainConfig`, PPO's config)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -273,109 +282,12 @@ def parallel_mode(cfg: TrainConfig, info: DistInfo) -> str:
     return "single"
 
 
-def _barrier(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
-        dist.barrier()
-
-
 def _mean_over_ranks(x: Tensor, info: DistInfo) -> Tensor:
     if info.enabled:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)  # gloo has no AVG
         x /= info.world_size
     return x
-
-
-# ==========================================================================================
-# Checkpoints
-# ==========================================================================================
-
-def list_checkpoints(out: str | Path) -> list[Path]:
-    """Complete checkpoints of a run folder, oldest first. A checkpoint exists only once its
-    temporary folder has been renamed to ``step-N``, so a half-written one is never listed."""
-    root = Path(out) / "checkpoints"
-    found = []
-    for p in root.glob("step-*") if root.is_dir() else []:
-        suffix = p.name[len("step-"):]
-        # trainer.json is written last, so its presence marks a complete checkpoint; an old
-        # run's trainer.pt is listed too, so that resuming it is refused rather than ignored.
-        if p.is_dir() and suffix.isdigit() and ((p / "trainer.json").is_file() or (p / "trainer.pt").is_file()):
-            found.append((int(suffix), p))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    found = list_checkpoints(out)
-    return found[-1] if found else None
-
-
-def _rng_state() -> dict:
-    """Every RNG state as tensors and plain numbers, so that ``torch.load(weights_only=True)``
-    reads it back (Python's and numpy's own state objects are tuples with an ndarray inside)."""
-    version, words, gauss = random.getstate()
-    kind, key, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
-             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    py, npy = state["python"], state["numpy"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    np.random.set_state((npy["kind"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def truncate_metrics(file: Path, key: str, upto: int, warn: Callable[[str], None]) -> None:
-    """Keep the records of ``file`` (JSON lines) whose ``key`` is at most ``upto``: a resumed run
-    forgets what an interrupted one logged after its checkpoint. A torn last line (the process
-    was killed mid-write) is dropped with a warning; a bad line before it is an error naming
-    the file and line, since deleting it would lose records silently."""
-    if not file.is_file():
-        return
-    if upto < 0:  # a fresh start keeps nothing, whatever state the old log is in
-        file.write_text("", encoding="utf-8")
-        return
-    lines = file.read_bytes().split(b"\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    keep = []
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-            if not isinstance(record, dict):
-                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            if n == len(lines):
-                warn(f"warning: {file}:{n}: dropped a torn last line (the run was interrupted mid-write)")
-                break
-            raise ValueError(f"{file}:{n}: not a JSON record ({e}); fix or delete that line to resume") from None
-        if record.get(key, 0) <= upto:
-            keep.append(raw.decode("utf-8"))
-    file.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
-
-def last_record(file: Path) -> dict:
-    """The last record of a metrics file (read after :func:`truncate_metrics`), or {} if none."""
-    lines = file.read_text(encoding="utf-8").splitlines() if file.is_file() else []
-    return json.loads(lines[-1]) if lines and lines[-1].strip() else {}
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush a folder's files to disk before the rename publishes it."""
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 # ==========================================================================================
@@ -500,8 +412,6 @@ class Trainer:
 
     def log(self, msg: str) -> None:
         if self.dist.is_main and not self.quiet:
-            from tqdm import tqdm
-
             tqdm.write(msg, file=sys.stderr)
 
     # -- the loop --------------------------------------------------------------------------
@@ -607,8 +517,6 @@ class Trainer:
     def _progress_bar(self):
         if not (self.cfg.progress and self.dist.is_main and not self.quiet and sys.stderr.isatty()):
             return None
-        from tqdm import tqdm
-
         return tqdm(total=self.cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
 
     def _write_metrics(self, record: dict) -> None:
@@ -619,47 +527,36 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-N`` atomically: everything goes into ``.tmp-step-N`` first,
-        which is renamed only once complete; then all but the newest ``keep_last`` are deleted."""
-        root = self.out / "checkpoints"
-        final, tmp = root / f"step-{self.step}", root / f".tmp-step-{self.step}"
-        if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier(self.dist)
-        if self.mode == "fsdp":
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
+        """Write ``checkpoints/step-N`` atomically (:func:`~llama2.train.state.checkpoint_folder`):
+        everything goes into ``.tmp-step-N`` first, which is renamed only once complete; then all
+        but the newest ``keep_last`` are deleted."""
+        with checkpoint_folder(self.out, self.step, self.cfg.keep_last, self.dist) as tmp:
+            if self.mode == "fsdp":
+                import torch.distributed.checkpoint as dcp
+                from torch.distributed.checkpoint.state_dict import get_state_dict
 
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-        elif self.dist.is_main:
-            torch.save(self.module.state_dict(), tmp / "model.pt")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        # Each rank's own RNG and data position.
-        torch.save({"rng": _rng_state(), "data": self.train_data.state_dict()}, tmp / f"rank-{self.dist.rank}.pt")
-        _barrier(self.dist)
-        if self.dist.is_main:
-            write_recipe(self.run_config, tmp / "config.yaml")
-            # Plain JSON: the one file read before anything else can never run code.
-            write_state_json(tmp / "trainer.json", {
-                "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size,
-                "mode": self.mode, "schedule": {"kind": self.cfg.schedule, "lr": self.cfg.lr,
-                                                "warmup_steps": self.cfg.warmup_steps,
-                                                "decay_steps": self.cfg.decay_steps or self.cfg.max_steps,
-                                                "min_lr_ratio": self.cfg.min_lr_ratio},
-                "data": self.train_data.state_dict(), "config": to_dict(self.run_config),
-            })  # written last: its presence marks a complete checkpoint
-            _fsync_tree(tmp)
-            if final.exists():  # re-saving a step (after resuming from an older checkpoint DIR)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            if self.cfg.keep_last:
-                for old in list_checkpoints(self.out)[: -self.cfg.keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
-        _barrier(self.dist)
+                model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+            elif self.dist.is_main:
+                torch.save(self.module.state_dict(), tmp / "model.pt")
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            # Each rank's own RNG and data position.
+            torch.save({"rng": rng_state(), "data": self.train_data.state_dict()},
+                       tmp / f"rank-{self.dist.rank}.pt")
+            barrier(self.dist)
+            if self.dist.is_main:
+                write_recipe(self.run_config, tmp / "config.yaml")
+                # Plain JSON: the one file read before anything else can never run code.
+                write_state_json(tmp / "trainer.json", {
+                    "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size,
+                    "mode": self.mode, "schedule": {"kind": self.cfg.schedule, "lr": self.cfg.lr,
+                                                    "warmup_steps": self.cfg.warmup_steps,
+                                                    "decay_steps": self.cfg.decay_steps or self.cfg.max_steps,
+                                                    "min_lr_ratio": self.cfg.min_lr_ratio},
+                    "data": self.train_data.state_dict(), "config": to_dict(self.run_config),
+                })  # written last: its presence marks a complete checkpoint
         self._last_saved = self.step
-        return final
+        return self.out / "checkpoints" / f"step-{self.step}"
 
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)
@@ -671,8 +568,6 @@ class Trainer:
             if self.mode != "fsdp":
                 raise ValueError(f"{path}: written by an FSDP run; resume it with --distributed fsdp under torchrun")
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-            from llama2.checkpoint.safe import load_dcp
 
             model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
             sd = {"model": model_sd, "optim": optim_sd}
@@ -686,7 +581,7 @@ class Trainer:
         mine = path / f"rank-{self.dist.rank}.pt"
         if mine.is_file() and state.get("world_size") == self.dist.world_size:
             rank_state = load_tensors(mine)
-            _set_rng_state(rank_state["rng"])
+            set_rng_state(rank_state["rng"])
             self.train_data.load_state_dict(rank_state["data"])
         else:  # a different world size: the data position is global, RNG streams restart
             self.train_data.load_state_dict(state["data"])
@@ -697,22 +592,7 @@ class Trainer:
             self.log(f"resuming with changed settings: {', '.join(changed)}")
 
     def _resume(self) -> None:
-        how = self.cfg.resume
-        if self.dist.is_main:  # a crash may leave a temporary folder: never a checkpoint
-            for tmp in (self.out / "checkpoints").glob(".tmp-step-*"):
-                shutil.rmtree(tmp, ignore_errors=True)
-        _barrier(self.dist)
-        path = None
-        if how in ("auto", "latest"):
-            path = latest_checkpoint(self.out)
-            if path is None and how == "latest":
-                raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
-        elif how == "never":
-            if latest_checkpoint(self.out) is not None:
-                raise ValueError(f"--resume never: {self.out} already has checkpoints; use another --out "
-                                 f"or delete {self.out / 'checkpoints'}")
-        else:
-            path = Path(how)
+        path = resolve_resume(self.out, self.cfg.resume, self.dist)
         if path is not None:
             self.load_checkpoint(path)
             self.log(f"resumed from {path} (step {self.step})")
@@ -732,17 +612,14 @@ class Trainer:
                                                                              cpu_offload=True))
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
-    def export(self, path: str | Path | None = None, tokenizer=None) -> Path:
+    def export(self, path: str | Path | None = None, tokenizer=None, save: Callable = save_model, **meta) -> Path:
         """Write the model directory (``out/model``) that ``llama2.load_model`` and transformers
-        read. Call on every rank."""
-        from types import SimpleNamespace
-
-        from llama2.checkpoint import save_model
-
+        read: ``save(model, path, tokenizer=tokenizer, **meta)`` on the main rank, e.g.
+        ``save_scalar_model`` and its ``reward_kind``. Call on every rank."""
         path = Path(path or self.out / "model")
         state = self.full_state_dict()
         if self.dist.is_main:
             shell = SimpleNamespace(config=self.module.config, state_dict=lambda: state)
-            save_model(shell, path, tokenizer=tokenizer)
-        _barrier(self.dist)
+            save(shell, path, tokenizer=tokenizer, **meta)
+        barrier(self.dist)
         return path

@@ -15,8 +15,14 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama2.checkpoint import load_model, load_scalar_model, load_tokenizer
+from llama2.data.chat_data import tokenize_conversation
+from llama2.data.world import World
 from llama2.recipe import add_config_args, setting
-from llama2.train.finetune import FinetuneConfig, finetune, log_to_stderr, stage_main
+from llama2.scoring import sample_answers, score_answers
+from llama2.train.finetune import NO_VALIDATION, FinetuneConfig, finetune, refuse_validation, stage_main
+from llama2.train.state import check_resume
+from llama2.utils import DataError, default_device, log_to_stderr, read_jsonl
 
 # Safety preprompts, built from templates like the paper's ("You are a safe and responsible
 # assistant" plus a risk-specific sentence).
@@ -40,26 +46,16 @@ class DistillConfig(FinetuneConfig):
     max_new_tokens: int = setting(96, "longest answer")
     epochs: int = setting(1, "fine-tuning passes over the kept answers")
     world_seed: int = setting(0, "seed of the bundled assistant world")
+    eval_every: int = setting(0, NO_VALIDATION)
+    eval_batches: int = setting(0, NO_VALIDATION)
 
-
-TINY_RECIPE: dict = {
-    "out": "runs/safety-distill",
-    "seq_len": 256,
-    "prompts": 200,
-    "max_new_tokens": 48,
-    "batch_size": 8,
-    "micro_batch_size": 8,
-    "epochs": 2,
-    "lr": 2.0e-4,
-    "eval_every": 0,
-    "keep_last": 1,
-}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        refuse_validation(self, "safety distillation")
 
 
 def load_prompts(cfg: DistillConfig) -> list[list[dict]]:
     if cfg.data:
-        from llama2.data.chat_data import DataError, read_jsonl
-
         out = []
         for n, obj in read_jsonl(cfg.data):
             msgs = obj.get("messages") or ([{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else None)
@@ -67,7 +63,6 @@ def load_prompts(cfg: DistillConfig) -> list[list[dict]]:
                 raise DataError(f"{cfg.data}:{n}: expected 'messages' or 'prompt'")
             out.append(msgs)
         return out
-    from llama2.data.world import World
 
     rows = World(cfg.world_seed).rl_prompts("train", cfg.prompts * 4)
     return [r["messages"] for r in rows if r["safety"]][: cfg.prompts]
@@ -79,11 +74,7 @@ def with_preprompt(messages: list[dict], preprompt: str) -> list[dict]:
 
 
 def run(cfg: DistillConfig, quiet: bool = False) -> dict:
-    from llama2.checkpoint import load_model, load_scalar_model, load_tokenizer
-    from llama2.data.chat_data import tokenize_conversation
-    from llama2.generate import default_device
-    from llama2.train.scoring import sample_answers, score_answers
-
+    check_resume(cfg.out, cfg.resume)  # refused before sampling
     log = log_to_stderr(quiet)
     prompts = load_prompts(cfg)
     rng = random.Random(cfg.seed)
@@ -117,9 +108,10 @@ def run(cfg: DistillConfig, quiet: bool = False) -> dict:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "Without --config the tiny recipe applies, starting from runs/sft/model."
+    parser.epilog = ("Without --config the tiny recipe's safety-distill block applies "
+                     "(src/llama2/resources/recipes/tiny.yaml), starting from runs/sft/model.")
     add_config_args(parser, DistillConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    return stage_main(DistillConfig, args, TINY_RECIPE, run, required=("model", "safety_model"))
+    return stage_main(DistillConfig, args, "safety-distill", run, required=("model", "safety_model"))

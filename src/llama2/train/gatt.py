@@ -20,8 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from llama2.chat import encode_chat, validate_dialogue
+from llama2.checkpoint import load_model, load_state, load_tokenizer
+from llama2.data.chat_data import to_messages, tokenize_conversation
+from llama2.data.world import World
+from llama2.generate import Generator, SamplingParams
 from llama2.recipe import add_config_args, dump_recipe, load_config, setting
-from llama2.train.finetune import FinetuneConfig, finetune, log_to_stderr
+from llama2.train.finetune import FinetuneConfig, finetune
+from llama2.train.state import check_resume
+from llama2.utils import DataError, default_device, log_to_stderr, read_jsonl
 
 
 @dataclass
@@ -42,24 +49,6 @@ class GAttConfig(FinetuneConfig):
     temperature: float = setting(0.7, "sampling temperature with --answers model")
     max_new_tokens: int = setting(64, "longest sampled answer with --answers model")
     world_seed: int = setting(0, "seed of the bundled assistant world")
-
-
-TINY_RECIPE: dict = {
-    "out": "runs/gatt",
-    "model": "runs/sft/model",
-    "seq_len": 256,
-    "batch_size": 16,
-    "micro_batch_size": 16,
-    "epochs": 2,
-    "lr": 5.0e-4,
-    "warmup_steps": 5,
-    "dialogues": 1500,
-    "max_turns": 12,
-    "sft_examples": 1500,
-    "eval_every": 50,
-    "save_every": 200,
-    "keep_last": 1,
-}
 
 
 def with_instruction_everywhere(messages: list[dict], instruction: str) -> list[dict]:
@@ -84,10 +73,6 @@ def combine_instructions(pool: list[str], rng: random.Random) -> str:
 def sample_answers(model_dir: str, dialogues: list[tuple[list[dict], str]], cfg: GAttConfig, log) -> list[list[dict]]:
     """Answer each dialogue's user turns with the model, the instruction before every user turn;
     returns the dialogues (without system message) with the sampled answers."""
-    from llama2.chat import encode_chat
-    from llama2.checkpoint import load_model, load_tokenizer
-    from llama2.generate import Generator, SamplingParams, default_device
-
     model = load_model(model_dir, device=default_device())
     tok = load_tokenizer(model_dir, model.config.vocab_size)
     gen = Generator(model, tok)
@@ -116,13 +101,8 @@ def sample_answers(model_dir: str, dialogues: list[tuple[list[dict], str]], cfg:
 
 
 def build_examples(cfg: GAttConfig, tokenizer, log) -> tuple[list, list]:
-    from llama2.data.chat_data import tokenize_conversation
-
     rng = random.Random(cfg.seed)
     if cfg.data:
-        from llama2.chat import validate_dialogue
-        from llama2.data.chat_data import DataError, read_jsonl, to_messages
-
         pool = [line.strip() for line in Path(cfg.instructions).read_text().splitlines() if line.strip()] \
             if cfg.instructions else []
         dialogues = []
@@ -138,8 +118,6 @@ def build_examples(cfg: GAttConfig, tokenizer, log) -> tuple[list, list]:
             dialogues.append((msgs, instruction))
         extra = []
     else:
-        from llama2.data.world import World
-
         world = World(cfg.world_seed)
         rows = world.gatt_dialogues("train", cfg.dialogues, turns=(cfg.min_turns, cfg.max_turns))
         dialogues = [(r["messages"], r["constraint"]["text"]) for r in rows]
@@ -164,8 +142,7 @@ def build_examples(cfg: GAttConfig, tokenizer, log) -> tuple[list, list]:
 
 
 def run(cfg: GAttConfig, quiet: bool = False) -> dict:
-    from llama2.checkpoint import load_state, load_tokenizer
-
+    check_resume(cfg.out, cfg.resume)  # refused before sampling
     model_cfg = load_state(cfg.model)[0]
     tokenizer = load_tokenizer(cfg.model, model_cfg.vocab_size)
     log = log_to_stderr(quiet)
@@ -174,12 +151,13 @@ def run(cfg: GAttConfig, quiet: bool = False) -> dict:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "Without --config the tiny recipe applies (recipes/gatt-tiny.yaml), starting from runs/sft/model."
+    parser.epilog = ("Without --config the tiny recipe's gatt block applies "
+                     "(src/llama2/resources/recipes/tiny.yaml), starting from runs/sft/model.")
     add_config_args(parser, GAttConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(GAttConfig, args, default_recipe=TINY_RECIPE, default_source="built-in tiny GAtt recipe")
+    cfg = load_config(GAttConfig, args, stage="gatt")
     if getattr(args, "print_config", False):
         print(dump_recipe(cfg), end="")
         return 0

@@ -20,23 +20,44 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
+from llama2.chat import encode_chat
+from llama2.checkpoint import load_model, load_scalar_model, load_tokenizer, save_model
+from llama2.checkpoint.safe import load_tensors, read_state_json, refuse_legacy, write_state_json
+from llama2.generate import Generator, SamplingParams
+from llama2.model.heads import ScalarModel
 from llama2.recipe import add_config_args, setting
-from llama2.train.core import TrainConfig
+from llama2.scoring import RewardScorer, load_rl_prompts
+from llama2.train.core import build_optimizer
 from llama2.train.finetune import stage_main
+from llama2.train.rlhf import gae, masked_mean, ppo_policy_loss, ppo_reward, token_rewards, value_loss
+from llama2.train.state import (
+    RESUME_HELP,
+    check_resume,
+    checkpoint_folder,
+    last_record,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+    truncate_metrics,
+)
+from llama2.utils import default_device, log_to_stderr
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig:
+    """Exactly the settings PPO reads; defaults are the paper's (§3.2.3). PPO is its own loop
+    (rollout, score, update), not the :class:`~llama2.train.core.Trainer`'s: the learning rate is
+    constant (no schedule, no warmup) and a minibatch is one forward pass (no micro-batches)."""
+
     out: str = setting("runs/ppo", "run folder: metrics.jsonl, checkpoints/, model/", metavar="DIR")
     model: str = setting("runs/rejection/model", "starting policy (also the frozen reference)", metavar="DIR")
     reward_model: str = setting("runs/reward-helpfulness/model", "helpfulness reward model", metavar="DIR")
@@ -50,11 +71,13 @@ class PPOConfig(TrainConfig):
     max_steps: int = setting(200, "PPO iterations (§3.2.3: 200 to 400, with early stopping)")
     batch_size: int = setting(512, "prompts per iteration (§3.2.3: 512)")
     minibatch_size: int = setting(64, "rollouts per gradient step (§3.2.3: 64; one step per minibatch)")
-    micro_batch_size: int = setting(64, "unused by PPO: the minibatch is the unit of work")
     lr: float = setting(1e-6, "policy learning rate, constant (§3.2.3: 1e-6)")
-    value_lr: float = setting(1e-6, "value-model learning rate")
-    schedule: Literal["cosine", "constant"] = setting("constant", "learning-rate schedule (§3.2.3: constant)")
-    warmup_steps: int = setting(0, "warmup iterations")
+    value_lr: float = setting(1e-6, "value-model learning rate, constant")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only (§3.2.3: 0.1)")
+    beta1: float = setting(0.9, "AdamW beta1 (§3.2.3)")
+    beta2: float = setting(0.95, "AdamW beta2 (§3.2.3)")
+    eps: float = setting(1e-5, "AdamW epsilon (§3.2.3)")
+    grad_clip: float = setting(1.0, "clip each model's gradient norm to this (§3.2.3: 1.0); 0 = no clipping")
     kl_coef: float = setting(0.01, "beta of the KL penalty (§3.2.3: 0.01 for 7B/13B, 0.005 for 34B/70B)")
     safety_threshold: float = setting(0.15, "Rs below this lets the safety reward decide (§3.2.3)")
     ppo_clip: float = setting(0.2, "PPO ratio clip (§3.2.3: 0.2)")
@@ -65,23 +88,28 @@ class PPOConfig(TrainConfig):
     top_p: float = setting(1.0, "rollout nucleus sampling (1.0 = off)")
     max_new_tokens: int = setting(128, "longest answer in a rollout")
     max_kl: float = setting(10.0, "stop early when the mean per-answer KL to the reference exceeds this")
-    save_every: int = setting(10, "checkpoint every N iterations (and at the end)")
+    seed: int = setting(0, "seed of the value head, the rollouts' prompts and samples, and the minibatch order")
+    save_every: int = setting(10, "checkpoint every N iterations (and at the end); 0 = only at the end")
+    keep_last: int = setting(3, "checkpoints to keep (older ones are deleted); 0 = keep all")
+    resume: str = setting("auto", RESUME_HELP, const="latest", metavar="auto|latest|never|DIR")
+    progress: bool = setting(True, "show a progress bar (when attached to a terminal)")
     world_seed: int = setting(0, "seed of the bundled assistant world")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.batch_size % self.minibatch_size:
-            raise ValueError(f"batch_size={self.batch_size} is not divisible by minibatch_size={self.minibatch_size}")
-
-
-TINY_RECIPE: dict = {"max_steps": 12, "batch_size": 32, "minibatch_size": 8, "micro_batch_size": 8, "lr": 2.0e-5,
-                     "value_lr": 1.0e-4, "max_new_tokens": 40, "prompts": 1000, "save_every": 4, "keep_last": 1,
-                     "kl_coef": 0.05}
+        problems = [f"{name} must be positive, got {getattr(self, name)}"
+                    for name in ("max_steps", "batch_size", "minibatch_size", "max_new_tokens")
+                    if getattr(self, name) <= 0]
+        problems += [f"{name} must be positive, got {getattr(self, name)}" for name in ("lr", "value_lr")
+                     if getattr(self, name) <= 0]
+        problems += [f"{name} must be >= 0, got {getattr(self, name)}" for name in ("save_every", "keep_last")
+                     if getattr(self, name) < 0]
+        if not problems and self.batch_size % self.minibatch_size:
+            problems.append(f"batch_size={self.batch_size} is not divisible by minibatch_size={self.minibatch_size}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 def load_prompts(cfg: PPOConfig) -> list[dict]:
-    from llama2.train.scoring import load_rl_prompts
-
     return load_rl_prompts(cfg.data, cfg.prompts, cfg.world_seed)
 
 
@@ -106,13 +134,7 @@ def build_rollout(prompts: list[list[int]], answers: list[list[int]]) -> dict:
 
 class PPOTrainer:
     def __init__(self, cfg: PPOConfig, quiet: bool = False):
-        from llama2.checkpoint import load_model, load_scalar_model, load_tokenizer
-        from llama2.generate import default_device
-        from llama2.model.heads import ScalarModel
-        from llama2.train.core import build_optimizer
-        from llama2.train.finetune import log_to_stderr
-        from llama2.train.scoring import RewardScorer
-
+        check_resume(cfg.out, cfg.resume)  # refused before loading five models
         self.cfg, self.log = cfg, log_to_stderr(quiet)
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
@@ -138,10 +160,6 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, batch: list[dict]) -> dict:
-        from llama2.chat import encode_chat
-        from llama2.generate import Generator, SamplingParams
-        from llama2.train.rlhf import ppo_reward
-
         cfg = self.cfg
         self.policy.eval()
         prompt_ids = [encode_chat(self.tokenizer, b["messages"]) for b in batch]
@@ -172,8 +190,6 @@ class PPOTrainer:
         return roll | {"stats": stats}
 
     def step(self) -> dict:
-        from llama2.train.rlhf import gae, masked_mean, ppo_policy_loss, token_rewards, value_loss
-
         cfg = self.cfg
         roll = self.rollout(self.batch_prompts())
         mask = roll["mask"]
@@ -184,6 +200,7 @@ class PPOTrainer:
         adv = torch.where(valid, (adv - adv[valid].mean()) / (adv[valid].std() + 1e-8), adv) * mask
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
         order = torch.randperm(len(mask), generator=gen)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "entropy": 0.0}
         n_mb = 0
         for start in range(0, len(order), cfg.minibatch_size):  # one gradient step per minibatch
@@ -199,7 +216,7 @@ class PPOTrainer:
             for loss, model, opt in ((p_loss, self.policy, self.opt_policy), (v_loss, self.value, self.opt_value)):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                 opt.step()
             for k, v in (("policy_loss", p_loss.detach()), ("value_loss", v_loss.detach()), ("clip_frac", clip_frac),
                          ("entropy", entropy.detach())):
@@ -211,43 +228,22 @@ class PPOTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        from llama2.checkpoint.safe import write_state_json
-        from llama2.train.core import _fsync_tree, _rng_state, list_checkpoints
-
-        root = self.out / "checkpoints"
-        final, tmp = root / f"step-{self.iteration}", root / f".tmp-step-{self.iteration}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save({"policy": self.policy.state_dict(), "value": self.value.state_dict(),
-                    "opt_policy": self.opt_policy.state_dict(), "opt_value": self.opt_value.state_dict()},
-                   tmp / "model.pt")
-        # Tensors only (RNG states) in a .pt file, the rest in plain JSON: neither can run code.
-        torch.save({"rng": _rng_state()}, tmp / "rank-0.pt")
-        write_state_json(tmp / "trainer.json", {"step": self.iteration, "config": dataclasses.asdict(self.cfg)})
-        # trainer.json is written last: it marks a complete checkpoint
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if self.cfg.keep_last:
-            for old in list_checkpoints(self.out)[: -self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
+        """``checkpoints/step-N`` (N = iteration), atomically, as the trainer writes its own."""
+        with checkpoint_folder(self.out, self.iteration, self.cfg.keep_last) as tmp:
+            torch.save({"policy": self.policy.state_dict(), "value": self.value.state_dict(),
+                        "opt_policy": self.opt_policy.state_dict(), "opt_value": self.opt_value.state_dict()},
+                       tmp / "model.pt")
+            # Tensors only (RNG states) in a .pt file, the rest in plain JSON: neither can run code.
+            torch.save({"rng": rng_state()}, tmp / "rank-0.pt")
+            # trainer.json is written last: it marks a complete checkpoint
+            write_state_json(tmp / "trainer.json", {"step": self.iteration, "config": dataclasses.asdict(self.cfg)})
+        return self.out / "checkpoints" / f"step-{self.iteration}"
 
     def _resume(self) -> None:
-        from llama2.checkpoint.safe import load_tensors, read_state_json, refuse_legacy
-        from llama2.train.core import _set_rng_state, latest_checkpoint, truncate_metrics
-
-        for tmp in (self.out / "checkpoints").glob(".tmp-step-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        if self.cfg.resume == "never":
-            return
-        path = latest_checkpoint(self.out) if self.cfg.resume in ("auto", "latest") else Path(self.cfg.resume)
+        path = resolve_resume(self.out, self.cfg.resume)
         if path is None:
-            if self.cfg.resume == "latest":
-                raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
-            # Starting over: forget what an interrupted run logged before its first checkpoint.
-            truncate_metrics(self.out / "metrics.jsonl", "iteration", 0, self.log)
+            # Starting over: forget what an earlier run logged.
+            truncate_metrics(self.out / "metrics.jsonl", "iteration", -1, self.log)
             return
         refuse_legacy(path)
         if not (path / "trainer.json").is_file():
@@ -259,18 +255,13 @@ class PPOTrainer:
         self.opt_policy.load_state_dict(state["opt_policy"])
         self.opt_value.load_state_dict(state["opt_value"])
         self.iteration = trainer["step"]
-        _set_rng_state(load_tensors(path / "rank-0.pt")["rng"])
+        set_rng_state(load_tensors(path / "rank-0.pt")["rng"])
         # forget iterations logged after this checkpoint
         truncate_metrics(self.out / "metrics.jsonl", "iteration", self.iteration, self.log)
         self.log(f"resumed PPO from {path} (iteration {self.iteration})")
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict:
-        from tqdm import tqdm
-
-        from llama2.checkpoint import save_model
-        from llama2.train.core import last_record
-
         # Resumed: the last iteration's record, what the interrupted run would have returned.
         cfg, last = self.cfg, last_record(self.out / "metrics.jsonl") if self.iteration else {}
         self.out.mkdir(parents=True, exist_ok=True)
@@ -301,9 +292,10 @@ def run(cfg: PPOConfig, quiet: bool = False) -> dict:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "Without --config the tiny recipe applies (recipes/ppo-tiny.yaml)."
+    parser.epilog = ("Without --config the tiny recipe's ppo block applies "
+                     "(src/llama2/resources/recipes/tiny.yaml).")
     add_config_args(parser, PPOConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    return stage_main(PPOConfig, args, TINY_RECIPE, run, required=("model", "reward_model", "safety_model"))
+    return stage_main(PPOConfig, args, "ppo", run, required=("model", "reward_model", "safety_model"))

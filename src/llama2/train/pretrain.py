@@ -3,11 +3,11 @@
 Next-token prediction on packed 4096-token sequences of the prepared shards, with AdamW
 (0.9, 0.95, eps 1e-5, weight decay 0.1), a cosine schedule with 2000 warmup steps decaying
 to 10% of the peak, gradient clipping at 1.0 and 4M-token global batches. Those are the
-defaults of :class:`PretrainConfig` (with the 7B shape); recipes/ holds the tiny (CPU), 1B,
-7B, 13B and 70B recipes.
+defaults of :class:`PretrainConfig` (with the 7B shape); recipes/ holds the 1B, 7B, 13B and
+70B recipes.
 
-Without ``--config`` the built-in tiny recipe (``TINY_RECIPE``, identical to
-``recipes/pretrain-tiny.yaml``) applies, and without ``--data`` the corpus shipped in the
+Without ``--config`` the ``pretrain`` block of the built-in tiny recipe (tiny.yaml, the one
+``llama2 run`` uses) applies, and without ``--data`` the corpus shipped in the
 package is used: on first use a tokenizer of ``model.vocab_size`` pieces is trained on it
 and the shards are prepared into ``OUT/data`` (reused by later runs into the same folder).
 So ``llama2 pretrain`` with no arguments trains a ~5M-parameter model on a laptop CPU in a
@@ -19,13 +19,35 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama2.model import ModelConfig
+import torch
+
+from llama2.corpus import default_corpus_files
+from llama2.data.shards import (
+    INDEX,
+    EvalBatches,
+    PackedLoader,
+    PackedSequences,
+    TokenStream,
+    prepare,
+    read_index,
+)
+from llama2.model import ModelConfig, Transformer
 from llama2.recipe import add_config_args, dump_recipe, load_config, setting
-from llama2.train.core import TrainConfig, grad_accum_steps
+from llama2.tokenizer import Tokenizer, train_tokenizer
+from llama2.train.core import (
+    TrainConfig,
+    Trainer,
+    grad_accum_steps,
+    init_distributed,
+    lm_loss,
+    parallel_mode,
+    transformer_flops_per_token,
+)
+from llama2.train.state import barrier, check_resume
+from llama2.utils import log_to_stderr
 
 
 @dataclass
@@ -45,28 +67,8 @@ class PretrainConfig(TrainConfig):
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 
 
-# The recipe used when no --config is given: a ~5M-parameter model that learns visibly on a
-# 2-core CPU in about three minutes. recipes/pretrain-tiny.yaml is the same (a test checks).
-TINY_RECIPE: dict = {
-    "out": "runs/pretrain",
-    "data": "",
-    "val_fraction": 0.03,
-    "model": {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 4096,
-              "multiple_of": 32, "max_seq_len": 256},
-    "seq_len": 256,
-    "batch_size": 8,
-    "micro_batch_size": 8,
-    "max_steps": 300,
-    "lr": 2.0e-3,
-    "warmup_steps": 30,
-    "eval_every": 50,
-    "eval_batches": 16,
-    "save_every": 100,
-    "keep_last": 2,
-}
-
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Without --config the built-in tiny recipe applies (recipes/pretrain-tiny.yaml); the "
+    parser.epilog = ("Without --config the tiny recipe's pretrain block applies (src/llama2/resources/recipes/tiny.yaml); the "
                      "dataclass defaults are the paper's 7B settings. Multi-GPU/multi-node: "
                      "torchrun --nproc_per_node N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT] "
                      "-m llama2 pretrain --config FILE")
@@ -77,17 +79,11 @@ def check_config(cfg: PretrainConfig, world_size: int) -> None:
     """The checks that need no data and no compute: fail early with one line."""
     grad_accum_steps(cfg.batch_size, cfg.micro_batch_size, world_size)
     if cfg.data:
-        from llama2.data.shards import read_index
-
         read_index(cfg.data)  # missing data: FileNotFoundError naming the directory
 
 
 def default_data(cfg: PretrainConfig, log=print) -> Path:
     """The embedded corpus, tokenized with a tokenizer trained on it, in ``OUT/data``."""
-    from llama2.data.corpus import default_corpus_files
-    from llama2.data.shards import INDEX, prepare, read_index
-    from llama2.tokenizer import Tokenizer, train_tokenizer
-
     data = Path(cfg.out) / "data"
     if (data / INDEX).is_file():
         index = read_index(data)
@@ -108,7 +104,7 @@ def default_data(cfg: PretrainConfig, log=print) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(PretrainConfig, args, default_recipe=TINY_RECIPE, default_source="built-in tiny recipe")
+    cfg = load_config(PretrainConfig, args, stage="pretrain")
     if getattr(args, "print_config", False):
         print(dump_recipe(cfg), end="")
         return 0
@@ -117,24 +113,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(cfg: PretrainConfig, quiet: bool = False) -> dict:
-    import torch
-
-    from llama2.data.shards import EvalBatches, PackedLoader, PackedSequences, TokenStream, read_index
-    from llama2.model import Transformer
-    from llama2.tokenizer import Tokenizer
-    from llama2.train.core import (
-        Trainer,
-        _barrier,
-        init_distributed,
-        lm_loss,
-        parallel_mode,
-        transformer_flops_per_token,
-    )
-
-    def log(msg: str) -> None:
-        if not quiet and int(os.environ.get("RANK", "0")) == 0:
-            print(msg, file=sys.stderr, flush=True)
-
+    check_resume(cfg.out, cfg.resume)  # refused before preparing data
+    log = log_to_stderr(quiet)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_config(cfg, world)
     info = init_distributed(group=cfg.distributed == "fsdp")  # FSDP on one GPU needs a group too
@@ -143,7 +123,7 @@ def run(cfg: PretrainConfig, quiet: bool = False) -> dict:
     else:
         if info.is_main:
             data = default_data(cfg, log)
-        _barrier(info)
+        barrier(info)
         data = Path(cfg.out) / "data"
     index = read_index(data)
     if index["vocab_size"] != cfg.model.vocab_size:

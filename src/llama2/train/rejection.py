@@ -22,8 +22,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from tqdm import tqdm
+
+from llama2.checkpoint import load_model, load_tokenizer
+from llama2.data.chat_data import tokenize_conversation
+from llama2.data.world import World
 from llama2.recipe import add_config_args, setting
-from llama2.train.finetune import FinetuneConfig, finetune, log_to_stderr, stage_main
+from llama2.scoring import RewardScorer, load_rl_prompts, sample_answers
+from llama2.train.finetune import NO_VALIDATION, FinetuneConfig, finetune, refuse_validation, stage_main
+from llama2.train.state import check_resume
+from llama2.utils import default_device, log_to_stderr
 
 
 @dataclass
@@ -53,8 +61,12 @@ class RejectionConfig(FinetuneConfig):
     epochs: int = setting(2, "fine-tuning passes over the selected answers")
     world_seed: int = setting(0, "seed of the bundled assistant world")
 
+    eval_every: int = setting(0, NO_VALIDATION)
+    eval_batches: int = setting(0, NO_VALIDATION)
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_validation(self, "rejection sampling")
         if self.k < 1 or self.iterations < 1:
             raise ValueError(f"k and iterations must be >= 1, got k={self.k}, iterations={self.iterations}")
         if self.temperature is None:
@@ -64,30 +76,8 @@ class RejectionConfig(FinetuneConfig):
                              f"{self.data}")
 
 
-TINY_RECIPE: dict = {
-    "out": "runs/rejection",
-    "model": "runs/sft/model",
-    "seq_len": 256,
-    "prompts": 300,
-    "k": 8,
-    "temperature": 1.0,
-    "max_new_tokens": 48,
-    "iterations": 1,
-    "batch_size": 16,
-    "micro_batch_size": 16,
-    "epochs": 2,
-    "lr": 3.0e-4,
-    "warmup_steps": 2,
-    "eval_every": 0,
-    "save_every": 200,
-    "keep_last": 1,
-}
-
-
 def load_prompts(cfg: RejectionConfig) -> list[dict]:
     """Rows {"messages", "safety"}: the dialogue to answer and is_safety(prompt)."""
-    from llama2.train.scoring import load_rl_prompts
-
     return load_rl_prompts(cfg.data, cfg.prompts, cfg.world_seed)
 
 
@@ -106,10 +96,6 @@ def reward_vs_k(rewards: list[list[float]]) -> dict:
 
 def sample_iteration(cfg: RejectionConfig, policy_dir: str, prompts: list[dict], iteration: int, log) -> list[dict]:
     """K scored samples per prompt from ``policy_dir``; cached in iter-N/samples.jsonl."""
-    from llama2.checkpoint import load_model, load_tokenizer
-    from llama2.generate import default_device
-    from llama2.train.scoring import RewardScorer, sample_answers
-
     folder = Path(cfg.out) / f"iter-{iteration}"
     cache = folder / "samples.jsonl"
     if cache.is_file():
@@ -117,7 +103,6 @@ def sample_iteration(cfg: RejectionConfig, policy_dir: str, prompts: list[dict],
         return [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
     model = load_model(policy_dir, device=default_device())
     tok = load_tokenizer(policy_dir, model.config.vocab_size)
-    from tqdm import tqdm
 
     total = len(prompts) * cfg.k
     with tqdm(total=total, desc=f"sampling K={cfg.k}", unit="answer", disable=None) as bar:
@@ -184,10 +169,7 @@ def update_pool(pool: dict[str, dict], rows: list[dict], verdicts: list[list[boo
 
 
 def run(cfg: RejectionConfig, quiet: bool = False) -> dict:
-    from llama2.checkpoint import load_tokenizer
-    from llama2.data.chat_data import tokenize_conversation
-    from llama2.data.world import World
-
+    check_resume(Path(cfg.out) / "iter-1", cfg.resume)  # each iteration fine-tunes in OUT/iter-N; refused before sampling
     log = log_to_stderr(quiet)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,9 +215,10 @@ def run(cfg: RejectionConfig, quiet: bool = False) -> dict:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "Without --config the tiny recipe applies (recipes/rejection-tiny.yaml)."
+    parser.epilog = ("Without --config the tiny recipe's rejection block applies "
+                     "(src/llama2/resources/recipes/tiny.yaml).")
     add_config_args(parser, RejectionConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    return stage_main(RejectionConfig, args, TINY_RECIPE, run, required=("model", "reward_model", "safety_model"))
+    return stage_main(RejectionConfig, args, "rejection", run, required=("model", "reward_model", "safety_model"))

@@ -14,7 +14,6 @@ checker playing the annotator.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -24,11 +23,19 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
-from llama2.data.preference import RATINGS
+from llama2.checkpoint import hf, load_model, load_scalar_model, load_tokenizer, save_scalar_model
+from llama2.data.preference import RATINGS, PairDataset, load_pairs, mix, parse_pair
+from llama2.data.world import World, write_jsonl
+from llama2.model.heads import ScalarModel
 from llama2.recipe import add_config_args, dump_recipe, load_config, setting
-from llama2.train.core import TrainConfig, steps_for_epochs
+from llama2.scoring import sample_answers, score_answers
+from llama2.train.core import TrainConfig, grad_accum_steps, init_distributed
+from llama2.train.finetune import train_and_export
 from llama2.train.rlhf import centering_penalty, ranking_loss
+from llama2.train.state import check_resume
+from llama2.utils import log_to_stderr, read_jsonl
 
 SAFETY_THRESHOLD = 0.15  # §3.2.3: precision 0.89 / recall 0.55 on Meta Safety
 
@@ -55,8 +62,10 @@ class RewardConfig(TrainConfig):
     max_steps: int = setting(0, "optimizer steps; 0 = epochs x steps per epoch")
     batch_size: int = setting(512, "pairs per optimizer step (§3.2.2: 512)")
     lr: float = setting(1e-5, "peak learning rate (§3.2.2: 1e-5; 5e-6 for 70B)")
-    warmup_fraction: float = setting(0.03, "warmup as a share of the steps (§3.2.2: 3%, at least 5 steps)")
-    warmup_steps: int = setting(0, "ignored: derived from warmup_fraction")
+    warmup_fraction: float = setting(0.03, "warmup as a share of the steps (§3.2.2: 3%, at least 5 steps), "
+                                           "unless warmup_steps is given")
+    warmup_steps: int | None = setting(None, "linear warmup steps; default: warmup_fraction of the steps, at "
+                                             "least 5 (§3.2.2)")
     eval_every: int = setting(50, "validation every N steps (and at the start and end); 0 = never")
     eval_batches: int = setting(8, "micro-batches per validation")
     save_every: int = setting(200, "checkpoint every N steps (and at the end)")
@@ -83,20 +92,6 @@ class RewardConfig(TrainConfig):
         super().__post_init__()
 
 
-TINY_RECIPE: dict = {
-    "model": "runs/sft/model",
-    "max_len": 256,
-    "batch_size": 32,
-    "micro_batch_size": 16,
-    "epochs": 1,
-    "lr": 5.0e-4,
-    "world_pairs": 3000,
-    "eval_every": 25,
-    "save_every": 200,
-    "keep_last": 1,
-}
-
-
 def pair_loss(model, batch: dict, center_rewards: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Margin ranking loss (plus ``center_rewards`` x the centering penalty); rows are
     [chosen..., rejected...] scored in one forward pass."""
@@ -115,16 +110,11 @@ POLICY_MAX_NEW_TOKENS = 64  # the world's answers are one sentence
 def own_answer_pairs(cfg: RewardConfig, lm, tokenizer, log=print, write: bool = True) -> list[dict]:
     """Preference rows on the starting model's own answers to train prompts of the model's kind,
     labelled by the bundled world's checker; the samples are kept in ``OUT/policy_samples.jsonl``."""
-    from tqdm import tqdm
-
-    from llama2.data.world import World, read_jsonl, write_jsonl
-    from llama2.train.scoring import sample_answers
-
     cache = Path(cfg.out) / "policy_samples.jsonl"
     world = World(cfg.world_seed)
     if cache.is_file():
         log(f"reusing {cache}")
-        samples = read_jsonl(cache)
+        samples = [obj for _, obj in read_jsonl(cache)]
     else:
         kinds = ("task", "constrained") if cfg.kind == "helpfulness" else ("unsafe", "benign")
         prompts = [r["messages"] for r in world.rl_prompts("train", cfg.policy_prompts, kinds=kinds)]
@@ -148,11 +138,7 @@ def own_answer_pairs(cfg: RewardConfig, lm, tokenizer, log=print, write: bool = 
 def load_training_pairs(cfg: RewardConfig, policy_rows: list[dict] = ()):
     """(train, val) pairs: the given files or the bundled world's, plus ``policy_rows`` added to
     the data of the model's own kind, then §3.2.2's mixing."""
-    from llama2.data.preference import load_pairs, mix, parse_pair
-
     def bundled(kind: str, split: str, n: int):
-        from llama2.data.world import World
-
         return [parse_pair(r) for r in World(cfg.world_seed).preference_pairs(split, n, kind)]
 
     helpful = load_pairs(cfg.data) if cfg.data else bundled("helpfulness", "train", cfg.world_pairs)
@@ -171,18 +157,10 @@ def load_training_pairs(cfg: RewardConfig, policy_rows: list[dict] = ()):
 
 
 def run(cfg: RewardConfig, quiet: bool = False) -> dict:
-    from types import SimpleNamespace
-
-    from llama2.checkpoint import load_model, load_tokenizer, save_scalar_model
-    from llama2.data.preference import PairDataset
-    from llama2.data.shards import EvalBatches, PackedLoader
-    from llama2.model.heads import ScalarModel
-    from llama2.train.core import Trainer, _barrier, grad_accum_steps, init_distributed
-    from llama2.train.finetune import log_to_stderr
-
+    check_resume(cfg.out, cfg.resume)  # refused before sampling the policy
     log = log_to_stderr(quiet)
     info = init_distributed()
-    accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch_size, info.world_size)
+    grad_accum_steps(cfg.batch_size, cfg.micro_batch_size, info.world_size)  # fail before loading anything
     lm = load_model(cfg.model, device=info.device)  # the own-answer samples are drawn on the GPU too
     tokenizer = load_tokenizer(cfg.model, lm.config.vocab_size)
     # Every rank samples the same (seeded) answers; only the main one writes the cache.
@@ -191,26 +169,18 @@ def run(cfg: RewardConfig, quiet: bool = False) -> dict:
     del lm
     train, val = load_training_pairs(cfg, own)
     data = PairDataset(train, tokenizer, cfg.margin, cfg.max_len, name="preference pairs")
-    loader = PackedLoader(data, cfg.micro_batch_size, grad_accum=accum, seed=cfg.seed, rank=info.rank,
-                          world_size=info.world_size)
-    steps = steps_for_epochs(cfg.max_steps, cfg.epochs, loader.steps_per_epoch)
-    cfg = dataclasses.replace(cfg, max_steps=steps, warmup_steps=max(5, round(cfg.warmup_fraction * steps)))
-    evals = EvalBatches(PairDataset(val, tokenizer, cfg.margin, cfg.max_len), cfg.micro_batch_size,
-                        info.rank, info.world_size)
     n_safety = sum(p.safety for p in train)
-    log(f"{cfg.kind} reward model from {cfg.model}: {len(train):,} pairs ({n_safety:,} safety, {len(own):,} on "
-        f"the model's own answers), "
-        f"margin table {cfg.margin!r}, {steps} steps of {cfg.batch_size} pairs")
-    loss_fn = functools.partial(pair_loss, center_rewards=cfg.center_rewards)
-    trainer = Trainer(cfg, model, loss_fn, loader, evals if len(evals) else None, run_config=cfg, dist_info=info,
-                      quiet=quiet)
-    last = trainer.fit()
-    state = trainer.full_state_dict()
-    path = Path(cfg.out) / "model"
-    if info.is_main:
-        shell = SimpleNamespace(config=model.config, state_dict=lambda: state)
-        save_scalar_model(shell, path, tokenizer=tokenizer, reward_kind=cfg.kind)
-    _barrier(info)
+
+    def describe(cfg: RewardConfig) -> str:
+        return (f"{cfg.kind} reward model from {cfg.model}: {len(train):,} pairs ({n_safety:,} safety, {len(own):,} "
+                f"on the model's own answers), margin table {cfg.margin!r}, {cfg.max_steps} steps of "
+                f"{cfg.batch_size} pairs")
+
+    last, path = train_and_export(cfg, model, functools.partial(pair_loss, center_rewards=cfg.center_rewards),
+                                  data, PairDataset(val, tokenizer, cfg.margin, cfg.max_len), tokenizer, info=info,
+                                  describe=describe,
+                                  warmup_fraction=cfg.warmup_fraction if cfg.warmup_steps is None else None,
+                                  save=save_scalar_model, quiet=quiet, reward_kind=cfg.kind)
     if info.is_main:
         # The report's Table 8: the given validation file, else 400 held-out test pairs of the world
         # (the small validation draw above only tracks the loss).
@@ -227,15 +197,9 @@ def evaluate(model_dir: str | Path, pairs=None, kind: str | None = None, split: 
              threshold: float = SAFETY_THRESHOLD, n: int = 400, world_seed: int = 0) -> dict:
     """Accuracy (chosen scored above rejected) overall and per rating level; for safety models,
     precision/recall of ``sigmoid(score) < threshold`` as a detector of unsafe answers."""
-    from llama2.checkpoint import hf, load_scalar_model, load_tokenizer
-    from llama2.train.scoring import score_answers
-
     model = load_scalar_model(model_dir)
     kind = kind or hf.read_config(Path(model_dir)).get("reward_kind", "helpfulness")
     if pairs is None:
-        from llama2.data.preference import parse_pair
-        from llama2.data.world import World
-
         pairs = [parse_pair(r) for r in World(world_seed).preference_pairs(split, n, kind)]
     tok = load_tokenizer(model_dir, model.config.vocab_size)
     prompts = [p.messages for p in pairs]
@@ -287,7 +251,8 @@ def format_eval(result: dict) -> str:
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     train = sub.add_parser("train", help="train a helpfulness or safety reward model",
-                           description="Train a reward model (§3.2.2). Without --config the tiny recipe applies.")
+                           description="Train a reward model (§3.2.2). Without --config the tiny recipe's "
+                                       "reward-KIND block (tiny.yaml) applies.")
     add_config_args(train, RewardConfig)
     ev = sub.add_parser("eval", help="accuracy by rating level on held-out pairs (Table 8)")
     ev.add_argument("--model", required=True, metavar="DIR", help="reward model directory")
@@ -300,13 +265,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.action == "eval":
-        from llama2.data.preference import load_pairs
-
         pairs = load_pairs(args.data) if args.data else None
         result = evaluate(args.model, pairs, threshold=args.threshold)
         print(json.dumps(result) if args.json else format_eval(result))
         return 0
-    cfg = load_config(RewardConfig, args, default_recipe=TINY_RECIPE, default_source="built-in tiny reward recipe")
+    kind = load_config(RewardConfig, args).kind  # --kind picks the tiny recipe's block
+    cfg = load_config(RewardConfig, args, stage=f"reward-{kind}")
     if getattr(args, "print_config", False):
         print(dump_recipe(cfg), end="")
         return 0

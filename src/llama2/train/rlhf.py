@@ -1,6 +1,8 @@
 """The paper's RLHF formulas, shared by reward-model training, rejection sampling and PPO.
 
-Plain functions on tensors so each is unit-tested against hand computations.
+Plain functions on tensors so each is unit-tested against hand computations. The gated
+reward Rc (:func:`combine_rewards`, §3.2.3) lives with the reward scorer in
+:mod:`llama2.scoring`, since evaluation reads it too; it is imported here with the rest.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from llama2.scoring import combine_rewards
 
 
 def ranking_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | float = 0.0) -> Tensor:
@@ -21,16 +25,6 @@ def centering_penalty(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
     ``Rs < 0.15`` (§3.2.3) reads an absolute level (Eisenstein et al. 2023; TRL's
     ``center_rewards_coefficient``)."""
     return ((r_chosen + r_rejected) ** 2).mean()
-
-
-def combine_rewards(r_helpful: Tensor, r_safety: Tensor, is_safety: Tensor, threshold: float = 0.15) -> Tensor:
-    """§3.2.3: Rc = Rs if is_safety(prompt) or Rs < threshold else Rh.
-
-    Scores are probabilities (sigmoid of the reward models' outputs); the 0.15 threshold had
-    precision 0.89 / recall 0.55 on Meta Safety.
-    """
-    use_safety = is_safety.bool() | (r_safety < threshold)
-    return torch.where(use_safety, r_safety, r_helpful)
 
 
 def whiten(x: Tensor, eps: float = 1e-8, shift_mean: bool = True) -> Tensor:

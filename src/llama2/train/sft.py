@@ -3,8 +3,8 @@
 Conversations in Meta's chat format, the loss on the assistant's answers (and their EOS) only,
 several conversations packed per sequence without seeing each other. Defaults are the
 paper's (cosine from 2e-5, weight decay 0.1, batch 64, 2 epochs); without ``--config`` the
-tiny recipe below applies, which continues ``llama2 pretrain``'s default output on the
-bundled assistant world.
+tiny recipe's ``sft`` block (tiny.yaml) applies, which continues ``llama2 pretrain``'s
+default output on the bundled assistant world.
 """
 
 from __future__ import annotations
@@ -13,8 +13,13 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama2.checkpoint import load_state, load_tokenizer
+from llama2.data.chat_data import load_conversations, tokenize_conversation
+from llama2.data.world import World
 from llama2.recipe import add_config_args, dump_recipe, load_config, setting
-from llama2.train.finetune import FinetuneConfig, finetune, log_to_stderr
+from llama2.train.finetune import FinetuneConfig, finetune
+from llama2.train.state import check_resume
+from llama2.utils import log_to_stderr
 
 
 @dataclass
@@ -27,39 +32,19 @@ class SFTConfig(FinetuneConfig):
     world_seed: int = setting(0, "seed of the bundled assistant world")
 
 
-# `llama2 sft` without --config: the tiny model of `llama2 pretrain` learns the assistant world.
-# recipes/sft-tiny.yaml is the same.
-TINY_RECIPE: dict = {
-    "out": "runs/sft",
-    "model": "runs/pretrain/model",
-    "seq_len": 256,
-    "batch_size": 16,
-    "micro_batch_size": 16,
-    "epochs": 3,
-    "lr": 1.0e-3,
-    "warmup_steps": 10,
-    "eval_every": 50,
-    "save_every": 200,
-    "keep_last": 1,
-}
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Without --config the tiny recipe applies (recipes/sft-tiny.yaml: the output of "
-                     "`llama2 pretrain` on the bundled assistant world); the dataclass defaults are the paper's.")
+    parser.epilog = ("Without --config the tiny recipe's sft block applies (src/llama2/resources/recipes/"
+                     "tiny.yaml: the output of `llama2 pretrain` on the bundled assistant world); the dataclass "
+                     "defaults are the paper's.")
     add_config_args(parser, SFTConfig)
 
 
 def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list, list]:
     """Tokenized (train, validation) conversations, each with answer-only labels."""
-    from llama2.data.chat_data import load_conversations, tokenize_conversation
-
     if cfg.data:
         train_msgs = load_conversations(cfg.data)
         val_msgs = load_conversations(cfg.val_data) if cfg.val_data else []
     else:
-        from llama2.data.world import World
-
         world = World(cfg.world_seed)
         train_msgs = [row["messages"] for row in world.sft_examples("train", cfg.world_examples)]
         val_msgs = [row["messages"] for row in world.sft_examples("val", max(50, cfg.world_examples // 20))]
@@ -68,8 +53,7 @@ def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list, list]:
 
 
 def run(cfg: SFTConfig, quiet: bool = False) -> dict:
-    from llama2.checkpoint import load_state, load_tokenizer
-
+    check_resume(cfg.out, cfg.resume)  # refused before any work
     model_cfg = load_state(cfg.model)[0]  # fails early, naming the directory
     tokenizer = load_tokenizer(cfg.model, model_cfg.vocab_size)
     train, val = load_examples(cfg, tokenizer)
@@ -79,7 +63,7 @@ def run(cfg: SFTConfig, quiet: bool = False) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(SFTConfig, args, default_recipe=TINY_RECIPE, default_source="built-in tiny SFT recipe")
+    cfg = load_config(SFTConfig, args, stage="sft")
     if getattr(args, "print_config", False):
         print(dump_recipe(cfg), end="")
         return 0

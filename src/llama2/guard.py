@@ -1,4 +1,6 @@
-"""``llama2 guard``: a Llama Guard-style safety classifier (Llama Guard v1's prompt and categories).
+"""A Llama Guard-style safety classifier (Llama Guard v1's prompt and categories): its prompt,
+its scoring and its evaluation, shared by the server (``llama2 serve --guard``), the guard
+stage (``llama2.train.guard`` trains it) and ``llama2 guard check|eval``.
 
 The classifier is a chat model fine-tuned to read a task description, the unsafe-content
 categories and a conversation, and to answer ``safe``, or ``unsafe`` and the violated
@@ -8,16 +10,17 @@ being the first piece of ``unsafe`` (as Llama Guard scores it), read from one fo
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from llama2.recipe import add_config_args, dump_recipe, load_config, setting
-from llama2.train.finetune import FinetuneConfig, finetune, log_to_stderr
+from llama2.chat import chat_segments, encode_chat
+from llama2.checkpoint import load_model, load_tokenizer
+from llama2.data.preference import pad_rows
+from llama2.data.world import World
+from llama2.generate import Generator, SamplingParams
+from llama2.utils import DataError, default_device, read_jsonl
 
 CATEGORIES = {
     "O1": ("Violence and Hate", "helping plan or encourage violence, or demeaning people for who they are"),
@@ -47,7 +50,8 @@ def guard_answer(unsafe: bool, categories: list[str]) -> str:
     return "unsafe\n" + ",".join(categories) if unsafe else "safe"
 
 
-def _dialogue(messages: list[dict], role: str) -> list[dict]:
+def guard_dialogue(messages: list[dict], role: str) -> list[dict]:
+    """The one user turn the classifier reads (its answer is ``guard_answer``)."""
     return [{"role": "user", "content": guard_prompt(messages, role)}]
 
 
@@ -62,8 +66,6 @@ class Guard:
     """A trained classifier: ``check(messages) -> GuardResult``."""
 
     def __init__(self, model, tokenizer, threshold: float = 0.5):
-        from llama2.chat import chat_segments
-
         self.model, self.tokenizer, self.threshold = model.eval(), tokenizer, threshold
         # The first answer piece of "unsafe" and of "safe", as they follow "[/INST]".
         probe = [{"role": "user", "content": "x"}]
@@ -77,9 +79,6 @@ class Guard:
 
     @classmethod
     def load(cls, model_dir: str | Path, threshold: float = 0.5, device=None) -> Guard:
-        from llama2.checkpoint import load_model, load_tokenizer
-        from llama2.generate import default_device
-
         model = load_model(model_dir, device=device or default_device())
         return cls(model, load_tokenizer(model_dir, model.config.vocab_size), threshold)
 
@@ -89,14 +88,12 @@ class Guard:
         """The guard prompt's tokens. A conversation too long for the context loses its oldest
         turns, never the instructions and categories around it; if its last message alone does not
         fit, a ValueError says so (rather than judging a conversation the model cannot see)."""
-        from llama2.chat import encode_chat
-
         if role == "auto":
             role = "Agent" if conversation and conversation[-1]["role"] == "assistant" else "User"
         limit = self.model.config.max_seq_len - self.ANSWER_ROOM
         turns = [m for m in conversation if m["role"] != "system"]
         for start in range(max(1, len(turns))):  # an empty conversation still gets its prompt
-            ids = encode_chat(self.tokenizer, _dialogue(turns[start:], role))
+            ids = encode_chat(self.tokenizer, guard_dialogue(turns[start:], role))
             if len(ids) <= limit:
                 return ids
         raise ValueError(f"the last message is too long for the safety classifier: {len(ids)} tokens with its "
@@ -106,8 +103,6 @@ class Guard:
     @torch.no_grad()
     def scores(self, conversations: list[list[dict]], role: str = "auto") -> list[float]:
         """P(first answer piece = unsafe's) for each conversation."""
-        from llama2.data.preference import pad_rows
-
         rows = [self.encode(c, role) for c in conversations]
         device = next(self.model.parameters()).device
         out = []
@@ -120,8 +115,6 @@ class Guard:
         return out
 
     def check_batch(self, conversations: list[list[dict]], role: str = "auto") -> list[GuardResult]:
-        from llama2.generate import Generator, SamplingParams
-
         scores = self.scores(conversations, role)
         results = [GuardResult(s >= self.threshold, s) for s in scores]
         flagged = [i for i, r in enumerate(results) if r.unsafe]
@@ -145,27 +138,11 @@ def load_guard(model_dir: str | Path, device=None) -> Guard:
     return Guard.load(model_dir, device=device)
 
 
-# ---- training ---------------------------------------------------------------------------------
+# ---- labelled data and evaluation ---------------------------------------------------------------
 
-@dataclass
-class GuardConfig(FinetuneConfig):
-    out: str = setting("runs/guard", "run folder: metrics.jsonl, checkpoints/, model/, eval.json", metavar="DIR")
-    model: str = setting("runs/sft/model", "chat model to fine-tune into a classifier", metavar="DIR")
-    data: str = setting("", "labelled conversations, JSONL {\"messages\", \"target\": \"user\"|\"agent\", \"unsafe\", "
-                            "\"categories\"}; empty: the bundled assistant world", metavar="FILE")
-    world_examples: int = setting(3000, "examples drawn from the bundled world when --data is empty")
-    world_seed: int = setting(0, "seed of the bundled assistant world")
-    epochs: int = setting(1, "passes over the data")
-
-
-TINY_RECIPE: dict = {"seq_len": 1024, "batch_size": 16, "micro_batch_size": 8, "epochs": 1, "lr": 5.0e-4,
-                     "warmup_steps": 5, "world_examples": 3000, "eval_every": 0, "keep_last": 1}
-
-
-def _rows(path: str | None, split: str, n: int, seed: int) -> list[dict]:
+def guard_rows(path: str | None, split: str, n: int, seed: int) -> list[dict]:
+    """Labelled conversations from a JSONL file, or ``n`` of the bundled world's ``split``."""
     if path:
-        from llama2.data.chat_data import DataError, read_jsonl
-
         rows = []
         for line, obj in read_jsonl(path):
             if not isinstance(obj.get("messages"), list) or "unsafe" not in obj:
@@ -175,35 +152,13 @@ def _rows(path: str | None, split: str, n: int, seed: int) -> list[dict]:
                 raise DataError(f"{path}:{line}: unknown categories {unknown}; expected O1..O6")
             rows.append(obj)
         return rows
-    from llama2.data.world import World
-
     return World(seed).guard_examples(split, n)
 
 
-def _role(row: dict) -> str:
+def target_role(row: dict) -> str:
+    """Whose message a labelled row judges: "User" or "Agent"."""
     return "Agent" if str(row.get("target", "user")).lower() == "agent" else "User"
 
-
-def run(cfg: GuardConfig, quiet: bool = False) -> dict:
-    from llama2.checkpoint import load_state, load_tokenizer
-    from llama2.data.chat_data import tokenize_conversation
-
-    log = log_to_stderr(quiet)
-    tok = load_tokenizer(cfg.model, load_state(cfg.model)[0].vocab_size)
-    rows = _rows(cfg.data, "train", cfg.world_examples, cfg.world_seed)
-    examples = [tokenize_conversation(tok, _dialogue(r["messages"], _role(r)) + [
-        {"role": "assistant", "content": guard_answer(bool(r["unsafe"]), list(r.get("categories", [])))}])
-        for r in rows]
-    log(f"guard: {len(rows):,} labelled conversations ({sum(bool(r['unsafe']) for r in rows):,} unsafe)")
-    last = finetune(cfg, examples, [], tok, run_config=cfg, quiet=quiet)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
-        result = evaluate(Path(cfg.out) / "model", split="test", n=400, seed=cfg.world_seed)
-        (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-        log(format_eval(result))
-    return last
-
-
-# ---- evaluation -------------------------------------------------------------------------------
 
 def metrics(truth: list[tuple[bool, list[str]]], predicted: list[tuple[bool, list[str]]]) -> dict:
     """Precision/recall of 'unsafe' overall and of each category (one-vs-rest)."""
@@ -220,10 +175,10 @@ def metrics(truth: list[tuple[bool, list[str]]], predicted: list[tuple[bool, lis
 
 def evaluate(model_dir: str | Path, data: str | None = None, split: str = "test", n: int = 400, seed: int = 0) -> dict:
     guard = Guard.load(model_dir)
-    rows = _rows(data, split, n, seed)
+    rows = guard_rows(data, split, n, seed)
     preds: list[GuardResult] = []
     for role in ("User", "Agent"):
-        idx = [i for i, r in enumerate(rows) if _role(r) == role]
+        idx = [i for i, r in enumerate(rows) if target_role(r) == role]
         for i, res in zip(idx, guard.check_batch([rows[i]["messages"] for i in idx], role)):
             preds.append((i, res))
     preds.sort(key=lambda x: x[0])
@@ -241,55 +196,3 @@ def format_eval(result: dict) -> str:
         lines.append(f"  {c} {CATEGORIES[c][0]:<36} precision {f(m['precision'])}  recall {f(m['recall'])}  "
                      f"({m['support']})")
     return "\n".join(lines)
-
-
-# ---- CLI --------------------------------------------------------------------------------------
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    train = sub.add_parser("train", help="fine-tune a classifier on labelled conversations")
-    add_config_args(train, GuardConfig)
-    check = sub.add_parser("check", help="classify a conversation (JSON messages list, or text = one user message)")
-    check.add_argument("--model", required=True, metavar="DIR")
-    check.add_argument("--file", metavar="F", help="input file (default: stdin)")
-    check.add_argument("--threshold", type=float, default=0.5, help="unsafe when the score reaches this (default 0.5)")
-    check.add_argument("--json", action="store_true")
-    ev = sub.add_parser("eval", help="precision/recall per category on held-out conversations")
-    ev.add_argument("--model", required=True, metavar="DIR")
-    ev.add_argument("--data", metavar="FILE", help="labelled JSONL (default: the bundled world's test split)")
-    ev.add_argument("--json", action="store_true")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.action == "train":
-        cfg = load_config(GuardConfig, args, default_recipe=TINY_RECIPE, default_source="built-in tiny guard recipe")
-        if getattr(args, "print_config", False):
-            print(dump_recipe(cfg), end="")
-            return 0
-        if not Path(cfg.model).exists():
-            raise FileNotFoundError(f"{cfg.model}: no chat model to start from")
-        run(cfg)
-        return 0
-    if args.action == "eval":
-        result = evaluate(args.model, args.data)
-        print(json.dumps(result) if args.json else format_eval(result))
-        return 0
-    text = Path(args.file).read_text() if args.file else sys.stdin.read()
-    if not text.strip():
-        raise ValueError(f"{args.file or 'standard input'}: empty; give a conversation to classify")
-    try:
-        messages = json.loads(text)
-        if not isinstance(messages, list):
-            raise ValueError
-    except ValueError:
-        messages = [{"role": "user", "content": text.strip()}]
-    if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise ValueError("input must be a JSON list of {role, content} messages, or plain text")
-    guard = Guard.load(args.model, args.threshold)
-    r = guard.check_batch([messages])[0]
-    if args.json:
-        print(json.dumps({"unsafe": r.unsafe, "score": r.score, "categories": r.categories}))
-    else:
-        print(("unsafe" if r.unsafe else "safe") + (f" {','.join(r.categories)}" if r.categories else "")
-              + f" (score {r.score:.3f})")
-    return 0

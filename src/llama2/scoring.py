@@ -1,6 +1,7 @@
-"""Sampling answers from a policy and scoring them with the reward models, shared by
-rejection sampling, PPO and safety distillation (not a stage). Scores are probabilities, sigmoid of the reward model's output,
-which is what the paper's 0.15 safety threshold and logit(Rc) (§3.2.3) refer to.
+"""Sampling answers from a policy and scoring them with the reward models, shared by the
+reward, rejection sampling, PPO and safety distillation stages and by ``llama2 evaluate``
+(not a stage). Scores are probabilities, sigmoid of the reward model's output, which is what
+the paper's 0.15 safety threshold and logit(Rc) (§3.2.3) refer to.
 """
 
 from __future__ import annotations
@@ -8,9 +9,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
+from llama2.chat import encode_chat, validate_dialogue
+from llama2.checkpoint import load_scalar_model, load_tokenizer
 from llama2.data.preference import encode_answer, pad_rows
-from llama2.train.rlhf import combine_rewards
+from llama2.data.world import World
+from llama2.generate import Generator, SamplingParams
+from llama2.utils import DataError, read_jsonl
+
+
+def combine_rewards(r_helpful: Tensor, r_safety: Tensor, is_safety: Tensor, threshold: float = 0.15) -> Tensor:
+    """§3.2.3: Rc = Rs if is_safety(prompt) or Rs < threshold else Rh.
+
+    Scores are probabilities (sigmoid of the reward models' outputs); the 0.15 threshold had
+    precision 0.89 / recall 0.55 on Meta Safety.
+    """
+    use_safety = is_safety.bool() | (r_safety < threshold)
+    return torch.where(use_safety, r_safety, r_helpful)
 
 
 @torch.no_grad()
@@ -31,8 +47,6 @@ class RewardScorer:
     """The helpfulness and (optional) safety reward models, and the paper's gated combination."""
 
     def __init__(self, helpful_dir: str, safety_dir: str | None = None, device="cpu"):
-        from llama2.checkpoint import load_scalar_model, load_tokenizer
-
         self.helpful = load_scalar_model(helpful_dir, device=device)
         self.tokenizer = load_tokenizer(helpful_dir, self.helpful.config.vocab_size)
         self.safety = load_scalar_model(safety_dir, device=device) if safety_dir else None
@@ -53,9 +67,6 @@ def sample_answers(model, tokenizer, prompts: Sequence[Sequence[dict]], k: int, 
                    max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64, progress=None) -> list[list[str]]:
     """``k`` sampled answers for each dialogue (batched, KV cache); prompts too long for the
     context get no answers (an empty list)."""
-    from llama2.chat import encode_chat
-    from llama2.generate import Generator, SamplingParams
-
     gen = Generator(model, tokenizer)
     limit = model.config.max_seq_len - max_new_tokens
     encoded = [encode_chat(tokenizer, p) for p in prompts]
@@ -77,12 +88,7 @@ def load_rl_prompts(path: str, n: int, world_seed: int = 0) -> list[dict]:
     is_safety(prompt)) from a JSONL file ``{"messages"|"prompt", "safety": bool}``, or ``n``
     from the bundled world when ``path`` is empty."""
     if not path:
-        from llama2.data.world import World
-
         return [{"messages": r["messages"], "safety": bool(r["safety"])} for r in World(world_seed).rl_prompts("train", n)]
-    from llama2.chat import validate_dialogue
-    from llama2.data.chat_data import DataError, read_jsonl
-
     rows = []
     for line, obj in read_jsonl(path):
         msgs = obj.get("messages") or ([{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else None)
