@@ -19,6 +19,20 @@ def llama_tokenizer():
     return Tokenizer(FIXTURE_TOKENIZER)
 
 
+def run_cli(capsys, *argv, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    """``llama2 ARGV...`` in-process: (exit code, stdout, stderr); ``stdin`` feeds standard input."""
+    import io
+    import sys
+
+    from llama2.cli import main as cli
+
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    rc = cli([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def tiny_config(**overrides) -> ModelConfig:
     base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, max_seq_len=128)
     return ModelConfig(**{**base, **overrides})
@@ -43,6 +57,26 @@ def pretrain_data(tmp_path_factory):
     train_tokenizer([text], root / "tok", vocab_size=384, verbose=False)
     prepare([text], root / "tok" / "tokenizer.model", root / "data", val_fraction=0.1, workers=1, log=lambda m: None)
     return root / "data"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models gain nothing from threads, and a busy machine makes them much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory, llama_tokenizer):
+    """A tiny random chat model directory with the Llama 2 vocabulary, per test module."""
+    from llama2 import save_model
+
+    d = tmp_path_factory.mktemp("chat")
+    return save_model(Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=256), seed=0), d / "model",
+                      tokenizer=llama_tokenizer)
 
 
 @pytest.fixture(scope="module")

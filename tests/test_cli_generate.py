@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -16,21 +15,15 @@ import torch
 from llama2 import Generator, ModelConfig, SamplingParams, Transformer, save_model
 from llama2.chat import encode_chat
 from llama2.chat_session import SPECIAL_TAGS_ERROR, ChatSession, build_messages, fit_dialogue
-from llama2.cli import main as cli
 from llama2.generate import ContextOverflow
 
 from .conftest import FIXTURE_TOKENIZER as FIXTURE
+from .conftest import run_cli as run
+
+# Tiny models gain nothing from threads, and a busy machine makes them much slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONTEXT = 96
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes them much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +40,6 @@ def model_dir(tokenizer, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-model")
     save_model(Transformer.from_config(cfg, seed=0), path, tokenizer=tokenizer)
     return path
-
-
-def run(capsys, *argv, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    rc = cli([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def run_json(capsys, model_dir, *extra) -> dict:

@@ -350,3 +350,55 @@ def test_guard_scores_on_cuda_equal_the_cpu_ones(rl_dirs):
     on_gpu, on_cpu = Guard.load(policy), Guard.load(policy, device="cpu")
     assert next(on_gpu.model.parameters()).is_cuda
     assert on_gpu.scores(conversations) == pytest.approx(on_cpu.scores(conversations), abs=1e-4)
+
+
+# -- LoRA / QLoRA on the GPU --------------------------------------------------------------------
+
+def test_qlora_moves_blocks_to_the_gpu_one_at_a_time_and_matches_the_cpu_adapter():
+    from llama2.model.lora import apply_lora, merge_lora
+
+    cpu = Transformer.from_config(tiny_config(), seed=0).eval()
+    gpu = Transformer.from_config(tiny_config(), seed=0).eval()
+    apply_lora(cpu, "all", rank=4, alpha=8, quantize_base=True, seed=3)
+    apply_lora(gpu, "all", rank=4, alpha=8, quantize_base=True, seed=3, device=CUDA)  # CPU -> GPU block by block
+    assert all(p.device.type == "cuda" for p in gpu.parameters())
+    assert type(gpu.layers[0].attention.wq.weight).__name__ == "NF4Tensor"
+    x = torch.randint(0, 512, (2, 16))
+    torch.testing.assert_close(gpu(x.to(CUDA)).cpu(), cpu(x), atol=1e-4, rtol=1e-4)
+    merge_lora(gpu)
+    torch.testing.assert_close(gpu(x.to(CUDA)).cpu(), cpu(x), atol=1e-4, rtol=1e-4)
+
+
+def test_lora_and_qlora_sft_on_cuda_bf16_learn_and_resume(tmp_path, llama_tokenizer):
+    from llama2.cli import main as cli
+
+    base = save_model(Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=256), seed=0),
+                      tmp_path / "base", tokenizer=llama_tokenizer)
+    data = tmp_path / "chat.jsonl"
+    turn = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 is 5."}]
+    data.write_text("".join(json.dumps({"messages": turn}) + "\n" for _ in range(40)))
+    for method in ("lora", "qlora"):
+        out = tmp_path / method
+        args = ["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--seq-len", "64",
+                "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2", "--warmup-steps", "0",
+                "--decay-steps", "4", "--eval-every", "0", "--save-every", "2", "--no-progress",
+                "--lora.method", method, "--lora.targets", "all"]
+        assert cli([*args, "--max-steps", "2"]) == 0
+        assert cli([*args, "--max-steps", "4"]) == 0  # resumes from step 2
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"], method
+        assert (out / "model" / "adapter_config.json").is_file()
+
+
+def test_lora_ppo_on_cuda_uses_the_policy_with_adapters_off_as_reference(rl_dirs):
+    from llama2.train.lora import LoraConfig
+    from llama2.train.ppo import PPOTrainer
+
+    root, policy, rm = rl_dirs
+    cfg = ppo_config(root, policy, rm, "cuda-lora-ppo", 2)
+    cfg.lora, cfg.quantize_rewards = LoraConfig(method="qlora", dropout=0.0), True
+    trainer = PPOTrainer(cfg, quiet=True)
+    assert trainer.reference is None and trainer.policy.layers[0].attention.wq.weight.device.type == "cuda"
+    trainer.fit()
+    rows = [json.loads(x) for x in (root / "cuda-lora-ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)

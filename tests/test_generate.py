@@ -14,17 +14,11 @@ from llama2.generate import ContextOverflow, prompt_logprobs, sample
 
 from .conftest import FIXTURE_TOKENIZER as FIXTURE
 
+# Tiny models gain nothing from threads, and a busy machine makes them much slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EOS = 2
 PROMPTS = [[1, 5, 77, 300, 12], [1, 400], [1, 9, 8, 7, 6, 5, 4, 3, 200, 100, 50]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes them much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(vocab_size: int = 512, seed: int = 0, **overrides) -> Transformer:

@@ -88,3 +88,17 @@ def test_bad_input(capsys, argv, message):
     assert cli(["info", *argv]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_a_lora_adapter_directory_is_described_as_its_base(tmp_path):
+    from llama2.model.lora import adapter_state_dict, apply_lora
+    from llama2.train.lora import LoraConfig, export_adapter
+
+    model = Transformer.from_config(tiny(), seed=0)
+    base = save_model(model, tmp_path / "base")
+    apply_lora(model, "q,v", rank=2, alpha=4)
+    adapter = export_adapter(adapter_state_dict(model), LoraConfig(method="lora", rank=2, alpha=4), base,
+                             tmp_path / "run")
+    info, plain = gather(str(adapter)), gather(str(base))
+    assert "LoRA adapter" in info["source"]
+    assert info["params"] == plain["params"]

@@ -10,7 +10,7 @@ from llama2.pipeline import STAGES, find_recipe, read_pipeline_recipe, run_pipel
 
 
 def test_built_in_recipes_are_found_and_valid():
-    for name in ("tiny", "smoke"):
+    for name in ("tiny", "tiny-lora", "smoke"):
         recipe = read_pipeline_recipe(find_recipe(name))
         assert set(recipe["stages"]) == set(STAGES)
 
@@ -129,3 +129,51 @@ def test_rerunning_skips_finished_stages(smoke_run, capsys):
     run_pipeline("smoke", smoke_run)
     err = capsys.readouterr().err
     assert err.count("skipped") == len(STAGES)
+
+
+# -- LoRA in every stage -------------------------------------------------------------------
+
+FINE_TUNING = ("sft", "reward-helpfulness", "reward-safety", "rejection", "ppo", "gatt", "guard")
+
+
+def test_tiny_lora_is_tiny_with_lora_in_every_fine_tuning_stage():
+    tiny, lora = (read_pipeline_recipe(find_recipe(n)) for n in ("tiny", "tiny-lora"))
+    for stage in STAGES:
+        a, b = dict(tiny["stages"][stage]), dict(lora["stages"][stage])
+        if stage in FINE_TUNING:
+            assert b.pop("lora")["method"] == "lora", stage
+            b.pop("lr"), a.pop("lr")
+            b.pop("value_lr", None), a.pop("value_lr", None)
+        assert a == b, stage  # everything else is the tiny recipe's
+
+
+def test_a_recipe_extends_another_key_by_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "x", "extends": "smoke", "stages": {"sft": {"lr": 0.5}}}))
+    merged = read_pipeline_recipe(recipe)
+    smoke = read_pipeline_recipe(find_recipe("smoke"))
+    assert merged["stages"]["sft"] == {**smoke["stages"]["sft"], "lr": 0.5}
+    assert merged["stages"]["ppo"] == smoke["stages"]["ppo"]
+    recipe.write_text(yaml.safe_dump({"name": "x", "extends": str(recipe), "stages": {}}))
+    with pytest.raises(ValueError, match="cannot extend itself"):
+        read_pipeline_recipe(recipe)
+
+
+@pytest.mark.slow
+def test_every_stage_with_lora_chains_adapters_and_reports_beside_the_full_run(smoke_run, tmp_path):
+    lora = {"method": "lora", "targets": "all"}
+    stages = {s: {"lora": lora} for s in FINE_TUNING}
+    stages["reward-safety"] = {"lora": {**lora, "method": "qlora"}}
+    stages["ppo"] = {"lora": {**lora, "dropout": 0.0}}
+    recipe = tmp_path / "smoke-lora.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "smoke-lora", "extends": "smoke", "stages": stages}))
+    out = run_pipeline(str(recipe), tmp_path / "lora", quiet=True, compare=smoke_run)
+    for stage in FINE_TUNING:  # each stage's model is an adapter over the previous stage's
+        assert (out / stage / "model" / "adapter_config.json").is_file(), stage
+        assert not (out / stage / "model" / "config.json").exists(), stage
+    base = json.loads((out / "ppo" / "model" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((out / "rejection" / "model").resolve())
+    md = (out / "report.md").read_text()
+    assert "## Beside the other run" in md and str(smoke_run) in md
+    assert "| sft | LoRA r=8 (q,k,v,o,gate,up,down) | full |" in md
+    assert "| reward-safety | QLoRA r=8" in md

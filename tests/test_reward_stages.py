@@ -4,19 +4,9 @@ import json
 
 import pytest
 
-from llama2 import Transformer, save_model
 from llama2.checkpoint import load_scalar_model
 from llama2.cli import main as cli
 from llama2.train.rejection import reward_vs_k, update_pool
-
-from .conftest import tiny_config
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory, llama_tokenizer):
-    d = tmp_path_factory.mktemp("chat")
-    return save_model(Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=256), seed=0), d / "model",
-                      tokenizer=llama_tokenizer)
 
 
 @pytest.fixture(scope="module")

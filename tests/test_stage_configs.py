@@ -102,7 +102,8 @@ def test_a_refused_field_is_an_error_naming_it(command, name):
 
 # ---- PPO declares exactly what it reads ---------------------------------------------------------
 
-@pytest.mark.parametrize("flag", ["--schedule cosine", "--warmup-steps 50", "--micro-batch-size 8",
+# (--micro-batch-size does act in PPO: gradient accumulation within a minibatch, tests/test_ppo_guard.py)
+@pytest.mark.parametrize("flag", ["--schedule cosine", "--warmup-steps 50", "--decay-steps 8",
                                   "--eval-every 10", "--precision bf16"])
 def test_ppo_has_no_flags_that_would_do_nothing(flag, capsys):
     with pytest.raises(SystemExit) as e:
@@ -110,7 +111,7 @@ def test_ppo_has_no_flags_that_would_do_nothing(flag, capsys):
     assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("key", ["schedule", "warmup_steps", "micro_batch_size"])
+@pytest.mark.parametrize("key", ["schedule", "warmup_steps", "decay_steps"])
 def test_a_ppo_recipe_key_ppo_does_not_read_is_an_unknown_field(key):
     with pytest.raises(ValueError, match=f"recipe stage 'ppo': unknown field '{key}' for PPOConfig"):
         from_dict(ppo.PPOConfig, {key: 1}, "recipe stage 'ppo'")

@@ -121,6 +121,12 @@ def test_flops_per_token_is_6n_plus_attention():
     assert transformer_flops_per_token(cfg, 4096) == 6 * n + 12 * 32 * 4096 * 4096
 
 
+def test_flops_per_token_with_frozen_weights_has_no_weight_gradients():
+    cfg = ModelConfig.from_preset("7b")
+    n = 6_738_415_616 - 32000 * 4096
+    assert transformer_flops_per_token(cfg, 4096, frozen_weights=True) == 4 * n + 12 * 32 * 4096 * 4096
+
+
 def test_accumulation_matches_one_big_batch(tmp_path):
     class Fixed(ToyData):  # the same 4 sequences, served as 1 x 4 or 2 x 2
         def __next__(self):

@@ -37,7 +37,7 @@ from llama2.data.shards import PrepareConfig, prepare_from_config
 from llama2.data.world import World
 from llama2.eval import cli as evaluate_command
 from llama2.eval.cli import EvaluateConfig, chat_generate_fn
-from llama2.recipe import from_dict, read_recipe, stage_settings
+from llama2.recipe import from_dict, merge_recipes, read_recipe, stage_settings
 from llama2.stages import EVALUATED, STAGES
 from llama2.train import distill, gatt, guard, ppo, pretrain, rejection, reward, sft
 from llama2.utils import default_device
@@ -64,7 +64,7 @@ STANDALONE_CONFIGS: dict[str, type] = {"safety-distill": distill.DistillConfig}
 
 def find_recipe(name_or_path: str) -> Path:
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or p.is_file():  # a folder named like a recipe (a run's out) is not one
         if not p.is_file():
             raise FileNotFoundError(f"recipe file not found: {p}")
         return p
@@ -76,8 +76,18 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def read_pipeline_recipe(path: Path) -> dict:
-    """The recipe at ``path``, every stage's block checked against the stage's config."""
+    """The recipe at ``path``, every stage's block checked against the stage's config. A recipe
+    with ``extends: NAME`` is that recipe with its own fields laid over it (stage blocks merged
+    key by key), e.g. tiny-lora: the tiny recipe with LoRA in every fine-tuning stage."""
     recipe = read_recipe(path)
+    if "extends" in recipe:
+        parent_name = recipe.pop("extends")
+        parent_path = find_recipe(str(parent_name))
+        if parent_path.resolve() == Path(path).resolve():
+            raise ValueError(f"{path}: a recipe cannot extend itself")
+        parent = read_pipeline_recipe(parent_path)
+        parent.pop("estimated_seconds", None)  # the parent's timings are not this recipe's
+        recipe = merge_recipes(parent, recipe)
     stages = recipe.get("stages") or {}
     if not stages:  # every stage on its command's defaults does not chain (e.g. vocabulary sizes)
         raise ValueError(f"{path}: the recipe lists no stages (the built-in tiny recipe shows the shape: "
@@ -191,6 +201,14 @@ def _file_stamp(path: Path) -> str | None:
     return f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.is_file() else None
 
 
+def _weights_stamp(model: Path) -> str | None:
+    """Size and time of a model's weights: a model directory's, or a LoRA adapter's (whose base
+    is an earlier stage's model, stamped with it)."""
+    if (model / "adapter_model.safetensors").is_file():
+        return _file_stamp(model / "adapter_model.safetensors")
+    return _file_stamp(model / "model.safetensors")
+
+
 def stage_evaluate(ctx: Context) -> dict:
     """The assistant-world suite on every stage's model (cached per model), then the report."""
     cfg = _config(EvaluateConfig, ctx, "evaluate")
@@ -198,8 +216,7 @@ def stage_evaluate(ctx: Context) -> dict:
     # The held-out reward depends on the reward models too: a cached result counts only if they
     # are the same files (re-running the reward stages re-evaluates every model) and it asked
     # this run's world.
-    stamp = {stage: _file_stamp(Path(ctx.model(stage)) / "model.safetensors")
-             for stage in ("reward-helpfulness", "reward-safety")}
+    stamp = {stage: _weights_stamp(Path(ctx.model(stage))) for stage in ("reward-helpfulness", "reward-safety")}
     results = {}
     for stage in EVALUATED:
         cache = ctx.folder(stage) / "eval.json"
@@ -265,11 +282,15 @@ def _fmt(seconds: float) -> str:
 
 
 def run_pipeline(recipe_name: str = "tiny", out: str | os.PathLike = "runs/demo", from_stage: str | None = None,
-                 until: str | None = None, quiet: bool = False) -> Path:
+                 until: str | None = None, quiet: bool = False, compare: str | os.PathLike | None = None) -> Path:
     recipe_path = find_recipe(recipe_name)
     recipe = read_pipeline_recipe(recipe_path)
     out = Path(out)
+    if compare is not None and not (Path(compare) / "report.md").is_file():
+        raise FileNotFoundError(f"--compare {compare}: not a finished run folder (no report.md)")
     out.mkdir(parents=True, exist_ok=True)
+    if compare is not None:  # remembered: a re-run or a resumed run reports beside the same run
+        _write_json(out / "compare.json", {"run": str(Path(compare).resolve())})
     kept = out / "recipe.yaml"
     if not (kept.exists() and kept.samefile(recipe_path)):  # re-running a run folder with its own copy
         shutil.copyfile(recipe_path, kept)
@@ -337,19 +358,21 @@ def _jsonable(obj):
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", default="tiny",
-                        help="a built-in recipe (tiny: ~20 min on a 2-core CPU; smoke: seconds per stage) "
-                             "or a YAML file (default: tiny)")
+                        help="a built-in recipe (tiny: ~20 min on a 2-core CPU; tiny-lora: the same with LoRA in "
+                             "every fine-tuning stage; smoke: seconds per stage) or a YAML file (default: tiny)")
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default: runs/demo)")
     parser.add_argument("--from", dest="from_stage", metavar="STAGE", choices=STAGES,
                         help="re-run from this stage on (its folder and the later ones are replaced)")
     parser.add_argument("--until", metavar="STAGE", choices=STAGES, help="stop after this stage")
+    parser.add_argument("--compare", metavar="DIR", help="a finished run folder to set this run beside in the report "
+                                                        "(e.g. tiny-lora beside tiny: methods, sizes, the suite)")
     parser.epilog = "Stages: " + " -> ".join(STAGES) + ". Re-running skips finished stages and resumes the " \
                     "interrupted one; Ctrl-C stops cleanly."
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        run_pipeline(args.recipe, args.out, args.from_stage, args.until)
+        run_pipeline(args.recipe, args.out, args.from_stage, args.until, compare=args.compare)
     except KeyboardInterrupt:
         print(f"\nstopped. Run the same command again to resume from the last checkpoint ({args.out}).",
               file=sys.stderr)

@@ -221,14 +221,16 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _merge(base: dict, over: Mapping) -> dict:
+def merge_recipes(base: dict, over: Mapping) -> dict:
+    """``over`` laid over ``base``: nested mappings merged key by key, anything else replaced."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_recipes(out[key], value)
         else:
             out[key] = value
     return out
+
 
 
 # -- argparse ------------------------------------------------------------------------------
@@ -343,4 +345,4 @@ def load_config(cls, args: argparse.Namespace | None = None, default_recipe: Map
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return from_dict(cls, _merge(merged, flags), source if not flags else f"{source} + flags")
+    return from_dict(cls, merge_recipes(merged, flags), source if not flags else f"{source} + flags")

@@ -55,7 +55,39 @@ def collect(run: Path) -> dict:
     data["reward_vs_k"] = _read_json(run / "rejection" / "reward_vs_k.json")
     data["guard_eval"] = _read_json(run / "guard" / "eval.json")
     data["samples"] = _read_json(run / "evaluate" / "samples.json")
+    data["models"] = {stage: _model_facts(run / stage / "model") for stage in STAGES if (run / stage / "model").is_dir()}
+    compare = _read_json(run / "compare.json")
+    if compare and Path(compare["run"]) != run and (Path(compare["run"]) / "report.md").is_file():
+        data["compare"] = {"run": compare["run"], "data": collect(Path(compare["run"]))}
     return data
+
+
+def _safetensors_header(file: Path) -> dict:
+    """The JSON header of a .safetensors file: every tensor's dtype and shape, and the metadata."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
+def _model_facts(model: Path) -> dict:
+    """What a stage's model/ folder holds: a full model or a LoRA adapter, its size on disk, and
+    for an adapter its trained parameters and settings."""
+    size = sum(f.stat().st_size for f in model.iterdir() if f.is_file() and f.suffix == ".safetensors")
+    adapter = _read_json(model / "adapter_config.json")
+    if not adapter:
+        return {"kind": "full", "bytes": size}
+    header = _safetensors_header(model / "adapter_model.safetensors")
+    params = sum(_prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    ours = json.loads((header.get("__metadata__") or {}).get("llama2", "{}"))
+    return {"kind": ours.get("method", "lora"), "bytes": size, "params": params, "rank": adapter.get("r"),
+            "alpha": adapter.get("lora_alpha"), "targets": adapter.get("target_modules")}
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 # ---- figures ----------------------------------------------------------------------------------
@@ -557,6 +589,76 @@ def section_time(data: dict) -> list[Block]:
     return [Heading(2, "Time per stage"), Table(["stage", "wall time", "training tokens/s"], rows)]
 
 
+def _method(facts: dict | None) -> str:
+    if not facts:
+        return "–"
+    if facts["kind"] == "full":
+        return "full"
+    targets = ",".join(t.removesuffix("_proj") for t in facts.get("targets") or [])
+    return f"{'QLoRA' if facts['kind'] == 'qlora' else 'LoRA'} r={facts['rank']} ({targets})"
+
+
+def _mb(n: int | None) -> str:
+    return "–" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def section_compare(data: dict) -> list[Block]:
+    """This run beside another (``llama2 run ... --compare DIR``): e.g. LoRA in every stage beside
+    full fine-tuning. Differences in a rate count only with a sign test p < 0.05 over the prompts."""
+    other = data.get("compare")
+    if not other:
+        return []
+    o = other["data"]
+    out: list[Block] = [Heading(2, "Beside the other run"),
+                        Paragraph(["This run next to ", Code(other["run"]), " (its own report has the details). "
+                                   "Each stage's model/ is what the stage writes: a full model directory, or a LoRA "
+                                   "adapter in PEFT's format over the previous stage's model."])]
+    rows = []
+    for stage in ("sft", "reward-helpfulness", "reward-safety", "rejection", "ppo", "gatt", "guard"):
+        a, b = data["models"].get(stage), o.get("models", {}).get(stage)
+        if not a and not b:
+            continue
+        ta, tb = data["stages"].get(stage, {}).get("seconds"), o["stages"].get(stage, {}).get("seconds")
+        rows.append([stage, _method(a), _method(b), _mb(a and a["bytes"]), _mb(b and b["bytes"]),
+                     f"{a['params']:,}" if a and "params" in a else "all",
+                     "–" if ta is None else f"{ta:.0f} s", "–" if tb is None else f"{tb:.0f} s"])
+    out.append(Table(["stage", "this run", "other run", "model/ here", "model/ there", "trained parameters here",
+                      "time here", "time there"], rows))
+    rows = []
+    for stage in EVALUATED:
+        a, b = data["eval"].get(stage), o["eval"].get(stage)
+        if not a or not b:
+            continue
+        cells = [STAGE_LABELS.get(stage, stage)]
+        for key, number in (("task_accuracy", False), ("safe_refusal_rate", False), ("false_refusal_rate", False),
+                            ("combined_reward", True)):
+            x, y = a.get(key), b.get(key)
+            if x is None or y is None:
+                cells.append("–")
+                continue
+            _, p = _paired(key, b, a)
+            fmt = (lambda v: f"{v:.3f}") if number else _pct
+            sig = "" if p is None or abs(x - y) < 1e-9 else (" *" if p < SIGNIFICANCE else f" (p={p:.2g})")
+            cells.append(f"{fmt(x)} vs {fmt(y)}{sig}")
+        rows.append(cells)
+    if rows:
+        out += [Paragraph(["The suite, this run vs the other (* = the difference is significant, sign test over "
+                           "the prompts whose outcome differs; otherwise p is shown). Each run's combined reward is "
+                           "scored by its own reward models, so that column compares the runs only loosely:"]),
+                Table(["model", "task accuracy", "safe refusal", "false refusal", "combined reward (own RMs)"], rows)]
+    rm = []
+    for kind in ("helpfulness", "safety"):
+        a, b = data["reward_eval"].get(kind), o["reward_eval"].get(kind)
+        if a and b:
+            rm.append([f"{kind} reward model", _pct(a["accuracy"]), _pct(b["accuracy"])])
+    ga, gb = data.get("guard_eval"), o.get("guard_eval")
+    if ga and gb and "overall" in ga and "overall" in gb:
+        rm.append(["guard: unsafe recall", _pct(ga["overall"].get("recall")), _pct(gb["overall"].get("recall"))])
+    if rm:
+        out.append(Table(["held-out accuracy", "this run", "other run"], rm))
+    return out
+
+
 def write_report(run: str | Path) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` in the run folder."""
     run = Path(run)
@@ -564,7 +666,8 @@ def write_report(run: str | Path) -> Path:
     figdir = run / "figures"
     figdir.mkdir(exist_ok=True)
     blocks = (section_title(run) + section_verdicts(data) + section_suite(data) + section_figures(data, figdir)
-              + section_reward_models(data) + section_guard(data) + section_samples(data) + section_time(data))
+              + section_reward_models(data) + section_guard(data) + section_samples(data) + section_compare(data)
+              + section_time(data))
     (run / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
     (run / "report.html").write_text(render_html(blocks), encoding="utf-8")
     return run / "report.html"

@@ -16,6 +16,7 @@ from llama2.checkpoint import load_scalar_model, load_tokenizer
 from llama2.data.preference import encode_answer, pad_rows
 from llama2.data.world import World
 from llama2.generate import Generator, SamplingParams
+from llama2.model.lora import quantize_nf4
 from llama2.utils import DataError, read_jsonl
 
 
@@ -46,10 +47,16 @@ def score_answers(model, tokenizer, prompts: Sequence[Sequence[dict]], answers: 
 class RewardScorer:
     """The helpfulness and (optional) safety reward models, and the paper's gated combination."""
 
-    def __init__(self, helpful_dir: str, safety_dir: str | None = None, device="cpu"):
-        self.helpful = load_scalar_model(helpful_dir, device=device)
+    def __init__(self, helpful_dir: str, safety_dir: str | None = None, device="cpu", quantize: bool = False):
+        """``quantize``: the models' linear weights stored in 4-bit NF4 (QLoRA's format), as PPO
+        with ``--quantize-rewards`` holds them beside the policy."""
+        def load(path):
+            model = load_scalar_model(path, device=device)
+            return quantize_nf4(model) if quantize else model
+
+        self.helpful = load(helpful_dir)
         self.tokenizer = load_tokenizer(helpful_dir, self.helpful.config.vocab_size)
-        self.safety = load_scalar_model(safety_dir, device=device) if safety_dir else None
+        self.safety = load(safety_dir) if safety_dir else None
 
     def scores(self, prompts, answers) -> dict[str, torch.Tensor]:
         """{"helpful": Rh, "safety": Rs} as probabilities in (0, 1); Rs = Rh without a safety model."""

@@ -15,26 +15,47 @@ from torch import nn
 from llama2.model import ModelConfig, Transformer
 from llama2.model.heads import ScalarModel
 
-from . import hf, meta
+from . import hf, meta, peft
 from .errors import CheckpointError
 from .gguf import export_gguf
 from .locate import detect_format, load_tokenizer
 
-__all__ = ["CheckpointError", "load_model", "save_model", "load_state", "load_tokenizer", "convert", "detect_format",
+__all__ = ["CheckpointError", "load_model", "model_config", "save_model", "load_state", "load_tokenizer", "convert", "detect_format",
            "parse_dtype", "DTYPES", "load_scalar_model", "save_scalar_model"]
 
 
-def load_state(path: str | os.PathLike, verify: bool = True) -> tuple[ModelConfig, dict, Iterator[tuple[str, torch.Tensor]]]:
-    """(config, raw config dict, lazy iterator of (our name, tensor)) for either format. With
+def load_state(path: str | os.PathLike, verify: bool = True, adapter: str | os.PathLike | None = None,
+               ) -> tuple[ModelConfig, dict, Iterator[tuple[str, torch.Tensor]]]:
+    """(config, raw config dict, lazy iterator of (our name, tensor)) for any format. With
     ``verify``, each weight file is checked against the directory's ``checksums.json`` (when it
-    has one) as the iterator reaches it; a config-only call reads no weights."""
+    has one) as the iterator reaches it; a config-only call reads no weights.
+
+    A LoRA adapter directory (PEFT's format) is a model too: its base with the adapter folded
+    in, tensor by tensor. ``adapter`` applies an adapter directory to the model at ``path``
+    (which then stands in for the adapter's recorded base)."""
     path = Path(path)
+    if adapter is not None or detect_format(path) == "peft":
+        apath = Path(adapter if adapter is not None else path)
+        acfg, layers, others = peft.read_adapter(apath)
+        base = peft.resolve_base(apath, acfg, path if adapter is not None else None)
+        # A base that is itself an adapter (a LoRA stage after a LoRA stage) is merged first, recursively.
+        cfg, raw, tensors = load_state(base, verify)
+        scalar = acfg.get("task_type") == "SEQ_CLS"
+        raw = dict(raw, **acfg.get(peft.OURS, {}).get("config", {}))
+        if scalar:
+            raw.update(architectures=["LlamaForSequenceClassification"], num_labels=1)
+        return cfg, raw, peft.merge_stream(tensors, layers, others, apath, scalar)
     if detect_format(path) == "hf":
         raw = hf.read_config(path)
         cfg = hf.config_from_hf(raw, path / "config.json")
         return cfg, raw, ((hf.from_hf_name(n), t) for n, t in hf.iter_hf_tensors(path, verify))
     cfg = meta.read_params(path)
     return cfg, {"params": meta.meta_params(cfg)}, meta.iter_meta_tensors(path, cfg)
+
+
+def model_config(path: str | os.PathLike) -> dict:
+    """The raw config (config.json's keys) of a model directory, adapter directories included."""
+    return load_state(path, verify=False)[1]
 
 
 def _locate(path: Path, name: str) -> tuple[Path, Path, str]:
@@ -78,12 +99,13 @@ def load_into(module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], so
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu",
-               verify: bool = True) -> Transformer:
-    """Load a Llama model from our/HF directory or Meta's format; weights keep their dtype
-    unless ``dtype`` is given. ``verify=False`` skips the checksum check of the weight files
-    (one extra read of them; see ``hf.CHECKSUMS``)."""
+               verify: bool = True, adapter: str | os.PathLike | None = None) -> Transformer:
+    """Load a Llama model from our/HF directory, Meta's format or a LoRA adapter directory;
+    weights keep their dtype unless ``dtype`` is given. ``verify=False`` skips the checksum
+    check of the weight files (one extra read of them; see ``hf.CHECKSUMS``). ``adapter``: a LoRA
+    adapter directory merged into the model at ``path``."""
     path = Path(path)
-    cfg, _, tensors = load_state(path, verify)
+    cfg, _, tensors = load_state(path, verify, adapter)
     with torch.device("meta"):
         model = Transformer(cfg)
     load_into(model, tensors, path, dtype)
@@ -91,10 +113,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
 
 
 def load_scalar_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu",
-                      verify: bool = True):
-    """Load a reward (or value) model directory: a Llama trunk with a scalar ``score`` head."""
+                      verify: bool = True, adapter: str | os.PathLike | None = None):
+    """Load a reward (or value) model directory (or a reward model's LoRA adapter): a Llama
+    trunk with a scalar ``score`` head."""
     path = Path(path)
-    cfg, raw, tensors = load_state(path, verify)
+    cfg, raw, tensors = load_state(path, verify, adapter)
     if "LlamaForSequenceClassification" not in (raw.get("architectures") or []):
         raise CheckpointError(f"{path}: not a reward model (config.json architectures is "
                               f"{raw.get('architectures')}, expected LlamaForSequenceClassification)")
@@ -183,7 +206,8 @@ def staged(dst: Path, directory: bool) -> Iterator[Path]:
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, n_shards: int = 1,
             max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None,
             tokenizer: str | os.PathLike | None = None,
-            progress: Callable[[str], None] | None = None, verify: bool = True) -> Path:
+            progress: Callable[[str], None] | None = None, verify: bool = True,
+            adapter: str | os.PathLike | None = None) -> Path:
     """Convert between formats without materialising two copies of the weights.
 
     ``to='hf'``: Meta (or HF) -> our HF-compatible directory. ``to='meta'``: -> Meta's format
@@ -191,7 +215,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, n_shards: i
     ``dtype`` casts the weights (default: keep them); ``tokenizer`` overrides the
     ``tokenizer.model`` found beside (or one folder above) the source; ``progress(name)`` is
     called after each tensor is written. ``verify`` checks the source's weight files against
-    its ``checksums.json``, if any.
+    its ``checksums.json``, if any. ``adapter``: a LoRA adapter directory merged into ``src`` on
+    the way (as ``src`` being an adapter directory merges it into its recorded base).
 
     All or nothing: the output is written beside ``dst`` under a hidden name and renamed to
     ``dst`` once complete; a failure removes it. A directory target must be new or empty.
@@ -205,7 +230,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, n_shards: i
         if dst.is_dir():
             raise CheckpointError(f"{dst}: is a directory; a GGUF target is a file")
         with staged(dst, directory=False) as tmp:
-            export_gguf(src, tmp, dtype=dtype, tokenizer_path=tokenizer, progress=progress, verify=verify)
+            export_gguf(src, tmp, dtype=dtype, tokenizer_path=tokenizer, progress=progress, verify=verify,
+                        adapter=adapter)
         return dst
     if n_shards < 1:
         raise ValueError(f"--shards must be at least 1, got {n_shards}")
@@ -220,8 +246,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, n_shards: i
             if progress is not None:
                 progress(name)
 
-    cfg, _, tensors = load_state(src, verify)
-    tok_file = Path(tokenizer) if tokenizer is not None else meta.find_tokenizer(src)
+    cfg, _, tensors = load_state(src, verify, adapter)
+    if tokenizer is not None:
+        tok_file = Path(tokenizer)
+    else:  # an adapter saved without a tokenizer ships its base's
+        from .gguf import tokenizer_file
+
+        tok_file = tokenizer_file(src) or (tokenizer_file(Path(adapter)) if adapter is not None else None)
     tok = load_tokenizer(tok_file, cfg.vocab_size) if tok_file is not None else None
     with staged(dst, directory=True) as out:
         if to == "hf":
@@ -238,7 +269,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, n_shards: i
             store = dtype or (torch.float32 if torch.float32 in dtypes else next(iter(dtypes)))
             _write_metadata(out, cfg, store, tok)
         else:
-            meta.save_meta(lambda: stream(load_state(src, verify)[2]), cfg, out, n_shards, tok_file)
+            meta.save_meta(lambda: stream(load_state(src, verify, adapter)[2]), cfg, out, n_shards, tok_file)
     return dst
 
 

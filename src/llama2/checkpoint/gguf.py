@@ -5,7 +5,9 @@ rows are permuted back from our rotate-half layout. 1-D norm weights stay float3
 llama.cpp's own converter does); the matrices are written as float32, float16 or bfloat16.
 
 Tensors are read one at a time (memory-mapped where the source allows) and streamed into the
-file after the header, so an export never holds more than one tensor in memory.
+file after the header, so an export never holds more than one tensor in memory. A LoRA adapter
+(PEFT's format) is folded into each weight as that weight is read, the same way
+``checkpoint.load_state`` merges one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from safetensors import safe_open
 from llama2.chat import CHAT_TEMPLATE
 from llama2.model import ModelConfig, Transformer
 
-from . import hf, meta
+from . import hf, meta, peft
 from .errors import CheckpointError
 from .locate import detect_format, load_tokenizer
 
@@ -252,6 +254,59 @@ def open_tensors(path: Path, verify: bool = True) -> Iterator[tuple[ModelConfig,
     yield cfg, get_meta
 
 
+def tokenizer_file(path: Path) -> Path | None:
+    """The ``tokenizer.model`` beside a model directory (or one folder up, as in Meta's downloads);
+    for a LoRA adapter directory saved without one, its base model's."""
+    seen = set()
+    while path not in seen:
+        seen.add(path)
+        found = meta.find_tokenizer(path)
+        if found is not None or not peft.is_adapter_dir(path):
+            return found
+        try:
+            path = peft.resolve_base(path, peft.read_adapter_config(path))
+        except CheckpointError:
+            return None
+    return None  # adapters that name each other as their base
+
+
+@contextlib.contextmanager
+def open_merged(path: Path, verify: bool = True, adapter: str | os.PathLike | None = None,
+                ) -> Iterator[tuple[ModelConfig, Callable[[str], torch.Tensor]]]:
+    """:func:`open_tensors` with a LoRA adapter folded into each weight as it is read: ``adapter``
+    applied to the model at ``path``, or ``path`` itself an adapter directory (over its recorded
+    base). Random access, like ``open_tensors``: GGUF wants the tensors in its own order."""
+    path = Path(path)
+    if adapter is None and detect_format(path) != "peft":
+        with open_tensors(path, verify) as opened:
+            yield opened
+        return
+    apath = Path(adapter if adapter is not None else path)
+    acfg, layers, others = peft.read_adapter(apath)
+    if acfg.get("task_type") == "SEQ_CLS":
+        raise CheckpointError(f"{apath / peft.ADAPTER_CONFIG}: a reward model's adapter (task_type SEQ_CLS) has "
+                              "no GGUF form (llama.cpp's llama architecture has no score head)")
+    base = peft.resolve_base(apath, acfg, path if adapter is not None else None)
+    with open_merged(base, verify) as (cfg, get):  # a base that is itself an adapter merges first
+        with torch.device("meta"):
+            names = set(Transformer(cfg).state_dict())
+        # Checked before the header is written, with load_state's message: merge_stream only
+        # notices a target the base lacks after the last tensor.
+        stray = sorted({f"{n}.weight" for n in layers} - names) + sorted(set(others) - names)
+        if stray:
+            raise CheckpointError(f"{apath / peft.ADAPTER_WEIGHTS}: adapter targets "
+                                  f"{stray[0].removesuffix('.weight')}, which the base model has not")
+
+        def merged(name: str) -> torch.Tensor:
+            linear = name.removesuffix(".weight")
+            one = {linear: layers[linear]} if linear in layers else {}
+            replaced = {name: others[name]} if name in others else {}
+            # peft.merge_stream over one tensor: the same arithmetic and shape check as load_state.
+            return dict(peft.merge_stream(iter([(name, get(name))]), one, replaced, apath, scalar=False))[name]
+
+        yield cfg, merged
+
+
 def export_gguf(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -259,14 +314,20 @@ def export_gguf(
     tokenizer_path: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
     verify: bool = True,
+    adapter: str | os.PathLike | None = None,
 ) -> Path:
-    """Convert a model directory (ours/Hugging Face, or Meta's) to one GGUF file.
+    """Convert a model directory (ours/Hugging Face, Meta's, or a LoRA adapter directory) to one
+    GGUF file; ``adapter``: a LoRA adapter directory merged into ``src`` on the way.
 
     ``dtype`` None keeps the checkpoint's floating-point type. The tokenizer is the directory's
-    ``tokenizer.model`` (or the one a folder up, as in Meta's downloads) unless given."""
+    ``tokenizer.model`` (or the one a folder up, as in Meta's downloads; an adapter's base's)
+    unless given."""
     src, dst = Path(src), Path(dst)
-    with open_tensors(src, verify) as (cfg, get):
-        tok_file = Path(tokenizer_path) if tokenizer_path is not None else meta.find_tokenizer(src)
+    with open_merged(src, verify, adapter) as (cfg, get):
+        if tokenizer_path is not None:
+            tok_file = Path(tokenizer_path)
+        else:
+            tok_file = tokenizer_file(src) or (tokenizer_file(Path(adapter)) if adapter is not None else None)
         if tok_file is None:
             raise CheckpointError(f"{src}: no tokenizer.model found (GGUF needs one); pass the tokenizer path")
         tokenizer = load_tokenizer(tok_file, cfg.vocab_size)

@@ -143,17 +143,22 @@ def config_from_hf(cfg: dict, source: Path | str = "config.json") -> ModelConfig
     return model_cfg
 
 
-def read_config(path: Path) -> dict:
-    file = path / "config.json"
+def read_json_object(file: Path, what: str) -> dict:
+    """A JSON object from ``file``; a missing file, bad JSON or a non-object is one line naming
+    it (``what``: what the directory is not when the file is missing)."""
     try:
-        cfg = json.loads(file.read_text())
+        obj = json.loads(file.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{file}: not found (not a model directory)") from None
+        raise CheckpointError(f"{file}: not found (not {what})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
+    if not isinstance(obj, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
-    return cfg
+    return obj
+
+
+def read_config(path: Path) -> dict:
+    return read_json_object(path / "config.json", "a model directory")
 
 
 # -- weights ----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     llama2 chat --model runs/demo/sft
     llama2 chat --model llama-2-7b-chat/ --system "Answer in one sentence." --temperature 0
+    llama2 chat --model llama-2-7b/ --adapter runs/lora/model   # a LoRA adapter, merged as it loads
 
 Each answer is streamed as it is decoded. The conversation is re-encoded every turn with
 Meta's format (one BOS ... EOS per exchange); when it would no longer leave
@@ -49,12 +50,13 @@ def read_line(interactive: bool) -> str | None:
 
 def main(args) -> int:
     params = sampling_params(args)  # validate before loading
-    model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify)
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify, args.adapter)
     gen = Generator(model, tokenizer, compile=args.compile)
     session = ChatSession(tokenizer, gen.max_seq_len, params.max_new_tokens, args.system)
     interactive = sys.stdin.isatty()
     if interactive:
-        note(f"chatting with {args.model} ({gen.max_seq_len}-token context); {HELP}")
+        what = f"{args.model} + adapter {args.adapter}" if args.adapter is not None else f"{args.model}"
+        note(f"chatting with {what} ({gen.max_seq_len}-token context); {HELP}")
     turn = 0
     while True:
         line = read_line(interactive)

@@ -3,6 +3,12 @@
     llama2 convert llama-2-7b/ llama-2-7b-hf/ --to hf
     llama2 convert llama-2-70b-hf/ llama-2-70b/ --to meta --shards 8
     llama2 convert llama-2-7b-hf/ llama-2-7b.f16.gguf --to gguf --dtype f16
+    llama2 convert llama-2-7b-hf/ my-model/ --merge-adapter runs/lora/model
+    llama2 convert runs/lora/model my-model.gguf      # an adapter directory: its base + the adapter
+
+A LoRA adapter (PEFT's adapter_config.json + adapter_model.safetensors) is folded into the
+weights as they are streamed, ``W + scaling * B @ A``, one tensor at a time: the output is a
+plain model any tool reads, with nothing left of the adapter.
 """
 
 from __future__ import annotations
@@ -33,11 +39,16 @@ def parse_size(text: str) -> int:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", metavar="SRC", help="model directory: Meta's (params.json + consolidated.NN.pth) "
-                                              "or ours/Hugging Face (config.json + *.safetensors)")
+    p.add_argument("src", metavar="SRC", help="model directory: Meta's (params.json + consolidated.NN.pth), "
+                                              "ours/Hugging Face (config.json + *.safetensors), or a LoRA "
+                                              "adapter directory (written as its recorded base + the adapter)")
     p.add_argument("dst", metavar="DST", help="output directory (hf, meta) or .gguf file (gguf)")
     p.add_argument("--to", choices=("hf", "meta", "gguf"), default=None,
-                   help="target format (default: gguf if DST ends in .gguf, else the other of hf/meta)")
+                   help="target format (default: gguf if DST ends in .gguf; else hf when an adapter is merged, "
+                        "else the other of hf/meta)")
+    p.add_argument("--merge-adapter", type=Path, default=None, metavar="DIR",
+                   help="a LoRA adapter directory (PEFT's format) whose base is SRC: DST is SRC with the "
+                        "adapter merged into its weights, a plain model")
     p.add_argument("--shards", type=int, default=1, metavar="N",
                    help="model-parallel files for --to meta (Meta used 1 for 7B, 2 for 13B, 8 for 70B)")
     p.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16"),
@@ -56,6 +67,8 @@ def _target(args, src_format: str) -> str:
         return args.to
     if str(args.dst).lower().endswith(".gguf"):
         return "gguf"
+    if args.merge_adapter is not None or src_format == "peft":
+        return "hf"  # merging an adapter makes a model, not a change of format: keep the common one
     return "hf" if src_format == "meta" else "meta"
 
 
@@ -72,12 +85,15 @@ def main(args: argparse.Namespace) -> int:
     if to != "meta" and args.shards != 1:
         raise ValueError("--shards applies to --to meta only")
 
-    cfg, _, _ = load_state(src)  # reads only the config (and, for Meta's vocab_size -1, one header)
+    # Reads only the config (and, for Meta's vocab_size -1, one header; an adapter's own small
+    # tensors, so a broken adapter fails before anything is written).
+    cfg, _, _ = load_state(src, adapter=args.merge_adapter)
     with torch.device("meta"):
         n_tensors = len(Transformer(cfg).state_dict())
     total = n_tensors * (args.shards if to == "meta" else 1)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    say(f"{src} ({src_format}): {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads "
+    merged = f" + adapter {args.merge_adapter}" if args.merge_adapter is not None else ""
+    say(f"{src} ({src_format}){merged}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads "
         f"({cfg.n_kv_heads} kv), vocab {cfg.vocab_size}, {cfg.num_params():,} parameters")
     shards = f", {args.shards} shard(s)" if to == "meta" else ""
     say(f"writing {to}{shards}{f' as {args.dtype}' if dtype else ''} -> {dst}")
@@ -97,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"  [{done}/{total}] {name}", file=sys.stderr, flush=True)
 
     out = convert(src, dst, to, n_shards=args.shards, max_shard_bytes=max_shard_bytes, dtype=dtype,
-                  tokenizer=args.tokenizer, progress=progress, verify=args.verify)
+                  tokenizer=args.tokenizer, progress=progress, verify=args.verify, adapter=args.merge_adapter)
     if tty and not args.quiet:
         print(file=sys.stderr)
     say(f"done in {time.monotonic() - start:.1f}s: {out}")

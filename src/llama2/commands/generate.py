@@ -3,6 +3,10 @@
     llama2 generate --model runs/demo/sft --prompt "The capital of France is"
     llama2 generate --model llama-2-7b/ --prompt-file prompt.txt --temperature 0 --max-new-tokens 64
     echo "Once upon a time" | llama2 generate --model DIR --prompt - --json --seed 0
+    llama2 generate --model llama-2-7b/ --adapter runs/lora/model --prompt "Hello"
+
+``--adapter DIR`` applies a LoRA adapter (PEFT's format) to the model: it is folded into the
+weights as they load, so decoding runs exactly as fast as with a plain model.
 
 Text is streamed to stdout as it is decoded; ``--json`` prints one object instead:
 ``{"text", "tokens", "logprobs", "prompt_tokens", "finish_reason"}``. Defaults are Meta's
@@ -26,9 +30,13 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model/--dtype/--device/--no-verify, shared with ``llama2 chat``."""
+    """--model/--adapter/--dtype/--device/--no-verify, shared with ``llama2 chat``."""
     p.add_argument("--model", type=Path, required=True, metavar="DIR",
-                   help="model directory (config.json + safetensors, or Meta's params.json + consolidated.*.pth)")
+                   help="model directory (config.json + safetensors, or Meta's params.json + consolidated.*.pth); "
+                        "a LoRA adapter directory also works: its recorded base with the adapter merged")
+    p.add_argument("--adapter", type=Path, default=None, metavar="DIR",
+                   help="a LoRA adapter directory (PEFT's adapter_config.json + adapter_model.safetensors) whose "
+                        "base is --model; merged into the weights as they load (no slower than the plain model)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype (default auto: the stored dtype, but float32 for float16 weights on CPU)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -79,18 +87,22 @@ def read_prompt(args) -> str:
     raise ValueError("no prompt: give --prompt TEXT or --prompt-file PATH ('-' reads stdin for either)")
 
 
-def load_for_inference(path: Path, dtype: str = "auto", device: str | None = None, verify: bool = True):
+def load_for_inference(path: Path, dtype: str = "auto", device: str | None = None, verify: bool = True,
+                       adapter: Path | None = None):
     """(model, tokenizer) ready for decoding. The device and the tokenizer (against the model's
     vocabulary) are checked before any weight is read, so a mistake fails fast with one clear
-    line. ``verify`` checks the weight files against the directory's checksums."""
+    line. ``verify`` checks the weight files against the directory's checksums. ``adapter``: a
+    LoRA adapter directory merged into the model at ``path`` (the tokenizer is the base's)."""
     device = check_device(device)
-    cfg = load_state(path)[0]  # config only; the tensors are read lazily below
+    # Config only (and the adapter's small tensors, so a broken adapter fails before the base
+    # is read); the base's tensors are read lazily below.
+    cfg = load_state(path, adapter=adapter)[0]
     tokenizer = load_tokenizer(path, cfg.vocab_size)
     if dtype == "auto":
         chosen = None
     else:
         chosen = getattr(torch, dtype)
-    model = load_model(path, dtype=chosen, device=device, verify=verify)
+    model = load_model(path, dtype=chosen, device=device, verify=verify, adapter=adapter)
     if chosen is None and str(device).startswith("cpu") and model.tok_embeddings.weight.dtype == torch.float16:
         model = model.float()  # float16 matmuls are slow (or missing) on CPU
     return model, tokenizer
@@ -104,7 +116,7 @@ def sampling_params(args, **extra):
 def main(args) -> int:
     params = sampling_params(args, stop=tuple(args.stop), logprobs=args.json)  # validate before loading
     text = read_prompt(args)
-    model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify)
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify, args.adapter)
     gen = Generator(model, tokenizer, compile=args.compile)
     ids = tokenizer.encode(text, bos=not args.no_bos)
     gen.check_prompt(ids)  # empty / longer than the context: one line, before any output

@@ -7,6 +7,12 @@
 The KV cache holds K and V for every layer: 2 * n_layers * context * n_kv_heads * head_dim
 * batch * bytes per element; grouped-query attention (70B, Code Llama 34B) shrinks it by
 n_heads / n_kv_heads.
+
+With ``--train full|lora|qlora`` it also plans the training memory of one GPU (commands/memory.py
+says where each number comes from):
+
+    llama2 info 7b --train qlora --stage sft --micro-batch-size 1 --seq-len 2048 --gpu-memory 24GB
+    llama2 info 70b --train full --stage ppo --ppo-batch 512 --max-new-tokens 128 --json
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 from pathlib import Path
 
 from llama2.checkpoint import detect_format, load_state, meta
+from llama2.commands import memory
 from llama2.model import PRESETS, ModelConfig
 
 BYTES = {"f32": 4, "f16": 2, "bf16": 2, "fp8": 1, "int8": 1}
@@ -33,6 +40,45 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", choices=tuple(BYTES), default=None,
                    help="KV-cache dtype (default: --dtype)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    t = p.add_argument_group(
+        "training memory (--train)",
+        "One GPU, as our trainer runs: weights in the checkpoint's dtype (--dtype; no float32 master "
+        "copy), bf16 autocast activations, AdamW moments in the parameters' dtype (full bf16: 8 bytes "
+        "per parameter, f32: 16), float32 LoRA adapters (16 bytes per adapter parameter), QLoRA's "
+        "block weights in torchao NF4 (~0.516 bytes per weight). No sharding, no offload; the CUDA "
+        "context and fragmentation are not counted.")
+    t.add_argument("--train", choices=memory.METHODS, default=None,
+                   help="plan the memory of training with this method")
+    t.add_argument("--stage", choices=memory.STAGES, default="sft",
+                   help="sft: language model; reward: scalar head, chosen + rejected in one pass (2 x the "
+                        "micro-batch); ppo: policy, reference, value and two reward models (default sft)")
+    t.add_argument("--micro-batch-size", type=int, default=1, metavar="B",
+                   help="sequences (reward: pairs; ppo: rollouts, as llama2 ppo --micro-batch-size) per "
+                        "forward pass (default 1)")
+    t.add_argument("--seq-len", type=int, default=None, metavar="S",
+                   help="tokens per sequence (ppo: the prompt; rollouts add --max-new-tokens) "
+                        "(default: the model's max_seq_len)")
+    t.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="say whether it fits a GPU of this size, e.g. 24GB, 80GB, 141GB (GB = GiB, as "
+                        "GPU makers count)")
+    t.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda: bf16 autocast activations (default); cpu: activations in the weights' dtype")
+    t.add_argument("--lora-rank", type=int, default=memory.LORA_RANK, metavar="R",
+                   help=f"adapter rank (default {memory.LORA_RANK}, as --lora.rank)")
+    t.add_argument("--lora-targets", default=memory.LORA_TARGETS, metavar="LIST",
+                   help=f"adapted linears: q,k,v,o,gate,up,down or all (default {memory.LORA_TARGETS})")
+    t.add_argument("--lora-dropout", type=float, default=memory.LORA_DROPOUT, metavar="P",
+                   help=f"adapter dropout; > 0 keeps each adapter's dropped input and mask "
+                        f"(default {memory.LORA_DROPOUT})")
+    t.add_argument("--ppo-batch", type=int, default=memory.PPO_BATCH, metavar="N",
+                   help=f"ppo: prompts per iteration (default {memory.PPO_BATCH}, §3.2.3)")
+    t.add_argument("--rollout-batch", type=int, default=None, metavar="N",
+                   help="ppo: prompts answered together, the KV cache's rows (default: --ppo-batch; as "
+                        "llama2 ppo --rollout-batch-size)")
+    t.add_argument("--max-new-tokens", type=int, default=memory.PPO_MAX_NEW_TOKENS, metavar="N",
+                   help=f"ppo: longest answer (default {memory.PPO_MAX_NEW_TOKENS}, as llama2 ppo)")
+    t.add_argument("--quantize-rewards", action="store_true",
+                   help="ppo: the two reward models in NF4, as llama2 ppo --quantize-rewards")
 
 
 def param_breakdown(cfg) -> dict[str, int]:
@@ -63,13 +109,14 @@ def _resolve(model: str):
     fmt = detect_format(path)
     cfg, raw, _ = load_state(path)  # the tensor iterator is lazy: nothing is read
     stored = None
-    if fmt == "hf":
+    if fmt in ("hf", "peft"):  # an adapter directory: its base's config, with the adapter merged
         stored = _FROM_TORCH.get(str(raw.get("torch_dtype") or raw.get("dtype") or ""))
     else:
         emb = meta._load_shard(meta.shard_files(path)[0]).get("tok_embeddings.weight")  # memory-mapped
         if emb is not None:
             stored = _FROM_TORCH.get(str(emb.dtype).removeprefix("torch."))
-    return cfg, f"{path} ({'Meta' if fmt == 'meta' else 'Hugging Face'} format)", stored
+    kind = {"meta": "Meta format", "hf": "Hugging Face format", "peft": "LoRA adapter over its base"}[fmt]
+    return cfg, f"{path} ({kind})", stored
 
 
 def gather(model: str, context: int | None = None, batch: int = 1, dtype: str | None = None,
@@ -96,6 +143,26 @@ def gather(model: str, context: int | None = None, batch: int = 1, dtype: str | 
                      "bytes_per_token": kv // (context * batch)},
         "total_bytes": weight_bytes + kv,
     }
+
+
+def training(info: dict, method: str, stage: str = "sft", micro_batch: int = 1, seq_len: int | None = None,
+             gpu_memory: str | None = None, device: str = "cuda", lora_rank: int = memory.LORA_RANK,
+             lora_targets: str = memory.LORA_TARGETS, lora_dropout: float = memory.LORA_DROPOUT,
+             ppo_batch: int = memory.PPO_BATCH, max_new_tokens: int = memory.PPO_MAX_NEW_TOKENS,
+             quantize_rewards: bool = False, rollout_batch: int | None = None) -> dict:
+    """``info["training"]``: the memory plan (memory.plan) of ``gather``'s model, with a verdict
+    for ``gpu_memory``."""
+    cfg = ModelConfig.from_dict({k: v for k, v in info["config"].items() if k not in ("head_dim", "hidden_dim")})
+    dtype = info["dtype"]
+    if dtype not in memory.DTYPE_BYTES:
+        raise ValueError(f"--train needs the weights in f32, f16 or bf16, not {dtype}")
+    seq_len = cfg.max_seq_len if seq_len is None else seq_len
+    p = memory.plan(cfg, method, stage, micro_batch, seq_len, dtype, device, lora_rank, lora_targets, lora_dropout,
+                    ppo_batch, max_new_tokens, quantize_rewards, rollout_batch)
+    if gpu_memory is not None:
+        capacity = memory.parse_size(gpu_memory)
+        p["gpu"] = {"memory": capacity, "name": gpu_memory, **memory.verdict(p["total"], capacity)}
+    return p
 
 
 def _size(n: float) -> str:
@@ -131,7 +198,63 @@ def render(info: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def render_training(p: dict) -> str:
+    """The training-memory table of :func:`training`."""
+    def both(d: dict) -> str:
+        ckpt = d["checkpointing"]
+        return _size(d["no_checkpointing"]) + ("" if ckpt is None else f" | with checkpointing {_size(ckpt)}")
+
+    setup = f"{p['method']}, {p['stage']}, "
+    if p["stage"] == "ppo":
+        q = p["ppo"]
+        setup += (f"{q['batch']} rollouts of {p['seq_len']:,} + {q['max_new_tokens']:,} tokens, generated "
+                  f"{q['rollout_batch']} at a time, {p['micro_batch']} per forward pass")
+    else:
+        pairs = f" pairs = {2 * p['micro_batch']} sequences" if p["stage"] == "reward" else ""
+        setup += f"micro-batch {p['micro_batch']}{pairs} x {p['seq_len']:,} tokens"
+    setup += f", {p['dtype']} weights, {p['activation_dtype']} activations"
+    rows = [("training", setup)]
+    if p["lora"]:
+        lo = p["lora"]
+        rows.append(("adapters", f"rank {lo['rank']} on {lo['targets']}, dropout {lo['dropout']:g}, float32"
+                                 + (", base in NF4" if p["method"] == "qlora" else "")))
+    rows.append(("trainable params", f"{p['trainable_params']:,}"))
+    if p["stage"] == "ppo":
+        for name, r in p["roles"].items():
+            rows.append((f"  {name}", "shares the policy's weights (adapters off)" if not r["weights"] else
+                         f"{_size(r['weights'] + r['gradients'] + r['optimizer'])}"
+                         + (" (frozen)" if not r["trainable_params"] else "")))
+    rows += [("weights", _size(p["weights"])), ("gradients", _size(p["gradients"])),
+             ("AdamW state", _size(p["optimizer"]))]
+    if "nf4_dequantize" in p:
+        rows.append(("NF4 dequantize buffer", _size(p["nf4_dequantize"])))
+    if p["stage"] == "ppo":
+        for name, v in p["phases"].items():
+            rows.append((f"  {name}", _size(v)))
+        rows.append(("peak of the phases", both(p["activations"])))
+    else:
+        rows.append(("activations", both(p["activations"])))
+    rows.append(("total", both(p["total"])))
+    if "gpu" in p:
+        g = p["gpu"]
+        used = p["total"]["checkpointing" if g["needs_checkpointing"] else "no_checkpointing"]
+        text = g["text"] + (f": needs {_size(g['needs'])}" if not g["fits"] else f", {_size(g['memory'] - used)} spare")
+        rows.append((f"GPU {g['name']}", text))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def main(args: argparse.Namespace) -> int:
     info = gather(args.model, args.context, args.batch, args.dtype, args.kv_dtype)
-    print(json.dumps(info, indent=2) if args.json else render(info))
+    if args.train:
+        info["training"] = training(info, args.train, args.stage, args.micro_batch_size, args.seq_len,
+                                    args.gpu_memory, args.device, args.lora_rank, args.lora_targets,
+                                    args.lora_dropout, args.ppo_batch, args.max_new_tokens, args.quantize_rewards,
+                                    args.rollout_batch)
+    elif args.gpu_memory:
+        raise ValueError("--gpu-memory needs --train full|lora|qlora")
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(render(info) + ("\n\n" + render_training(info["training"]) if args.train else ""))
     return 0

@@ -5,6 +5,11 @@ The suite measures what each alignment stage exists to improve: task accuracy on
 prompts, the safe-refusal rate on unsafe prompts, the false-refusal rate on benign prompts
 that only look unsafe (§4.2), and Ghost Attention adherence to a system instruction at turns
 1, 2, 4, 6, 10 and 20 (the shape of Table 30). Answers are greedy.
+
+``--adapter DIR`` evaluates ``--model`` with a LoRA adapter merged in (for the suite and for
+``--task`` alike). It applies to ``--model`` only: a reward model given to ``--reward-model`` /
+``--safety-model`` may itself be an adapter directory (it loads as its base + adapter), so the
+scorers need no flag of their own, and one adapter cannot fit a policy and a reward model both.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Literal
 from llama2.chat import encode_chat
 from llama2.checkpoint import load_model, load_tokenizer
 from llama2.data.world import World
-from llama2.eval.multiple_choice import evaluate_task
+from llama2.eval.multiple_choice import evaluate
 from llama2.eval.suite import evaluate_world, format_table
 from llama2.generate import Generator, SamplingParams
 from llama2.recipe import add_config_args, load_config, setting
@@ -60,8 +65,9 @@ def chat_generate_fn(model, tokenizer, max_new_tokens: int = 64, batch_size: int
 def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 100,
                    gatt_turns: Sequence[int] = (1, 2, 4, 6, 10, 20), gatt_dialogues: int = 30,
                    max_new_tokens: int = 64, reward_model: str | None = None, safety_model: str | None = None,
-                   reward_prompts: int = 100, world_seed: int = 0) -> dict:
+                   reward_prompts: int = 100, world_seed: int = 0, adapter: str | None = None) -> dict:
     """Run the assistant-world suite on a model directory; see llama2.eval.suite.evaluate_world.
+    ``adapter``: a LoRA adapter directory merged into the model (its base).
     With ``reward_model`` (and optionally ``safety_model``) it also scores greedy answers to
     ``reward_prompts`` held-out RL prompts with the reward models: ``combined_reward`` is the mean
     of the paper's gated Rc (§3.2.3), the quantity rejection sampling and PPO maximise."""
@@ -70,7 +76,7 @@ def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 
         if reward_prompts < 1:
             raise ValueError(f"reward_prompts must be at least 1, got {reward_prompts}")
         scorer = RewardScorer(reward_model, safety_model or None, device=device)
-    model = load_model(model_dir, device=device)
+    model = load_model(model_dir, device=device, adapter=adapter)
     tok = load_tokenizer(model_dir, model.config.vocab_size)
     generate = chat_generate_fn(model, tok, max_new_tokens)
     result = evaluate_world(generate, split=split, max_items=max_items, gatt_turns=tuple(gatt_turns),
@@ -108,7 +114,12 @@ class EvaluateConfig:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="model directory")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="model directory (or a LoRA adapter directory: its base with the adapter merged)")
+    parser.add_argument("--adapter", metavar="DIR", default=None,
+                        help="a LoRA adapter directory (PEFT's format) whose base is --model; it is merged into "
+                             "--model's weights for the suite or --task (not into the reward models, which may "
+                             "be adapter directories themselves)")
     parser.add_argument("--task", metavar="YAML",
                         help="instead of the suite, score an lm-eval multiple-choice task file in-process")
     parser.add_argument("--reward-model", metavar="DIR",
@@ -121,12 +132,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(EvaluateConfig, args)  # first: a bad value fails before any model is loaded
     if args.task:
-        result = evaluate_task(args.model, args.task, device=default_device())
+        model = load_model(args.model, device=default_device(), adapter=args.adapter)
+        tokenizer = load_tokenizer(args.model, model.config.vocab_size)
+        result = evaluate(model, tokenizer, args.task).to_dict()
         print(json.dumps(result) if args.json else f"{result['task']}: accuracy {result['acc']:.4f} "
                                                     f"on {result['n']} questions")
         return 0
     result = evaluate_model(args.model, reward_model=args.reward_model, safety_model=args.safety_model,
-                            **dataclasses.asdict(cfg))
+                            adapter=args.adapter, **dataclasses.asdict(cfg))
     if args.json:
         print(json.dumps(result))
     else:

@@ -4,6 +4,11 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 ``GET /health``, ``POST /tokenize``, ``POST /detokenize`` (the last two as in vLLM).
 Requests are decoded together by :class:`llama2.serve.engine.Engine` (continuous batching).
 
+LoRA adapters: ``--adapter NAME=DIR`` (repeatable) serves PEFT-format adapters over the one
+base model, unmerged: a request's ``model`` field picks one by NAME (the base model's own name
+picks the base), ``/v1/models`` lists them all, and requests for different adapters share a
+batch — each row of every forward pass gets its own adapter (``model.lora.stack_adapters``).
+
 Prompts and BOS: a string prompt is encoded with exactly one BOS in front; a prompt given as
 token ids is used exactly as given, so it must carry its own BOS (lm-eval does, with
 ``add_bos_token=True``). Chat requests use Meta's Llama 2 chat format (``encode_chat``).
@@ -43,9 +48,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from llama2.chat import encode_chat
-from llama2.checkpoint import load_model, load_tokenizer, parse_dtype
+from llama2.checkpoint import CheckpointError, load_model, load_tokenizer, parse_dtype, peft
 from llama2.generate import SamplingParams
 from llama2.guard import load_guard
+from llama2.model.lora import stack_adapters
 from llama2.utils import check_device
 
 from .engine import (
@@ -265,13 +271,16 @@ async def _read_body(request: Request, model: type[BaseModel]) -> Any:
 
 # -- the server -----------------------------------------------------------------------------
 class OpenAIServer:
-    """State and request handling behind the routes (one model, one engine)."""
+    """State and request handling behind the routes (one model, one engine). ``adapters``: the
+    names of the LoRA adapters stacked over ``model`` (``stack_adapters``), in their order."""
 
     def __init__(self, model, tokenizer, *, name: str, aliases: Sequence[str] = (), api_key: str | None = None,
-                 max_batch_size: int = 8, max_queue: int = 64, guard=None, defaults: dict | None = None):
+                 max_batch_size: int = 8, max_queue: int = 64, guard=None, defaults: dict | None = None,
+                 adapters: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.name = name
         self.aliases = {name, *aliases}
+        self.adapters = {a: i for i, a in enumerate(adapters, start=1)}  # name -> the engine's adapter index
         self.api_key = api_key
         self.guard = guard
         self._guard_lock = asyncio.Lock()  # a guard model is not assumed to be re-entrant
@@ -293,10 +302,19 @@ class OpenAIServer:
         if not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
+    def resolve_model(self, model: str | None) -> tuple[str, int]:
+        """(the name responses carry, the engine's adapter index: 0 = the base) of a request's
+        ``model`` field; no field means the base."""
+        if model is None or model in self.aliases:
+            return self.name, 0
+        if model in self.adapters:
+            return model, self.adapters[model]
+        served = ", ".join(f"'{m}'" for m in (self.name, *self.adapters))
+        raise APIError(404, f"the model '{model}' does not exist; this server serves {served}",
+                       param="model", code="model_not_found")
+
     def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.aliases:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.name}'",
-                           param="model", code="model_not_found")
+        self.resolve_model(model)
 
     def check_prompt(self, prompt: list[int], max_tokens: int, param: str) -> None:
         if not prompt:
@@ -445,7 +463,7 @@ class OpenAIServer:
 
     async def completions(self, request: Request) -> Response:
         body: CompletionBody = await _read_body(request, CompletionBody)
-        self.check_model(body.model)
+        name, adapter = self.resolve_model(body.model)
         if body.suffix:
             raise APIError(400, "suffix is not supported by this server", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -458,7 +476,7 @@ class OpenAIServer:
         params = self.sampling(body, max_tokens, want_logprobs, body.logprobs or 0)
         echo_logprobs = (body.logprobs or 0) if (body.echo and want_logprobs) else None
         requests = [
-            EngineRequest(ids, _choice_params(params, j), prompt_logprobs=echo_logprobs)
+            EngineRequest(ids, _choice_params(params, j), prompt_logprobs=echo_logprobs, adapter=adapter)
             for ids, _ in prompts for j in range(body.n)
         ]
         handles = self.submit(requests)
@@ -466,7 +484,7 @@ class OpenAIServer:
         echoes = [(text if text is not None else self.tokenizer.decode(ids)) if body.echo else ""
                   for ids, text in prompts for _ in range(body.n)]
         if body.stream:
-            return _sse(self._stream_completion(rid, created, handles, echoes, prompts, body))
+            return _sse(self._stream_completion(rid, created, handles, echoes, prompts, body, name))
 
         results = await self.collect(request, handles)
         choices = []
@@ -477,7 +495,7 @@ class OpenAIServer:
                 choice["logprobs"] = self.completion_logprobs(ids, res, body.echo, len(echo))
             choices.append(choice)
         return JSONResponse({
-            "id": rid, "object": "text_completion", "created": created, "model": self.name,
+            "id": rid, "object": "text_completion", "created": created, "model": name,
             "choices": choices, "usage": _usage(sum(len(ids) for ids, _ in prompts), results),
         })
 
@@ -498,9 +516,9 @@ class OpenAIServer:
             "text_offset": offsets,
         }
 
-    async def _stream_completion(self, rid, created, handles, echoes, prompts, body) -> AsyncIterator[dict]:
+    async def _stream_completion(self, rid, created, handles, echoes, prompts, body, name) -> AsyncIterator[dict]:
         def chunk(index: int, text: str, finish: str | None) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created, "model": self.name,
+            return {"id": rid, "object": "text_completion", "created": created, "model": name,
                     "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
 
         for i, echo in enumerate(echoes):
@@ -515,13 +533,13 @@ class OpenAIServer:
                 yield chunk(i, "", result.finish_reason)
         if body.stream_options is not None and body.stream_options.include_usage:
             usage = _usage(sum(len(ids) for ids, _ in prompts), [results[i] for i in sorted(results)])
-            yield {"id": rid, "object": "text_completion", "created": created, "model": self.name,
+            yield {"id": rid, "object": "text_completion", "created": created, "model": name,
                    "choices": [], "usage": usage}
 
     # -- /v1/chat/completions ------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         body: ChatBody = await _read_body(request, ChatBody)
-        self.check_model(body.model)
+        name, adapter = self.resolve_model(body.model)
         messages = _chat_messages(body.messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         prompt, max_tokens = await run_in_threadpool(self.encode_messages, messages, max_tokens)
@@ -532,12 +550,13 @@ class OpenAIServer:
                                + (f" ({', '.join(categories)})" if categories else ""),
                                param="messages", code="content_filter")
         params = self.sampling(body, max_tokens, body.logprobs, (body.top_logprobs or 0) if body.logprobs else 0)
-        handles = self.submit([EngineRequest(prompt, _choice_params(params, j), continue_prompt=False)
+        handles = self.submit([EngineRequest(prompt, _choice_params(params, j), continue_prompt=False,
+                                             adapter=adapter)
                                for j in range(body.n)])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         # With a guard the answer is checked before anyone sees it, so a stream is sent at the end.
         if body.stream and self.guard is None:
-            return _sse(self._stream_chat(rid, created, handles, len(prompt), body))
+            return _sse(self._stream_chat(rid, created, handles, len(prompt), body, name))
 
         results = await self.collect(request, handles)
         contents, reasons = [r.text for r in results], [r.finish_reason for r in results]
@@ -547,7 +566,7 @@ class OpenAIServer:
                 if unsafe:
                     contents[i], reasons[i] = "", "content_filter"
         if body.stream:
-            return _sse(self._replay_chat(rid, created, contents, reasons, len(prompt), results, body))
+            return _sse(self._replay_chat(rid, created, contents, reasons, len(prompt), results, body, name))
         choices = []
         for i, (res, text, reason) in enumerate(zip(results, contents, reasons)):
             choices.append({
@@ -556,7 +575,7 @@ class OpenAIServer:
                 "finish_reason": reason,
             })
         return JSONResponse({
-            "id": rid, "object": "chat.completion", "created": created, "model": self.name,
+            "id": rid, "object": "chat.completion", "created": created, "model": name,
             "choices": choices, "usage": _usage(len(prompt), results),
         })
 
@@ -569,38 +588,46 @@ class OpenAIServer:
             for e in res.logprobs
         ]}
 
-    def _chat_chunk(self, rid, created, index, delta: dict, finish: str | None) -> dict:
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+    def _chat_chunk(self, rid, created, name, index, delta: dict, finish: str | None) -> dict:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-    def _usage_chunk(self, rid, created, prompt_len: int, results: list[Result]) -> dict:
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+    def _usage_chunk(self, rid, created, name, prompt_len: int, results: list[Result]) -> dict:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": [], "usage": _usage(prompt_len, results)}
 
-    async def _stream_chat(self, rid, created, handles, prompt_len, body) -> AsyncIterator[dict]:
+    async def _stream_chat(self, rid, created, handles, prompt_len, body, name) -> AsyncIterator[dict]:
         for i in range(len(handles)):
-            yield self._chat_chunk(rid, created, i, {"role": "assistant", "content": ""}, None)
+            yield self._chat_chunk(rid, created, name, i, {"role": "assistant", "content": ""}, None)
         results: dict[int, Result] = {}
         async for i, delta, result in _merged(handles):
             if result is None:
-                yield self._chat_chunk(rid, created, i, {"content": delta}, None)
+                yield self._chat_chunk(rid, created, name, i, {"content": delta}, None)
             else:
                 results[i] = result
-                yield self._chat_chunk(rid, created, i, {}, result.finish_reason)
+                yield self._chat_chunk(rid, created, name, i, {}, result.finish_reason)
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield self._usage_chunk(rid, created, prompt_len, [results[i] for i in sorted(results)])
+            yield self._usage_chunk(rid, created, name, prompt_len, [results[i] for i in sorted(results)])
 
-    async def _replay_chat(self, rid, created, contents, reasons, prompt_len, results, body) -> AsyncIterator[dict]:
+    async def _replay_chat(self, rid, created, contents, reasons, prompt_len, results, body,
+                           name) -> AsyncIterator[dict]:
         for i, (text, reason) in enumerate(zip(contents, reasons)):
-            yield self._chat_chunk(rid, created, i, {"role": "assistant", "content": text}, None)
-            yield self._chat_chunk(rid, created, i, {}, reason)
+            yield self._chat_chunk(rid, created, name, i, {"role": "assistant", "content": text}, None)
+            yield self._chat_chunk(rid, created, name, i, {}, reason)
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield self._usage_chunk(rid, created, prompt_len, results)
+            yield self._usage_chunk(rid, created, name, prompt_len, results)
 
     # -- small endpoints -----------------------------------------------------------------
-    def model_card(self) -> dict:
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "llama2",
+    def model_card(self, name: str | None = None) -> dict:
+        """The base model's card, or an adapter's (which names the base as its ``parent``, as vLLM does)."""
+        card = {"id": name or self.name, "object": "model", "created": self.created, "owned_by": "llama2",
                 "max_model_len": self.max_seq_len}
+        if name is not None and name in self.adapters:
+            card["parent"] = self.name
+        return card
+
+    def model_cards(self) -> list[dict]:
+        return [self.model_card()] + [self.model_card(a) for a in self.adapters]
 
     async def tokenize(self, request: Request) -> Response:
         body: TokenizeBody = await _read_body(request, TokenizeBody)
@@ -697,6 +724,67 @@ def _read_generation_defaults(path: Path) -> dict:
     return {k: float(cfg[k]) for k in ("temperature", "top_p") if isinstance(cfg.get(k), int | float)}
 
 
+# -- LoRA adapters ----------------------------------------------------------------------------
+def adapter_name(path: str | os.PathLike) -> str:
+    """The name ``--adapter DIR`` serves an adapter under: its directory's name, or for the
+    folder a LoRA run writes (``RUN/model``, or ``RUN/adapter`` beside a merged model) the run's."""
+    path = Path(path).resolve()
+    return path.parent.name if path.name in ("model", "adapter") and path.parent.name else path.name
+
+
+def parse_adapters(specs: Sequence[str]) -> dict[str, Path]:
+    """``--adapter NAME=DIR`` / ``--adapter DIR`` values -> {name: directory}, in order. A value
+    that is an existing path is a DIR even if it contains '=' (a folder may be named so)."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep or Path(spec).exists() or "/" in name or os.sep in name:
+            name, directory = adapter_name(spec), spec
+        if not name or not directory:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=DIR or DIR")
+        if name in out:
+            raise ValueError(f"--adapter: two adapters are named {name!r} ({out[name]} and {directory}); "
+                             "name them: --adapter NAME=DIR")
+        out[name] = Path(directory)
+    return out
+
+
+def read_adapters(adapters: dict[str, Path]) -> list[dict]:
+    """Each adapter's {linear name: (A, B, scaling)}, read (small files) and checked before the
+    base model loads, so a wrong directory costs no model load."""
+    out = []
+    for name, path in adapters.items():
+        acfg, layers, others = peft.read_adapter(path)
+        if acfg.get("task_type") == "SEQ_CLS" or others:
+            what = "a reward model's score head" if acfg.get("task_type") == "SEQ_CLS" else sorted(others)[0]
+            raise CheckpointError(f"{path / peft.ADAPTER_WEIGHTS}: adapter {name!r} replaces {what} as well, which "
+                                  "cannot be switched per request; serve it alone (--model DIR) or merged "
+                                  "(llama2 convert BASE OUT --merge-adapter DIR)")
+        out.append(layers)
+    return out
+
+
+def stack_onto(model, adapters: dict[str, Path], layers: list[dict]) -> None:
+    """Stack the adapters over ``model``'s weights, after checking that each fits the base (with
+    the message ``load_model(base, adapter=DIR)`` gives)."""
+    for path, adapter in zip(adapters.values(), layers):
+        for linear, (A, B, _) in adapter.items():
+            try:
+                base = model.get_submodule(linear)
+            except AttributeError:
+                base = None
+            if base is None or not hasattr(base, "weight"):
+                raise CheckpointError(f"{path / peft.ADAPTER_WEIGHTS}: adapter targets {linear}, which the base "
+                                      "model has not")
+            if (B.shape[0], A.shape[1]) != tuple(base.weight.shape):
+                raise CheckpointError(f"{path / peft.ADAPTER_WEIGHTS}: adapter for {linear} is "
+                                      f"{(B.shape[0], A.shape[1])} but the base weight is {tuple(base.weight.shape)}")
+    try:
+        stack_adapters(model, layers)
+    except ValueError as e:  # e.g. a base whose layers are not plain nn.Linear
+        raise CheckpointError(f"cannot stack the adapters over the base model: {e}") from None
+
+
 # -- the app ----------------------------------------------------------------------------------
 class _Edge:
     """The ASGI layer around everything the app does (inside Starlette's ServerErrorMiddleware).
@@ -788,15 +876,20 @@ def create_app(
     dtype=None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     verify: bool = True,
+    adapters: dict[str, str | os.PathLike] | None = None,
 ) -> FastAPI:
     """The FastAPI app for a model directory or a ``(Transformer, Tokenizer)`` pair.
 
     ``guard``: optional object with ``check(messages) -> (unsafe, categories)``; chat requests
     flagged unsafe are refused (400, code ``content_filter``) and flagged answers are withheld
     (``finish_reason: "content_filter"``). ``max_body_bytes``: larger request bodies get 413.
+    ``adapters``: {name: LoRA adapter directory} served over the model, unmerged; a request's
+    ``model`` field picks one by name (the model is modified in place).
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
+    adapters = {name: Path(d) for name, d in (adapters or {}).items()}
+    layers = read_adapters(adapters)
     aliases: list[str] = []
     defaults: dict = {}
     if isinstance(model, tuple):
@@ -809,9 +902,16 @@ def create_app(
         name = model_name or path.resolve().name
         aliases = [str(model_dir) for model_dir in (path, path.resolve())]
         defaults = _read_generation_defaults(path)
+    taken = sorted({name, *aliases} & set(adapters))
+    if taken:
+        raise ValueError(f"--adapter {taken[0]}={adapters[taken[0]]}: the base model is served under that name; "
+                         "give the adapter another (--adapter NAME=DIR)")
+    if adapters:
+        stack_onto(model, adapters, layers)
 
     server = OpenAIServer(model, tokenizer, name=name, aliases=aliases, api_key=api_key,
-                          max_batch_size=max_batch_size, max_queue=max_queue, guard=guard, defaults=defaults)
+                          max_batch_size=max_batch_size, max_queue=max_queue, guard=guard, defaults=defaults,
+                          adapters=list(adapters))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -834,11 +934,10 @@ def create_app(
                 "waiting": server.engine.queued}
 
     async def models(request: Request) -> dict:
-        return {"object": "list", "data": [server.model_card()]}
+        return {"object": "list", "data": server.model_cards()}
 
     async def model_info(request: Request) -> dict:
-        server.check_model(request.path_params["model_id"])
-        return server.model_card()
+        return server.model_card(server.resolve_model(request.path_params["model_id"])[0])
 
     app.add_api_route("/health", _endpoint(server, health, authorize=False), methods=["GET", "HEAD"])
     app.add_api_route("/v1/models", _endpoint(server, models), methods=["GET"])
@@ -852,12 +951,19 @@ def create_app(
 
 # -- the command ----------------------------------------------------------------------------
 def configure(parser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="model directory (ours, Hugging Face or Meta)")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="model directory (ours, Hugging Face or Meta; a LoRA adapter directory serves its base "
+                             "with that adapter merged)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("LLAMA2_API_KEY"), metavar="KEY",
                         help="require 'Authorization: Bearer KEY' (default: $LLAMA2_API_KEY; none = open)")
     parser.add_argument("--model-name", metavar="NAME", help="the model id clients use (default: the directory name)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="serve a LoRA adapter directory (PEFT's format) over --model, under the model id NAME "
+                             "(repeat for several; requests for different adapters share a batch). A bare DIR is "
+                             "named after its directory, or after the run for a LoRA run's RUN/model or "
+                             "RUN/adapter folder. Requests naming --model's own id get the base model")
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default: 8)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="sequences allowed to wait for a free slot before answering 503 (default: 64)")
@@ -904,6 +1010,7 @@ def main(args) -> int:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     device = check_device(args.device)
     dtype = parse_dtype(args.dtype)
+    adapters = parse_adapters(args.adapter)
     sock = _listen(args.host, args.port)
     try:
         guard = None
@@ -912,10 +1019,11 @@ def main(args) -> int:
         app = create_app(args.model, api_key=args.api_key, max_batch_size=args.max_batch_size,
                          max_queue=args.max_queue, guard=guard, model_name=args.model_name,
                          device=device, dtype=dtype, max_body_bytes=args.max_body_bytes,
-                         verify=args.verify)
+                         verify=args.verify, adapters=adapters)
         name = app.state.server.name
         port = sock.getsockname()[1]
-        print(f"serving {name!r} on http://{args.host}:{port}/v1 ({device})", flush=True)
+        with_adapters = f" with adapter(s) {', '.join(map(repr, adapters))}" if adapters else ""
+        print(f"serving {name!r}{with_adapters} on http://{args.host}:{port}/v1 ({device})", flush=True)
         if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
             print("warning: listening beyond this machine without --api-key", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])

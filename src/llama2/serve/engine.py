@@ -29,6 +29,11 @@ fails that row alone: its handle gets an ``EngineError`` and every other row kee
 A failed prefill forward fails only the requests joining in it (their rows were never added).
 Only a failure of what the rows share — the batched decode forward or moving the cache
 around — fails every row in the batch, since their cache can no longer be trusted.
+
+**Adapters.** A model with several LoRA adapters stacked over its weights
+(``model.lora.stack_adapters``) serves them all from one batch: each request names its adapter
+(``Request.adapter``, 0 = the base alone) and right before every forward pass, prefill and
+decode, ``select_adapters`` gives each row of that pass its own.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from torch import Tensor, nn
 
 from llama2.generate import SamplingParams, sample, truncate_at_stop
 from llama2.model import Transformer
+from llama2.model.lora import MultiLoRALinear, select_adapters
 
 log = logging.getLogger("llama2.serve")
 
@@ -78,6 +84,7 @@ class Request:
     params: SamplingParams
     prompt_logprobs: int | None = None  # echo: log-prob of every prompt token (+ this many alternatives)
     continue_prompt: bool = True  # text continues the prompt (completions) or stands alone (chat)
+    adapter: int = 0  # which stacked LoRA adapter decodes it: i + 1 for adapter i, 0 = the base alone
 
 
 @dataclass
@@ -184,9 +191,11 @@ class _Row:
     vocabulary, a seed torch refuses) fails here, alone, instead of inside a shared forward.
     """
 
-    def __init__(self, handle: Handle, tokenizer, vocab_size: int, max_seq_len: int, device):
+    def __init__(self, handle: Handle, tokenizer, vocab_size: int, max_seq_len: int, device, adapters: int = 0):
         req = handle.request
         _check_prompt(req.prompt, vocab_size, max_seq_len)
+        if not (isinstance(req.adapter, int) and 0 <= req.adapter <= adapters):
+            raise ValueError(f"adapter {req.adapter!r} does not exist (this model has {adapters})")
         self.handle, self.params = handle, req.params
         self.start = 0  # set when it joins the batch
         self.max_new = min(req.params.max_new_tokens, max_seq_len - len(req.prompt))
@@ -293,6 +302,8 @@ class Engine:
         shape = (max_batch_size, cfg.n_kv_heads, self.capacity, cfg.head_dim)
         self.keys = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in model.layers]
         self.values = [torch.zeros(shape, dtype=ref.dtype, device=ref.device) for _ in model.layers]
+        # How many LoRA adapters are stacked over the weights (0: a plain model, nothing to select).
+        self.adapters = max((m.A.shape[0] - 1 for m in model.modules() if isinstance(m, MultiLoRALinear)), default=0)
 
         self.rows: list[_Row] = []  # engine thread only; rows[i] lives in cache row i
         self.cursor = 0  # the slot the next decode step writes
@@ -403,6 +414,15 @@ class Engine:
         for layer in self.model.layers:
             layer.attention.cache = None
 
+    def _select(self, rows: Sequence[_Row]) -> None:
+        """Give each row of the next forward pass its request's adapter (a no-op for a plain model)."""
+        if self.adapters:
+            select_adapters(self.model, torch.tensor([r.handle.request.adapter for r in rows], device=self.device))
+
+    def _unselect(self) -> None:
+        if self.adapters:  # the model is the base again for anyone else who runs it
+            select_adapters(self.model, None)
+
     def _shift(self, by: int) -> None:
         """Move every running row's slots by ``by`` (right if positive) along the timeline."""
         n = len(self.rows)
@@ -457,7 +477,8 @@ class Engine:
             if handle.cancelled:
                 continue
             try:
-                rows.append(_Row(handle, self.tokenizer, self.vocab_size, self.max_seq_len, self.device))
+                rows.append(_Row(handle, self.tokenizer, self.vocab_size, self.max_seq_len, self.device,
+                                 self.adapters))
             except Exception as e:
                 log.warning("request refused by the engine: %s: %s", type(e).__name__, e)
                 handle._emit(_failure(e))
@@ -485,10 +506,12 @@ class Engine:
             mask = ((keys >= starts) & (keys <= query)) | (keys == query)
             positions = (torch.arange(width, device=dev).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
             self._attach(n, n + k)
+            self._select(rows)
             try:
                 h = self.model.hidden_states(tokens, positions=positions, slots=slots, mask=mask)
             finally:
                 self._detach()
+                self._unselect()
             # Only the last position's logits are needed to continue, unless the prompt's own
             # log-probs were asked for (echo): projecting every position to the vocabulary is
             # the costliest part of a long prefill.
@@ -526,10 +549,12 @@ class Engine:
         positions = (c - starts).view(n, 1)
         mask = torch.arange(c + 1, device=dev).view(1, 1, 1, c + 1) >= starts.view(n, 1, 1, 1)
         self._attach(0, n)
+        self._select(self.rows)
         try:
             logits = self.model(tokens, positions=positions, slots=torch.tensor([c], device=dev), mask=mask)
         finally:
             self._detach()
+            self._unselect()
         self.cursor += 1
         self.stats["steps"] += 1
         self.stats["row_steps"] += n

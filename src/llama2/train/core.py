@@ -54,7 +54,9 @@ from tqdm import tqdm
 
 from llama2.checkpoint import save_model
 from llama2.checkpoint.safe import load_dcp, load_tensors, read_state_json, refuse_legacy, write_state_json
+from llama2.model.lora import lora_summary
 from llama2.recipe import config_diff, setting, to_dict, write_recipe
+from llama2.train.lora import LoraConfig, adapt, export_adapter, load_trainable, lora_setting, trainable_state
 from llama2.train.state import (
     RESUME_HELP,
     barrier,
@@ -109,6 +111,7 @@ class TrainConfig:
     peak_tflops: float | None = setting(None, "device peak for MFU, TFLOP/s per rank (default: known GPUs' "
                                               "dense bf16 peak; CPU: 0.1 per thread, an assumption)")
     progress: bool = setting(True, "show a progress bar (rank 0, when attached to a terminal)")
+    lora: LoraConfig = lora_setting()
 
     def __post_init__(self) -> None:
         problems = []
@@ -203,12 +206,14 @@ def lm_loss(model: nn.Module, batch: dict) -> tuple[Tensor, dict]:
 # Throughput: FLOPs and MFU
 # ==========================================================================================
 
-def transformer_flops_per_token(model_cfg, seq_len: int) -> float:
+def transformer_flops_per_token(model_cfg, seq_len: int, frozen_weights: bool = False) -> float:
     """Training FLOPs per token: 6N for the weight matmuls (forward 2N, backward 4N; N without
     the embedding lookup) plus 12 * layers * dim * seq_len for attention scores and values
-    (PaLM appendix B; counted for the full, not the causal, square as is customary)."""
+    (PaLM appendix B; counted for the full, not the causal, square as is customary). With
+    ``frozen_weights`` (LoRA) the backward pass computes no weight gradients: 4N (the adapters'
+    own FLOPs are a rounding error)."""
     n = model_cfg.num_params() - model_cfg.vocab_size * model_cfg.dim
-    return 6.0 * n + 12.0 * model_cfg.n_layers * model_cfg.dim * seq_len
+    return (4.0 if frozen_weights else 6.0) * n + 12.0 * model_cfg.n_layers * model_cfg.dim * seq_len
 
 
 # Dense bf16 peaks, TFLOP/s, by CUDA device name fragment (first match wins).
@@ -339,10 +344,20 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.module = model  # the unwrapped model: its state_dict has the plain parameter names
+        self.lora = cfg.lora.enabled
+        if self.lora:
+            if any(p.is_meta for p in model.parameters()):
+                raise ValueError("LoRA adapts a trained model; this one is on the meta device (pretraining)")
+            # QLoRA on a GPU: each block is moved there and quantized in turn, so the device never
+            # holds the full-precision model.
+            adapt(model, cfg.lora, cfg.seed, device=self.device if self.device.type == "cuda" else None)
+            s = lora_summary(model)
+            self.log(f"{cfg.lora.method}: training {s['trainable']:,} of {s['total']:,} parameters "
+                     f"({s['fraction']:.2%}); rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, targets {cfg.lora.targets}")
         self.model = self._wrap(model, init_weights)
         self.optimizer = build_optimizer(self.module, cfg)
         n_params = sum(p.numel() for p in self.module.parameters())
-        self.flops_per_token = flops_per_token or 6.0 * n_params
+        self.flops_per_token = flops_per_token or (4.0 if self.lora else 6.0) * n_params
         self.peak_flops = device_peak_flops(self.device, cfg.peak_tflops)
         self.step = 0
         self.tokens_seen = 0
@@ -535,10 +550,10 @@ class Trainer:
                 import torch.distributed.checkpoint as dcp
                 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-                model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+                model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sd_options())
                 dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
             elif self.dist.is_main:
-                torch.save(self.module.state_dict(), tmp / "model.pt")
+                torch.save(self._weights(), tmp / "model.pt")
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             # Each rank's own RNG and data position.
             torch.save({"rng": rng_state(), "data": self.train_data.state_dict()},
@@ -569,14 +584,16 @@ class Trainer:
                 raise ValueError(f"{path}: written by an FSDP run; resume it with --distributed fsdp under torchrun")
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sd_options())
             sd = {"model": model_sd, "optim": optim_sd}
             load_dcp(sd, path / "dcp")
-            set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+            set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                           options=self._sd_options(loading=True))
         else:
             if self.mode == "fsdp":
                 raise ValueError(f"{path}: written without FSDP; resume it with --distributed ddp")
-            self.module.load_state_dict(load_tensors(path / "model.pt", map_location=self.device))
+            load_trainable(self.module, load_tensors(path / "model.pt", map_location=self.device), self.lora,
+                           path / "model.pt")
             self.optimizer.load_state_dict(load_tensors(path / "optimizer.pt", map_location=self.device))
         mine = path / f"rank-{self.dist.rank}.pt"
         if mine.is_file() and state.get("world_size") == self.dist.world_size:
@@ -590,6 +607,16 @@ class Trainer:
         changed = config_diff(state.get("config", {}), to_dict(self.run_config))
         if changed:
             self.log(f"resuming with changed settings: {', '.join(changed)}")
+
+    def _weights(self) -> dict[str, Tensor]:
+        return trainable_state(self.module, self.lora)
+
+    def _sd_options(self, loading: bool = False):
+        """FSDP's state-dict options: a LoRA run's checkpoints leave the frozen base out (and so
+        loading one must not ask for it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=self.lora, strict=not (loading and self.lora))
 
     def _resume(self) -> None:
         path = resolve_resume(self.out, self.cfg.resume, self.dist)
@@ -608,16 +635,28 @@ class Trainer:
         if self.mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
-                                                                             cpu_offload=True))
-        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+            return get_model_state_dict(self.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.lora))
+        return {k: v.detach().cpu() for k, v in self._weights().items()}
 
-    def export(self, path: str | Path | None = None, tokenizer=None, save: Callable = save_model, **meta) -> Path:
+    def export(self, path: str | Path | None = None, tokenizer=None, save: Callable = save_model,
+               base: str | Path | None = None, **meta) -> Path:
         """Write the model directory (``out/model``) that ``llama2.load_model`` and transformers
         read: ``save(model, path, tokenizer=tokenizer, **meta)`` on the main rank, e.g.
-        ``save_scalar_model`` and its ``reward_kind``. Call on every rank."""
+        ``save_scalar_model`` and its ``reward_kind``. Call on every rank. A LoRA run writes
+        its adapter over ``base`` (the starting model's directory) instead (train/lora.py)."""
         path = Path(path or self.out / "model")
+        if self.lora and base is None:
+            raise ValueError("a LoRA run's export needs the base model directory its adapters are over")
         state = self.full_state_dict()
+        if self.lora:
+            if self.dist.is_main:
+                scalar = save.__name__ == "save_scalar_model"
+                path = export_adapter(state, self.cfg.lora, base,
+                                      path.parent, tokenizer=tokenizer, scalar=scalar,
+                                      max_len=self.module.config.max_seq_len, **meta)
+            barrier(self.dist)
+            return path
         if self.dist.is_main:
             shell = SimpleNamespace(config=self.module.config, state_dict=lambda: state)
             save(shell, path, tokenizer=tokenizer, **meta)

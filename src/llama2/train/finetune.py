@@ -120,7 +120,8 @@ def finetune(cfg: FinetuneConfig, train: Sequence[Example], val: Sequence[Exampl
 
     last, path = train_and_export(cfg, model, lm_loss, seqs, val_seqs, tokenizer, info=info, describe=describe,
                                   run_config=run_config or cfg,
-                                  flops_per_token=transformer_flops_per_token(model.config, cfg.seq_len),
+                                  flops_per_token=transformer_flops_per_token(model.config, cfg.seq_len,
+                                                                              frozen_weights=cfg.lora.enabled),
                                   quiet=quiet)
     if "val_loss" in last:
         log(f"final val loss {last['val_loss']:.4f}")
@@ -153,5 +154,6 @@ def train_and_export(cfg: TrainConfig, model, loss_fn, train_data, val_data, tok
     trainer = Trainer(cfg, model, loss_fn, loader, evals, run_config=run_config, dist_info=info,
                       flops_per_token=flops_per_token, quiet=quiet)
     last = trainer.fit()
-    path = trainer.export(Path(cfg.out) / "model", tokenizer=tokenizer, save=save, **save_meta)
+    path = trainer.export(Path(cfg.out) / "model", tokenizer=tokenizer, save=save, base=getattr(cfg, "model", None),
+                          **save_meta)
     return last, path

@@ -13,6 +13,12 @@ Each iteration:
 Defaults are the paper's: AdamW (0.9, 0.95, eps 1e-5), weight decay 0.1, clip 1.0, constant LR
 1e-6, batch 512, minibatch 64, beta 0.01 (0.005 for 34B/70B). Rollouts are seeded by
 (seed, iteration), so a resumed run repeats exactly what the uninterrupted one would do.
+
+On one GPU: ``--lora.method lora|qlora`` trains adapters; the reference is then the policy with
+its adapters off and the value model the reward model's trunk with its own adapters;
+``--quantize-rewards`` holds the reward models in NF4; ``--rollout-batch-size``,
+``--micro-batch-size`` and ``--activation-checkpointing`` bound the KV cache and the update's
+activations (``llama2 info --train ... --stage ppo`` plans them).
 """
 
 from __future__ import annotations
@@ -34,10 +40,12 @@ from llama2.checkpoint import load_model, load_scalar_model, load_tokenizer, sav
 from llama2.checkpoint.safe import load_tensors, read_state_json, refuse_legacy, write_state_json
 from llama2.generate import Generator, SamplingParams
 from llama2.model.heads import ScalarModel
+from llama2.model.lora import adapter_state_dict, adapters_disabled
 from llama2.recipe import add_config_args, setting
 from llama2.scoring import RewardScorer, load_rl_prompts
 from llama2.train.core import build_optimizer
 from llama2.train.finetune import stage_main
+from llama2.train.lora import LoraConfig, adapt, export_adapter, load_trainable, lora_setting, trainable_state
 from llama2.train.rlhf import gae, masked_mean, ppo_policy_loss, ppo_reward, token_rewards, value_loss
 from llama2.train.state import (
     RESUME_HELP,
@@ -71,6 +79,13 @@ class PPOConfig:
     max_steps: int = setting(200, "PPO iterations (§3.2.3: 200 to 400, with early stopping)")
     batch_size: int = setting(512, "prompts per iteration (§3.2.3: 512)")
     minibatch_size: int = setting(64, "rollouts per gradient step (§3.2.3: 64; one step per minibatch)")
+    micro_batch_size: int = setting(0, "rollouts per forward pass: each minibatch's gradient is accumulated over "
+                                       "micro-batches of this many (and rollouts are scored this many at a time); "
+                                       "0 = the whole minibatch in one pass")
+    rollout_batch_size: int = setting(0, "prompts answered together (rows of the KV cache); 0 = the whole batch at "
+                                         "once")
+    activation_checkpointing: bool = setting(False, "recompute each block's activations in backward (policy and "
+                                                    "value model)")
     lr: float = setting(1e-6, "policy learning rate, constant (§3.2.3: 1e-6)")
     value_lr: float = setting(1e-6, "value-model learning rate, constant")
     weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only (§3.2.3: 0.1)")
@@ -94,6 +109,9 @@ class PPOConfig:
     resume: str = setting("auto", RESUME_HELP, const="latest", metavar="auto|latest|never|DIR")
     progress: bool = setting(True, "show a progress bar (when attached to a terminal)")
     world_seed: int = setting(0, "seed of the bundled assistant world")
+    quantize_rewards: bool = setting(False, "hold the two frozen reward models with their linear weights in 4-bit "
+                                            "NF4 (QLoRA's format): about a quarter of their bf16 memory")
+    lora: LoraConfig = lora_setting()
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be positive, got {getattr(self, name)}"
@@ -101,7 +119,8 @@ class PPOConfig:
                     if getattr(self, name) <= 0]
         problems += [f"{name} must be positive, got {getattr(self, name)}" for name in ("lr", "value_lr")
                      if getattr(self, name) <= 0]
-        problems += [f"{name} must be >= 0, got {getattr(self, name)}" for name in ("save_every", "keep_last")
+        problems += [f"{name} must be >= 0, got {getattr(self, name)}"
+                     for name in ("save_every", "keep_last", "micro_batch_size", "rollout_batch_size")
                      if getattr(self, name) < 0]
         if not problems and self.batch_size % self.minibatch_size:
             problems.append(f"batch_size={self.batch_size} is not divisible by minibatch_size={self.minibatch_size}")
@@ -141,12 +160,25 @@ class PPOTrainer:
         # All five models on one device: rollouts, scoring and the updates run on the GPU when
         # there is one, each model in the dtype it was saved in.
         self.device = device = default_device()
-        self.policy = load_model(cfg.model, device=device).train()
-        self.reference = load_model(cfg.model, device=device).eval().requires_grad_(False)
+        lora = cfg.lora.enabled
+        self.policy = load_model(cfg.model, device="cpu" if lora else device)
         self.tokenizer = load_tokenizer(cfg.model, self.policy.config.vocab_size)
-        self.value = (load_scalar_model(cfg.reward_model, device=device) if cfg.value_init == "reward"
-                      else ScalarModel.from_language_model(self.policy, seed=cfg.seed)).train()
-        self.scorer = RewardScorer(cfg.reward_model, cfg.safety_model or None, device=device)
+        self.value = (load_scalar_model(cfg.reward_model, device="cpu" if lora else device)
+                      if cfg.value_init == "reward" else ScalarModel.from_language_model(self.policy, seed=cfg.seed))
+        if lora:
+            # With LoRA the reference is the policy with its adapters off (one copy of the base,
+            # §3.2.3's frozen pi_0), and the value model is the reward model's trunk with its own
+            # adapters; QLoRA holds both bases in NF4. Blocks move to the GPU one at a time.
+            adapt(self.policy, cfg.lora, cfg.seed, device=device)
+            adapt(self.value, cfg.lora, cfg.seed + 1, device=device)
+            self.reference = None
+        else:
+            self.reference = load_model(cfg.model, device=device).eval().requires_grad_(False)
+        self.policy.train()
+        self.value.train()
+        self.policy.gradient_checkpointing = self.value.gradient_checkpointing = cfg.activation_checkpointing
+        self.scorer = RewardScorer(cfg.reward_model, cfg.safety_model or None, device=device,
+                                   quantize=cfg.quantize_rewards)
         self.opt_policy = build_optimizer(self.policy, cfg)
         self.opt_value = build_optimizer(self.value, dataclasses.replace(cfg, lr=cfg.value_lr))
         self.prompts = load_prompts(cfg)
@@ -165,9 +197,13 @@ class PPOTrainer:
         prompt_ids = [encode_chat(self.tokenizer, b["messages"]) for b in batch]
         gen = Generator(self.policy, self.tokenizer)
         t0 = time.perf_counter()
-        outs = gen.generate(prompt_ids, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                                                       max_new_tokens=cfg.max_new_tokens,
-                                                       seed=cfg.seed * 1_000_003 + self.iteration))
+        # --rollout-batch-size bounds the KV cache (rows generated together); each further chunk
+        # draws from its own seed.
+        n, outs = cfg.rollout_batch_size or len(prompt_ids), []
+        for c, i in enumerate(range(0, len(prompt_ids), n)):
+            outs += gen.generate(prompt_ids[i:i + n], SamplingParams(
+                temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                seed=cfg.seed * 1_000_003 + self.iteration + c * 1_000_000_007))
         gen_seconds = time.perf_counter() - t0
         # An answer that ended with EOS keeps it: emitting EOS is part of the policy's action.
         answers = [o.tokens + ([self.tokenizer.eos_id] if o.finish_reason == "stop" else []) for o in outs]
@@ -179,9 +215,20 @@ class PPOTrainer:
         roll = {k: v.to(self.device) for k, v in build_rollout(prompt_ids, answers).items()}
         roll["score"] = ppo_reward(s["helpful"], s["safety"], torch.tensor([b["safety"] for b in batch]),
                                    cfg.safety_threshold).to(self.device)
-        roll["logp"] = token_logprobs(self.policy, roll["tokens"])
-        roll["ref_logp"] = token_logprobs(self.reference, roll["tokens"])
-        roll["values"] = self.value(roll["tokens"][:, :-1])
+        # Old log-probs, reference log-probs and values one minibatch at a time: float32 logits of
+        # all 512 rollouts at once would be the largest tensor of the whole run (8 bytes x vocab
+        # per token, ~84 GB at 7B).
+        def chunked(fn):
+            n = cfg.micro_batch_size or cfg.minibatch_size
+            return torch.cat([fn(roll["tokens"][i:i + n]) for i in range(0, len(roll["tokens"]), n)])
+
+        roll["logp"] = chunked(lambda t: token_logprobs(self.policy, t))
+        if self.reference is None:
+            with adapters_disabled(self.policy):
+                roll["ref_logp"] = chunked(lambda t: token_logprobs(self.policy, t))
+        else:
+            roll["ref_logp"] = chunked(lambda t: token_logprobs(self.reference, t))
+        roll["values"] = chunked(lambda t: self.value(t[:, :-1]))
         self.policy.train()
         n_new = sum(len(a) for a in answers)
         stats = {f"reward_{k}": float(v.mean()) for k, v in s.items()}
@@ -203,24 +250,33 @@ class PPOTrainer:
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "entropy": 0.0}
         n_mb = 0
+        micro = cfg.micro_batch_size or cfg.minibatch_size
         for start in range(0, len(order), cfg.minibatch_size):  # one gradient step per minibatch
             idx = order[start:start + cfg.minibatch_size]
-            tokens, m = roll["tokens"][idx], mask[idx]
-            logits = self.policy(tokens[:, :-1])
-            logp_all = torch.log_softmax(logits.float(), dim=-1)
-            logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-            p_loss, clip_frac = ppo_policy_loss(logp, roll["logp"][idx], adv[idx], m, cfg.ppo_clip)
-            entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), m)
-            values = self.value(tokens[:, :-1])
-            v_loss = value_loss(values, roll["values"][idx], returns[idx], m, cfg.value_clip)
-            for loss, model, opt in ((p_loss, self.policy, self.opt_policy), (v_loss, self.value, self.opt_value)):
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+            n_answer = mask[idx].sum().clamp(min=1)
+            self.opt_policy.zero_grad(set_to_none=True)
+            self.opt_value.zero_grad(set_to_none=True)
+            # The minibatch's gradient, accumulated over micro-batches of `micro` rollouts (one
+            # forward pass each): each micro-batch's token-mean losses weighted by its share of the
+            # minibatch's answer tokens sum to the minibatch's token means.
+            for part in idx.split(micro):
+                tokens, m = roll["tokens"][part], mask[part]
+                share = m.sum() / n_answer if len(part) < len(idx) else 1.0
+                logits = self.policy(tokens[:, :-1])
+                logp_all = torch.log_softmax(logits.float(), dim=-1)
+                logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+                p_loss, clip_frac = ppo_policy_loss(logp, roll["logp"][part], adv[part], m, cfg.ppo_clip)
+                entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), m)
+                values = self.value(tokens[:, :-1])
+                v_loss = value_loss(values, roll["values"][part], returns[part], m, cfg.value_clip)
+                (p_loss * share).backward()
+                (v_loss * share).backward()
+                for k, v in (("policy_loss", p_loss.detach()), ("value_loss", v_loss.detach()),
+                             ("clip_frac", clip_frac), ("entropy", entropy.detach())):
+                    totals[k] += float(v * share)
+            for model, opt in ((self.policy, self.opt_policy), (self.value, self.opt_value)):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                 opt.step()
-            for k, v in (("policy_loss", p_loss.detach()), ("value_loss", v_loss.detach()), ("clip_frac", clip_frac),
-                         ("entropy", entropy.detach())):
-                totals[k] += v.item()
             n_mb += 1
         self.iteration += 1
         return {"iteration": self.iteration, **roll["stats"], "kl": float(kl.sum(1).mean()),
@@ -230,7 +286,8 @@ class PPOTrainer:
     def save_checkpoint(self) -> Path:
         """``checkpoints/step-N`` (N = iteration), atomically, as the trainer writes its own."""
         with checkpoint_folder(self.out, self.iteration, self.cfg.keep_last) as tmp:
-            torch.save({"policy": self.policy.state_dict(), "value": self.value.state_dict(),
+            lora = self.cfg.lora.enabled
+            torch.save({"policy": trainable_state(self.policy, lora), "value": trainable_state(self.value, lora),
                         "opt_policy": self.opt_policy.state_dict(), "opt_value": self.opt_value.state_dict()},
                        tmp / "model.pt")
             # Tensors only (RNG states) in a .pt file, the rest in plain JSON: neither can run code.
@@ -250,8 +307,8 @@ class PPOTrainer:
             raise FileNotFoundError(f"{path}: not a checkpoint (no trainer.json)")
         trainer = read_state_json(path / "trainer.json")
         state = load_tensors(path / "model.pt", map_location=self.device)
-        self.policy.load_state_dict(state["policy"])
-        self.value.load_state_dict(state["value"])
+        for name, model in (("policy", self.policy), ("value", self.value)):
+            load_trainable(model, state[name], self.cfg.lora.enabled, path / f"model.pt[{name}]")
         self.opt_policy.load_state_dict(state["opt_policy"])
         self.opt_value.load_state_dict(state["opt_value"])
         self.iteration = trainer["step"]
@@ -282,7 +339,11 @@ class PPOTrainer:
                 self.log(f"early stop: KL {last['kl']:.3f} > max_kl {cfg.max_kl}")
                 break
         bar.close()
-        save_model(self.policy, self.out / "model", tokenizer=self.tokenizer)
+        if self.cfg.lora.enabled:
+            export_adapter({k: v.cpu() for k, v in adapter_state_dict(self.policy).items()}, cfg.lora, cfg.model,
+                           self.out, tokenizer=self.tokenizer, max_len=self.policy.config.max_seq_len)
+        else:
+            save_model(self.policy, self.out / "model", tokenizer=self.tokenizer)
         self.log(f"PPO policy written to {self.out / 'model'}")
         return last
 

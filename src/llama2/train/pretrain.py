@@ -46,6 +46,7 @@ from llama2.train.core import (
     parallel_mode,
     transformer_flops_per_token,
 )
+from llama2.train.lora import refuse_lora
 from llama2.train.state import barrier, check_resume
 from llama2.utils import log_to_stderr
 
@@ -61,6 +62,7 @@ class PretrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_lora(self, "pretraining")
         if self.seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
         if self.seq_len > self.model.max_seq_len:
