@@ -59,6 +59,26 @@ def pretrain_data(tmp_path_factory):
     return root / "data"
 
 
+SMALL_VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    """A 320-piece tokenizer trained with Llama 2's settings (GGUFReader parses the real 32k-entry
+    vocabulary slowly)."""
+    import sentencepiece as spm
+
+    from llama2.checkpoint import load_tokenizer
+    from llama2.tokenizer import LLAMA2_TRAINER_SETTINGS
+
+    root = tmp_path_factory.mktemp("sp")
+    text = "\n".join(f"The quick brown fox {i} jumps over the lazy dog {i * 7}. Hello world!" for i in range(300))
+    (root / "text.txt").write_text(text)
+    spm.SentencePieceTrainer.train(input=str(root / "text.txt"), model_prefix=str(root / "tokenizer"),
+                                   vocab_size=SMALL_VOCAB, minloglevel=2, **LLAMA2_TRAINER_SETTINGS)
+    return load_tokenizer(root / "tokenizer.model", SMALL_VOCAB)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):

@@ -18,13 +18,13 @@ import torch
 from llama2.checkpoint import CheckpointError, convert, load_model, load_tokenizer, save_model
 from llama2.cli import main as cli
 
+from .conftest import SMALL_VOCAB
 from .test_checkpoint import FIXTURE, META_PARAMS, logits, meta_weights, random_model, reference_forward, tiny
 from .test_checkpoint import write_meta as write_meta_dir
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (pip install 'llama2[gguf]') is not installed")
 
 VOCAB = 32000
-SMALL_VOCAB = 320
 TO_GGUF = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
            "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
            "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
@@ -55,22 +55,6 @@ def tensors(reader) -> dict[str, torch.Tensor]:
             x = torch.from_numpy(data.copy())
         out[t.name] = x.reshape([int(n) for n in reversed(t.shape)])
     return out
-
-
-@pytest.fixture(scope="module")
-def small_tokenizer(tmp_path_factory):
-    """A 320-piece tokenizer trained with Llama 2's settings: GGUFReader parses 32k-entry
-    vocabularies slowly, so only the metadata tests use the real one."""
-    import sentencepiece as spm
-
-    from llama2.tokenizer import LLAMA2_TRAINER_SETTINGS
-
-    root = tmp_path_factory.mktemp("sp")
-    text = "\n".join(f"The quick brown fox {i} jumps over the lazy dog {i * 7}. Hello world!" for i in range(300))
-    (root / "text.txt").write_text(text)
-    spm.SentencePieceTrainer.train(input=str(root / "text.txt"), model_prefix=str(root / "tokenizer"),
-                                   vocab_size=SMALL_VOCAB, minloglevel=2, **LLAMA2_TRAINER_SETTINGS)
-    return load_tokenizer(root / "tokenizer.model", SMALL_VOCAB)
 
 
 @pytest.fixture(scope="module")

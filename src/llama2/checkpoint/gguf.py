@@ -2,7 +2,19 @@
 
 llama.cpp's ``llama`` architecture keeps wq/wk in Meta's adjacent-pair RoPE layout, so their
 rows are permuted back from our rotate-half layout. 1-D norm weights stay float32 (as
-llama.cpp's own converter does); the matrices are written as float32, float16 or bfloat16.
+llama.cpp's own converter does); the matrices are written as float32, float16 or bfloat16, or
+quantized to Q8_0 or Q4_0 (``quant``).
+
+Quantized export follows ``llama-quantize --pure``: every 2-D weight (attention, FFN,
+``token_embd`` and ``output``, which llama-quantize without ``--pure`` would bump to Q6_K for
+Q4_0) is in the chosen type, the 1-D norms stay F32, a matrix whose rows are not a multiple
+of the 32-value block falls back to F16 with a log line (as llama.cpp's
+``tensor_type_fallback`` does), and ``general.file_type`` is MOSTLY_Q8_0 / MOSTLY_Q4_0. The
+blocks come from the ``gguf`` package's quantizer (``gguf.quants.quantize``, which matches
+ggml's ``quantize_row_q8_0_ref`` / ``quantize_row_q4_0_ref`` bit for bit) applied to the
+source weights' float32 values. One difference from llama.cpp's usual route: llama-quantize
+run on an f16 GGUF starts from f16-rounded values, so for a float32 or bfloat16 checkpoint
+its blocks can differ slightly from ours (ours start from the exact weights).
 
 Tensors are read one at a time (memory-mapped where the source allows) and streamed into the
 file after the header, so an export never holds more than one tensor in memory. A LoRA adapter
@@ -13,6 +25,7 @@ file after the header, so an export never holds more than one tensor in memory. 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -30,6 +43,8 @@ from .errors import CheckpointError
 from .locate import detect_format, load_tokenizer
 
 GGUF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# --dtype name -> (GGMLQuantizationType, LlamaFileType) member names in the gguf package
+GGUF_QUANTS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
 
 # our parameter name -> llama.cpp's tensor name (llama.cpp's convert_hf_to_gguf.py)
 _TO_GGUF = [
@@ -107,13 +122,21 @@ def write_gguf(
     dtype: torch.dtype = torch.float16,
     name: str | None = None,
     progress: Callable[[str], None] | None = None,
+    quant: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a llama.cpp GGUF file. ``get_tensor(our_name)`` returns a weight in our
-    (rotate-half) layout; it is called once per tensor, in llama.cpp's usual order."""
+    (rotate-half) layout; it is called once per tensor, in llama.cpp's usual order.
+
+    ``quant`` ('q8_0' or 'q4_0') quantizes the 2-D weights from their float32 values instead of
+    casting them to ``dtype`` (see the module docstring); ``log`` receives the line about each
+    matrix that falls back to F16 (default: this module's logger)."""
     gguf = _import_gguf()
     path = Path(path)
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"GGUF export writes float32, float16 or bfloat16, not {dtype}")
+    if quant is not None and quant not in GGUF_QUANTS:
+        raise ValueError(f"GGUF export quantizes to {' or '.join(GGUF_QUANTS)}, not {quant!r}")
     if tokenizer is None:
         raise CheckpointError(f"{path}: a GGUF file needs the tokenizer; no tokenizer.model was found")
     if tokenizer.vocab_size != cfg.vocab_size:
@@ -122,6 +145,12 @@ def write_gguf(
             f"{cfg.vocab_size}"
         )
     matrix_type, file_type = _ggml_type(gguf, dtype)
+    if quant is not None:
+        qname, fname = GGUF_QUANTS[quant]
+        matrix_type, file_type = gguf.GGMLQuantizationType[qname], gguf.LlamaFileType[fname]
+        block = gguf.GGML_QUANT_SIZES[matrix_type][0]
+    if log is None:
+        log = logging.getLogger(__name__).warning
 
     with torch.device("meta"):
         shapes = {n: tuple(t.shape) for n, t in Transformer(cfg).state_dict().items()}
@@ -147,8 +176,19 @@ def write_gguf(
         plan = []
         for ours, shape in shapes.items():
             is_matrix = len(shape) > 1
-            ggml_type = matrix_type if is_matrix else gguf.GGMLQuantizationType.F32
-            store = dtype if is_matrix else torch.float32
+            if is_matrix and quant is not None:
+                if shape[-1] % block == 0:
+                    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, matrix_type)
+                    writer.add_tensor_info(gguf_name(ours), byte_shape, np.dtype("uint8"),
+                                           int(np.prod(byte_shape)), raw_dtype=matrix_type)
+                    plan.append((ours, shape, matrix_type))
+                    continue
+                log(f"{gguf_name(ours)}: rows of {shape[-1]} values are not a multiple of {quant}'s "
+                    f"{block}-value block; writing it as F16 (as llama.cpp does)")
+                ggml_type, store = gguf.GGMLQuantizationType.F16, torch.float16
+            else:
+                ggml_type = matrix_type if is_matrix else gguf.GGMLQuantizationType.F32
+                store = dtype if is_matrix else torch.float32
             np_dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "int16"}[store]
             nbytes = torch.Size(shape).numel() * (4 if store == torch.float32 else 2)
             writer.add_tensor_info(gguf_name(ours), shape, np.dtype(np_dtype), nbytes, raw_dtype=ggml_type)
@@ -167,7 +207,10 @@ def write_gguf(
                 t = meta.hf_to_meta_rows(t, cfg.n_heads)
             elif ours.endswith("attention.wk.weight"):
                 t = meta.hf_to_meta_rows(t, cfg.n_kv_heads)
-            writer.write_tensor_data(_to_numpy(t.to(store)))
+            if isinstance(store, torch.dtype):
+                writer.write_tensor_data(_to_numpy(t.to(store)))
+            else:  # a quantization type: blocks from the float32 values
+                writer.write_tensor_data(gguf.quants.quantize(_to_numpy(t.to(torch.float32)), store))
             del t
             if progress is not None:
                 progress(ours)
@@ -315,13 +358,16 @@ def export_gguf(
     progress: Callable[[str], None] | None = None,
     verify: bool = True,
     adapter: str | os.PathLike | None = None,
+    quant: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Convert a model directory (ours/Hugging Face, Meta's, or a LoRA adapter directory) to one
     GGUF file; ``adapter``: a LoRA adapter directory merged into ``src`` on the way.
 
-    ``dtype`` None keeps the checkpoint's floating-point type. The tokenizer is the directory's
-    ``tokenizer.model`` (or the one a folder up, as in Meta's downloads; an adapter's base's)
-    unless given."""
+    ``dtype`` None keeps the checkpoint's floating-point type. ``quant`` ('q8_0' or 'q4_0')
+    quantizes the matrices instead (:func:`write_gguf`; a matrix that falls back is F16). The
+    tokenizer is the directory's ``tokenizer.model`` (or the one a folder up, as in Meta's
+    downloads; an adapter's base's) unless given."""
     src, dst = Path(src), Path(dst)
     with open_merged(src, verify, adapter) as (cfg, get):
         if tokenizer_path is not None:
@@ -331,7 +377,10 @@ def export_gguf(
         if tok_file is None:
             raise CheckpointError(f"{src}: no tokenizer.model found (GGUF needs one); pass the tokenizer path")
         tokenizer = load_tokenizer(tok_file, cfg.vocab_size)
-        if dtype is None:
+        if quant is not None:
+            dtype = torch.float16  # not used for matrices: those not quantized are F16, as in llama.cpp
+        elif dtype is None:
             first = get("tok_embeddings.weight").dtype
             dtype = first if first in GGUF_DTYPES else torch.float16
-        return write_gguf(dst, cfg, get, tokenizer, dtype, name=src.resolve().name, progress=progress)
+        return write_gguf(dst, cfg, get, tokenizer, dtype, name=src.resolve().name, progress=progress,
+                          quant=quant, log=log)

@@ -3,6 +3,7 @@
     llama2 chat --model runs/demo/sft
     llama2 chat --model llama-2-7b-chat/ --system "Answer in one sentence." --temperature 0
     llama2 chat --model llama-2-7b/ --adapter runs/lora/model   # a LoRA adapter, merged as it loads
+    llama2 chat --model llama-2-7b-chat/ --quantize int4        # int4 weights (or int8, int4:GROUP)
 
 Each answer is streamed as it is decoded. The conversation is re-encoded every turn with
 Meta's format (one BOS ... EOS per exchange); when it would no longer leave
@@ -50,7 +51,8 @@ def read_line(interactive: bool) -> str | None:
 
 def main(args) -> int:
     params = sampling_params(args)  # validate before loading
-    model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify, args.adapter)
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify, args.adapter,
+                                          args.quantize)
     gen = Generator(model, tokenizer, compile=args.compile)
     session = ChatSession(tokenizer, gen.max_seq_len, params.max_new_tokens, args.system)
     interactive = sys.stdin.isatty()

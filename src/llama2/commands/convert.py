@@ -3,12 +3,17 @@
     llama2 convert llama-2-7b/ llama-2-7b-hf/ --to hf
     llama2 convert llama-2-70b-hf/ llama-2-70b/ --to meta --shards 8
     llama2 convert llama-2-7b-hf/ llama-2-7b.f16.gguf --to gguf --dtype f16
+    llama2 convert llama-2-7b-hf/ llama-2-7b.q8_0.gguf --dtype q8_0   # or q4_0: quantized for llama.cpp
     llama2 convert llama-2-7b-hf/ my-model/ --merge-adapter runs/lora/model
     llama2 convert runs/lora/model my-model.gguf      # an adapter directory: its base + the adapter
 
 A LoRA adapter (PEFT's adapter_config.json + adapter_model.safetensors) is folded into the
 weights as they are streamed, ``W + scaling * B @ A``, one tensor at a time: the output is a
 plain model any tool reads, with nothing left of the adapter.
+
+``--dtype q8_0`` / ``q4_0`` (GGUF only) quantizes the matrices as ``llama-quantize --pure``
+does, from the source's float32 values; the norms stay F32 and a matrix whose rows are not a
+multiple of 32 is written as F16 (``llama2.checkpoint.gguf``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from llama2.checkpoint import convert, detect_format, load_state, parse_dtype
+from llama2.checkpoint import CheckpointError, convert, detect_format, load_state, parse_dtype, staged
+from llama2.checkpoint.gguf import GGUF_QUANTS, export_gguf
 from llama2.model import Transformer
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
@@ -51,8 +57,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "adapter merged into its weights, a plain model")
     p.add_argument("--shards", type=int, default=1, metavar="N",
                    help="model-parallel files for --to meta (Meta used 1 for 7B, 2 for 13B, 8 for 70B)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16"),
-                   help="cast the weights (default: keep the checkpoint's)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16", *GGUF_QUANTS),
+                   help="cast the weights (default: keep the checkpoint's); q8_0 and q4_0 (GGUF only) "
+                        "quantize the matrices as llama-quantize --pure does")
     p.add_argument("--tokenizer", default=None, metavar="FILE",
                    help="tokenizer.model to ship (default: the one beside or one folder above SRC)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
@@ -74,14 +81,18 @@ def _target(args, src_format: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
-    dtype = parse_dtype(args.dtype)
+    quant = args.dtype if args.dtype in GGUF_QUANTS else None
+    dtype = None if quant else parse_dtype(args.dtype)
     max_shard_bytes = parse_size(args.max_shard_size)
     if args.tokenizer is not None and not Path(args.tokenizer).is_file():
         raise FileNotFoundError(f"{args.tokenizer}: tokenizer file not found")
     src_format = detect_format(src)
     to = _target(args, src_format)
+    if quant and to != "gguf":
+        raise ValueError(f"--dtype {quant} quantizes for llama.cpp: it needs a GGUF target (a .gguf DST or "
+                         f"--to gguf), not {to}")
     if to == "gguf" and dst.is_dir():
-        dst = dst / f"{src.resolve().name}{'.' + args.dtype if dtype is not None else ''}.gguf"
+        dst = dst / f"{src.resolve().name}{'.' + args.dtype if dtype is not None or quant else ''}.gguf"
     if to != "meta" and args.shards != 1:
         raise ValueError("--shards applies to --to meta only")
 
@@ -96,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
     say(f"{src} ({src_format}){merged}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads "
         f"({cfg.n_kv_heads} kv), vocab {cfg.vocab_size}, {cfg.num_params():,} parameters")
     shards = f", {args.shards} shard(s)" if to == "meta" else ""
-    say(f"writing {to}{shards}{f' as {args.dtype}' if dtype else ''} -> {dst}")
+    say(f"writing {to}{shards}{f' as {args.dtype}' if dtype or quant else ''} -> {dst}")
 
     done = 0
     start = time.monotonic()
@@ -112,8 +123,25 @@ def main(args: argparse.Namespace) -> int:
         elif done == total or done % max(1, total // 10) == 0:
             print(f"  [{done}/{total}] {name}", file=sys.stderr, flush=True)
 
-    out = convert(src, dst, to, n_shards=args.shards, max_shard_bytes=max_shard_bytes, dtype=dtype,
-                  tokenizer=args.tokenizer, progress=progress, verify=args.verify, adapter=args.merge_adapter)
+    if quant:
+        # convert()'s dtype is a torch dtype: the quantization goes to export_gguf, staged as convert does
+        if src.resolve() == dst.resolve():
+            raise CheckpointError(f"{dst}: output must differ from the input")
+        if dst.is_dir():
+            raise CheckpointError(f"{dst}: is a directory; a GGUF target is a file")
+
+        def log(line: str) -> None:
+            if tty and not args.quiet:
+                print(file=sys.stderr)
+            say(f"  {line}")
+
+        with staged(dst, directory=False) as tmp:
+            export_gguf(src, tmp, tokenizer_path=args.tokenizer, progress=progress, verify=args.verify,
+                        adapter=args.merge_adapter, quant=quant, log=log)
+        out = dst
+    else:
+        out = convert(src, dst, to, n_shards=args.shards, max_shard_bytes=max_shard_bytes, dtype=dtype,
+                      tokenizer=args.tokenizer, progress=progress, verify=args.verify, adapter=args.merge_adapter)
     if tty and not args.quiet:
         print(file=sys.stderr)
     say(f"done in {time.monotonic() - start:.1f}s: {out}")

@@ -4,9 +4,14 @@
     llama2 generate --model llama-2-7b/ --prompt-file prompt.txt --temperature 0 --max-new-tokens 64
     echo "Once upon a time" | llama2 generate --model DIR --prompt - --json --seed 0
     llama2 generate --model llama-2-7b/ --adapter runs/lora/model --prompt "Hello"
+    llama2 generate --model llama-2-7b/ --quantize int8 --prompt "Hello"
 
 ``--adapter DIR`` applies a LoRA adapter (PEFT's format) to the model: it is folded into the
 weights as they load, so decoding runs exactly as fast as with a plain model.
+
+``--quantize int8|int4[:GROUP]`` quantizes every linear layer after loading (weight-only: int8
+per output channel, or int4 with a scale and zero per GROUP = 32/64/128 inputs, default 128) and
+decodes with PyTorch's packed kernels (``llama2.model.quant``).
 
 Text is streamed to stdout as it is decoded; ``--json`` prints one object instead:
 ``{"text", "tokens", "logprobs", "prompt_tokens", "finish_reason"}``. Defaults are Meta's
@@ -24,13 +29,14 @@ import torch
 
 from llama2.checkpoint import load_model, load_state, load_tokenizer
 from llama2.generate import Generator, SamplingParams
+from llama2.model.quant import parse_quantize, quantize_model
 from llama2.utils import check_device
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model/--adapter/--dtype/--device/--no-verify, shared with ``llama2 chat``."""
+    """--model/--adapter/--dtype/--device/--no-verify/--compile/--quantize, shared with ``llama2 chat``."""
     p.add_argument("--model", type=Path, required=True, metavar="DIR",
                    help="model directory (config.json + safetensors, or Meta's params.json + consolidated.*.pth); "
                         "a LoRA adapter directory also works: its recorded base with the adapter merged")
@@ -46,6 +52,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU): faster decoding after a first "
                         "call that compiles")
+    p.add_argument("--quantize", default=None, metavar="int8|int4[:GROUP]",
+                   help="quantize every linear layer after loading (weight-only): int8 per output channel, or "
+                        "int4 with a scale and zero per GROUP inputs (32, 64 or 128; default 128). Smaller and, "
+                        "on CPU, faster; slightly less accurate")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -88,12 +98,15 @@ def read_prompt(args) -> str:
 
 
 def load_for_inference(path: Path, dtype: str = "auto", device: str | None = None, verify: bool = True,
-                       adapter: Path | None = None):
+                       adapter: Path | None = None, quantize: str | None = None):
     """(model, tokenizer) ready for decoding. The device and the tokenizer (against the model's
     vocabulary) are checked before any weight is read, so a mistake fails fast with one clear
     line. ``verify`` checks the weight files against the directory's checksums. ``adapter``: a
-    LoRA adapter directory merged into the model at ``path`` (the tokenizer is the base's)."""
+    LoRA adapter directory merged into the model at ``path`` (the tokenizer is the base's).
+    ``quantize``: "int8" / "int4" / "int4:GROUP", applied after loading (and merging)."""
     device = check_device(device)
+    if quantize is not None:
+        parse_quantize(quantize)  # a bad spec fails before any weight is read
     # Config only (and the adapter's small tensors, so a broken adapter fails before the base
     # is read); the base's tensors are read lazily below.
     cfg = load_state(path, adapter=adapter)[0]
@@ -105,6 +118,8 @@ def load_for_inference(path: Path, dtype: str = "auto", device: str | None = Non
     model = load_model(path, dtype=chosen, device=device, verify=verify, adapter=adapter)
     if chosen is None and str(device).startswith("cpu") and model.tok_embeddings.weight.dtype == torch.float16:
         model = model.float()  # float16 matmuls are slow (or missing) on CPU
+    if quantize is not None:
+        quantize_model(model, quantize)
     return model, tokenizer
 
 
@@ -116,7 +131,8 @@ def sampling_params(args, **extra):
 def main(args) -> int:
     params = sampling_params(args, stop=tuple(args.stop), logprobs=args.json)  # validate before loading
     text = read_prompt(args)
-    model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify, args.adapter)
+    model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify, args.adapter,
+                                          args.quantize)
     gen = Generator(model, tokenizer, compile=args.compile)
     ids = tokenizer.encode(text, bos=not args.no_bos)
     gen.check_prompt(ids)  # empty / longer than the context: one line, before any output

@@ -10,6 +10,9 @@ that only look unsafe (§4.2), and Ghost Attention adherence to a system instruc
 ``--task`` alike). It applies to ``--model`` only: a reward model given to ``--reward-model`` /
 ``--safety-model`` may itself be an adapter directory (it loads as its base + adapter), so the
 scorers need no flag of their own, and one adapter cannot fit a policy and a reward model both.
+
+``--perplexity FILE`` instead reports the model's perplexity on a text file the way llama.cpp's
+``llama-perplexity -f FILE -c CTX`` computes it (llama2.eval.perplexity), so the two compare.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from llama2.chat import encode_chat
 from llama2.checkpoint import load_model, load_tokenizer
 from llama2.data.world import World
 from llama2.eval.multiple_choice import evaluate
+from llama2.eval.perplexity import perplexity, read_text
 from llama2.eval.suite import evaluate_world, format_table
 from llama2.generate import Generator, SamplingParams
+from llama2.model.quant import parse_quantize, quantize_model
 from llama2.recipe import add_config_args, load_config, setting
 from llama2.scoring import RewardScorer
 from llama2.utils import default_device
@@ -65,9 +70,11 @@ def chat_generate_fn(model, tokenizer, max_new_tokens: int = 64, batch_size: int
 def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 100,
                    gatt_turns: Sequence[int] = (1, 2, 4, 6, 10, 20), gatt_dialogues: int = 30,
                    max_new_tokens: int = 64, reward_model: str | None = None, safety_model: str | None = None,
-                   reward_prompts: int = 100, world_seed: int = 0, adapter: str | None = None) -> dict:
+                   reward_prompts: int = 100, world_seed: int = 0, adapter: str | None = None,
+                   quantize: str | None = None) -> dict:
     """Run the assistant-world suite on a model directory; see llama2.eval.suite.evaluate_world.
-    ``adapter``: a LoRA adapter directory merged into the model (its base).
+    ``adapter``: a LoRA adapter directory merged into the model (its base). ``quantize``: int8 or
+    int4[:GROUP] weight-only quantization of the model (not of the reward models) after loading.
     With ``reward_model`` (and optionally ``safety_model``) it also scores greedy answers to
     ``reward_prompts`` held-out RL prompts with the reward models: ``combined_reward`` is the mean
     of the paper's gated Rc (§3.2.3), the quantity rejection sampling and PPO maximise."""
@@ -76,7 +83,7 @@ def evaluate_model(model_dir: str, split: str = "test", max_items: int | None = 
         if reward_prompts < 1:
             raise ValueError(f"reward_prompts must be at least 1, got {reward_prompts}")
         scorer = RewardScorer(reward_model, safety_model or None, device=device)
-    model = load_model(model_dir, device=device, adapter=adapter)
+    model = _load(model_dir, device, adapter, quantize)
     tok = load_tokenizer(model_dir, model.config.vocab_size)
     generate = chat_generate_fn(model, tok, max_new_tokens)
     result = evaluate_world(generate, split=split, max_items=max_items, gatt_turns=tuple(gatt_turns),
@@ -113,6 +120,14 @@ class EvaluateConfig:
     world_seed: int = setting(0, "seed of the bundled assistant world the model was trained on")
 
 
+def _load(model_dir, device, adapter=None, quantize: str | None = None):
+    """The evaluated model: ``model_dir`` (+ a merged adapter), weight-only quantized with ``quantize``."""
+    if quantize:
+        parse_quantize(quantize)  # a bad spec fails before any weight is read
+    model = load_model(model_dir, device=device, adapter=adapter)
+    return quantize_model(model, quantize) if quantize else model
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="model directory (or a LoRA adapter directory: its base with the adapter merged)")
@@ -120,8 +135,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a LoRA adapter directory (PEFT's format) whose base is --model; it is merged into "
                              "--model's weights for the suite or --task (not into the reward models, which may "
                              "be adapter directories themselves)")
+    parser.add_argument("--quantize", metavar="int8|int4[:GROUP]", default=None,
+                        help="weight-only quantize --model after loading (as llama2 generate --quantize) to measure "
+                             "what quantization costs on the suite, a --task or --perplexity")
     parser.add_argument("--task", metavar="YAML",
                         help="instead of the suite, score an lm-eval multiple-choice task file in-process")
+    parser.add_argument("--perplexity", metavar="FILE",
+                        help="instead of the suite, report perplexity on a text file as llama.cpp's "
+                             "llama-perplexity does (non-overlapping --ctx chunks, second half of each scored)")
+    parser.add_argument("--ctx", type=int, default=512, metavar="N",
+                        help="with --perplexity: tokens per chunk (llama-perplexity's -c; default: 512)")
+    parser.add_argument("--max-chunks", type=int, default=None, metavar="N",
+                        help="with --perplexity: score at most the first N chunks (llama-perplexity's --chunks)")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="N",
+                        help="with --perplexity: chunks per forward pass (default: 4)")
     parser.add_argument("--reward-model", metavar="DIR",
                         help="also score answers to held-out RL prompts with this helpfulness reward model")
     parser.add_argument("--safety-model", metavar="DIR", help="safety reward model for the gated combined reward")
@@ -131,17 +158,37 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(EvaluateConfig, args)  # first: a bad value fails before any model is loaded
+    if args.perplexity:
+        return perplexity_main(args)
     if args.task:
-        model = load_model(args.model, device=default_device(), adapter=args.adapter)
+        model = _load(args.model, default_device(), args.adapter, args.quantize)
         tokenizer = load_tokenizer(args.model, model.config.vocab_size)
         result = evaluate(model, tokenizer, args.task).to_dict()
         print(json.dumps(result) if args.json else f"{result['task']}: accuracy {result['acc']:.4f} "
                                                     f"on {result['n']} questions")
         return 0
     result = evaluate_model(args.model, reward_model=args.reward_model, safety_model=args.safety_model,
-                            adapter=args.adapter, **dataclasses.asdict(cfg))
+                            adapter=args.adapter, quantize=args.quantize, **dataclasses.asdict(cfg))
     if args.json:
         print(json.dumps(result))
     else:
         print(format_table(result))
+    return 0
+
+
+def perplexity_main(args: argparse.Namespace) -> int:
+    """``llama2 evaluate --perplexity FILE``: one line (or one JSON object)."""
+    text = read_text(args.perplexity)  # first: a missing file fails before the model loads
+    model = _load(args.model, default_device(), args.adapter, args.quantize)
+    tokenizer = load_tokenizer(args.model, model.config.vocab_size)
+    result = perplexity(model, tokenizer, text, ctx=args.ctx, max_chunks=args.max_chunks,
+                        batch_size=args.batch_size, name=args.perplexity)
+    result["file"] = args.perplexity
+    if args.quantize:
+        result["quantize"] = args.quantize
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.perplexity}: PPL = {result['perplexity']:.4f} +/- {result['stderr']:.5f} "
+              f"({result['chunks']} chunks of {result['ctx']} tokens, {result['tokens']} scored)")
     return 0

@@ -52,6 +52,7 @@ from llama2.checkpoint import CheckpointError, load_model, load_tokenizer, parse
 from llama2.generate import SamplingParams
 from llama2.guard import load_guard
 from llama2.model.lora import stack_adapters
+from llama2.model.quant import parse_quantize, quantize_model
 from llama2.utils import check_device
 
 from .engine import (
@@ -725,6 +726,10 @@ def _read_generation_defaults(path: Path) -> dict:
 
 
 # -- LoRA adapters ----------------------------------------------------------------------------
+QUANTIZE_WITH_ADAPTERS = ("--quantize cannot be combined with --adapter (stacked LoRA adapters need float linear "
+                          "layers); merge the adapter first (llama2 convert BASE OUT --merge-adapter DIR)")
+
+
 def adapter_name(path: str | os.PathLike) -> str:
     """The name ``--adapter DIR`` serves an adapter under: its directory's name, or for the
     folder a LoRA run writes (``RUN/model``, or ``RUN/adapter`` beside a merged model) the run's."""
@@ -877,6 +882,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     verify: bool = True,
     adapters: dict[str, str | os.PathLike] | None = None,
+    quantize: str | None = None,
 ) -> FastAPI:
     """The FastAPI app for a model directory or a ``(Transformer, Tokenizer)`` pair.
 
@@ -884,11 +890,16 @@ def create_app(
     flagged unsafe are refused (400, code ``content_filter``) and flagged answers are withheld
     (``finish_reason: "content_filter"``). ``max_body_bytes``: larger request bodies get 413.
     ``adapters``: {name: LoRA adapter directory} served over the model, unmerged; a request's
-    ``model`` field picks one by name (the model is modified in place).
+    ``model`` field picks one by name (the model is modified in place). ``quantize``: "int8" /
+    "int4" / "int4:GROUP", every linear layer quantized after loading (``model.quant``; in place).
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     adapters = {name: Path(d) for name, d in (adapters or {}).items()}
+    if quantize is not None:
+        parse_quantize(quantize)
+        if adapters:
+            raise ValueError(QUANTIZE_WITH_ADAPTERS)
     layers = read_adapters(adapters)
     aliases: list[str] = []
     defaults: dict = {}
@@ -908,6 +919,8 @@ def create_app(
                          "give the adapter another (--adapter NAME=DIR)")
     if adapters:
         stack_onto(model, adapters, layers)
+    if quantize is not None:
+        quantize_model(model, quantize)
 
     server = OpenAIServer(model, tokenizer, name=name, aliases=aliases, api_key=api_key,
                           max_batch_size=max_batch_size, max_queue=max_queue, guard=guard, defaults=defaults,
@@ -964,6 +977,10 @@ def configure(parser) -> None:
                              "(repeat for several; requests for different adapters share a batch). A bare DIR is "
                              "named after its directory, or after the run for a LoRA run's RUN/model or "
                              "RUN/adapter folder. Requests naming --model's own id get the base model")
+    parser.add_argument("--quantize", default=None, metavar="int8|int4[:GROUP]",
+                        help="quantize every linear layer after loading (weight-only): int8 per output channel, or "
+                             "int4 with a scale and zero per GROUP inputs (32, 64 or 128; default 128). "
+                             "Not with --adapter")
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default: 8)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="sequences allowed to wait for a free slot before answering 503 (default: 64)")
@@ -1011,6 +1028,10 @@ def main(args) -> int:
     device = check_device(args.device)
     dtype = parse_dtype(args.dtype)
     adapters = parse_adapters(args.adapter)
+    if args.quantize is not None:
+        parse_quantize(args.quantize)
+        if adapters:
+            raise ValueError(QUANTIZE_WITH_ADAPTERS)
     sock = _listen(args.host, args.port)
     try:
         guard = None
@@ -1019,7 +1040,7 @@ def main(args) -> int:
         app = create_app(args.model, api_key=args.api_key, max_batch_size=args.max_batch_size,
                          max_queue=args.max_queue, guard=guard, model_name=args.model_name,
                          device=device, dtype=dtype, max_body_bytes=args.max_body_bytes,
-                         verify=args.verify, adapters=adapters)
+                         verify=args.verify, adapters=adapters, quantize=args.quantize)
         name = app.state.server.name
         port = sock.getsockname()[1]
         with_adapters = f" with adapter(s) {', '.join(map(repr, adapters))}" if adapters else ""
