@@ -102,3 +102,22 @@ def test_a_lora_adapter_directory_is_described_as_its_base(tmp_path):
     info, plain = gather(str(adapter)), gather(str(base))
     assert "LoRA adapter" in info["source"]
     assert info["params"] == plain["params"]
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:32", "int4:64"])
+def test_quantized_weight_memory_is_what_the_quantized_model_holds(spec):
+    from llama2.commands.info import quantized_weight_bytes
+    from llama2.model.quant import quantize_model
+
+    cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=64, max_seq_len=64)
+    model = quantize_model(Transformer.from_config(cfg, seed=0), spec)
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert quantized_weight_bytes(cfg, spec, "f32") == held
+
+
+def test_70b_in_int4_fits_one_80gb_gpu_and_in_bf16_does_not(capsys):
+    assert cli(["info", "70b", "--quantize", "int4", "--gpu-memory", "80GB", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["gpu"]["fits"] and 34 * 1024**3 < info["weight_bytes"] < 35 * 1024**3
+    assert cli(["info", "70b", "--gpu-memory", "80GB", "--json"]) == 0
+    assert not json.loads(capsys.readouterr().out)["gpu"]["fits"]

@@ -175,3 +175,19 @@ def test_serve_quantize(quant_model_dir, tmp_path):
     with pytest.raises(ValueError, match="--quantize cannot be combined with --adapter") as e:
         create_app(quant_model_dir, quantize="int8", adapters={"a": tmp_path})
     assert "\n" not in str(e.value)
+
+
+# -- quantized as it is read --------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["int8", "int4:32"])
+def test_loading_quantized_streams_to_the_same_model_as_quantizing_after(tmp_path, spec):
+    from llama2 import save_model
+    from llama2.checkpoint import load_model
+
+    cfg = tiny_config(dim=128, multiple_of=32, vocab_size=512)
+    path = save_model(Transformer.from_config(cfg, seed=0), tmp_path / "m", max_shard_bytes=200_000)
+    streamed = load_model(path, quantize=spec)
+    after = quantize_model(load_model(path), spec)
+    x = torch.randint(0, 512, (2, 9))
+    assert torch.equal(streamed(x), after(x))
+    assert not any(isinstance(m, torch.nn.Linear) for m in streamed.modules())

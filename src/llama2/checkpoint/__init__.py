@@ -73,21 +73,28 @@ def _locate(path: Path, name: str) -> tuple[Path, Path, str]:
     return (files[0] if files else path), path / "params.json", name
 
 
+def _checked(tensors: Iterator[tuple[str, torch.Tensor]], expected: dict, source: Path):
+    """``tensors`` as they come, each checked against ``expected`` ({name: shape}): an unknown name
+    or a wrong shape is one line naming the file and the tensor as stored there."""
+    for name, t in tensors:
+        if name not in expected:
+            file, _, stored = _locate(source, name)
+            raise CheckpointError(f"{file}: unexpected tensor {stored!r} (not part of this model)")
+        if tuple(t.shape) != tuple(expected[name]):
+            file, config, stored = _locate(source, name)
+            raise CheckpointError(
+                f"{file}: tensor {stored!r} has shape {tuple(t.shape)}, but {config.name} implies "
+                f"{tuple(expected[name])}"
+            )
+        yield name, t
+
+
 def load_into(module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], source: Path, dtype=None) -> None:
     """Assign checkpoint tensors to a module built on the meta device, checking names and shapes.
     ``source`` is the model directory; messages name the file and tensor as stored there."""
     expected = dict(module.state_dict())
     state = {}
-    for name, t in tensors:
-        if name not in expected:
-            file, _, stored = _locate(source, name)
-            raise CheckpointError(f"{file}: unexpected tensor {stored!r} (not part of this model)")
-        if tuple(t.shape) != tuple(expected[name].shape):
-            file, config, stored = _locate(source, name)
-            raise CheckpointError(
-                f"{file}: tensor {stored!r} has shape {tuple(t.shape)}, but {config.name} implies "
-                f"{tuple(expected[name].shape)}"
-            )
+    for name, t in _checked(tensors, {k: v.shape for k, v in expected.items()}, source):
         state[name] = t.to(dtype) if dtype is not None else t
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -99,17 +106,51 @@ def load_into(module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], so
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu",
-               verify: bool = True, adapter: str | os.PathLike | None = None) -> Transformer:
+               verify: bool = True, adapter: str | os.PathLike | None = None,
+               quantize: str | None = None) -> Transformer:
     """Load a Llama model from our/HF directory, Meta's format or a LoRA adapter directory;
     weights keep their dtype unless ``dtype`` is given. ``verify=False`` skips the checksum
     check of the weight files (one extra read of them; see ``hf.CHECKSUMS``). ``adapter``: a LoRA
-    adapter directory merged into the model at ``path``."""
+    adapter directory merged into the model at ``path``. ``quantize`` ("int8", "int4[:GROUP]"):
+    each linear weight is quantized on ``device`` as it is read (model/quant.py), so the peak
+    memory is the quantized model plus one tensor, never the float model (70B in int4 on one GPU)."""
     path = Path(path)
     cfg, _, tensors = load_state(path, verify, adapter)
     with torch.device("meta"):
         model = Transformer(cfg)
+    if quantize:
+        return _load_quantized(model, tensors, path, dtype, device, quantize).eval()
     load_into(model, tensors, path, dtype)
     return model.to(device).eval()
+
+
+def _load_quantized(model: Transformer, tensors, source: Path, dtype, device, spec: str) -> Transformer:
+    from llama2.model.quant import parse_quantize, quantized_linear
+
+    parse_quantize(spec)
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    all_linears = set(linears)
+    rest: dict[str, torch.Tensor] = {}
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    for name, t in _checked(tensors, expected, source):
+        t = t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
+        module = name.removesuffix(".weight")
+        if module in linears:
+            parent, _, attr = module.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, quantized_linear(t, spec, module))
+            linears.discard(module)
+        else:
+            rest[name] = t
+        del t
+    plain = {k for k in expected if k.removesuffix(".weight") not in all_linears}
+    left = sorted({f"{m}.weight" for m in linears} | (plain - rest.keys()))
+    if left:
+        file, _, _ = _locate(source, left[0])
+        more = f" (+{len(left) - 3} more)" if len(left) > 3 else ""
+        raise CheckpointError(f"{file}: missing tensor(s) {', '.join(_locate(source, m)[2] for m in left[:3])}{more}")
+    model.load_state_dict(rest, strict=False, assign=True)
+    return model
+
 
 
 def load_scalar_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu",

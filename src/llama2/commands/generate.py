@@ -29,7 +29,7 @@ import torch
 
 from llama2.checkpoint import load_model, load_state, load_tokenizer
 from llama2.generate import Generator, SamplingParams
-from llama2.model.quant import parse_quantize, quantize_model
+from llama2.model.quant import parse_quantize
 from llama2.utils import check_device
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -103,7 +103,8 @@ def load_for_inference(path: Path, dtype: str = "auto", device: str | None = Non
     vocabulary) are checked before any weight is read, so a mistake fails fast with one clear
     line. ``verify`` checks the weight files against the directory's checksums. ``adapter``: a
     LoRA adapter directory merged into the model at ``path`` (the tokenizer is the base's).
-    ``quantize``: "int8" / "int4" / "int4:GROUP", applied after loading (and merging)."""
+    ``quantize``: "int8" / "int4" / "int4:GROUP": each linear weight is quantized as it is read
+    (after merging an adapter), so the float model is never held whole."""
     device = check_device(device)
     if quantize is not None:
         parse_quantize(quantize)  # a bad spec fails before any weight is read
@@ -115,11 +116,10 @@ def load_for_inference(path: Path, dtype: str = "auto", device: str | None = Non
         chosen = None
     else:
         chosen = getattr(torch, dtype)
-    model = load_model(path, dtype=chosen, device=device, verify=verify, adapter=adapter)
+    model = load_model(path, dtype=chosen, device=device, verify=verify, adapter=adapter, quantize=quantize)
     if chosen is None and str(device).startswith("cpu") and model.tok_embeddings.weight.dtype == torch.float16:
-        model = model.float()  # float16 matmuls are slow (or missing) on CPU
-    if quantize is not None:
-        quantize_model(model, quantize)
+        for p in model.parameters():  # float16 matmuls are slow (or missing) on CPU; quantized
+            p.data = p.data.float()   # layers hold buffers in their kernels' dtypes and stay as they are
     return model, tokenizer
 
 

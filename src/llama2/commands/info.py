@@ -24,6 +24,7 @@ from pathlib import Path
 from llama2.checkpoint import detect_format, load_state, meta
 from llama2.commands import memory
 from llama2.model import PRESETS, ModelConfig
+from llama2.model.quant import parse_quantize
 
 BYTES = {"f32": 4, "f16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 _FROM_TORCH = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
@@ -37,6 +38,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences decoded at once (default 1)")
     p.add_argument("--dtype", choices=tuple(BYTES), default=None,
                    help="weight dtype (default: a directory's stored dtype; bf16 for presets)")
+    p.add_argument("--quantize", default=None, metavar="int8|int4[:GROUP]",
+                   help="weights as `llama2 generate --quantize` holds them: every linear layer weight-only "
+                        "int8 (+ a float32 scale per output row) or int4 (+ a bf16 scale and zero per GROUP "
+                        "inputs); embeddings and norms stay in --dtype")
     p.add_argument("--kv-dtype", choices=tuple(BYTES), default=None,
                    help="KV-cache dtype (default: --dtype)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -119,8 +124,26 @@ def _resolve(model: str):
     return cfg, f"{path} ({kind})", stored
 
 
+def quantized_weight_bytes(cfg, spec: str, dtype: str = "bf16") -> int:
+    """Weight memory with every linear layer (attention, feed-forward, output head) weight-only
+    quantized as model/quant.py stores it: int8 = 1 byte per weight + a float32 scale per output
+    row; int4 = half a byte per weight + a bf16 (scale, zero) pair per GROUP inputs of each row.
+    Embeddings and norms stay in ``dtype``."""
+    kind, group = parse_quantize(spec)
+    parts = param_breakdown(cfg)
+    linear = parts["attention"] + parts["feed_forward"] + parts["output"]
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    rows = cfg.n_layers * (q + 2 * kv + cfg.dim + 2 * cfg.hidden_dim + cfg.dim) + cfg.vocab_size
+    rest = (parts["embeddings"] + parts["norms"]) * BYTES[dtype]
+    if kind == "int8":
+        return linear + 4 * rows + rest
+    return linear // 2 + (linear // group) * 2 * 2 + rest
+
+
 def gather(model: str, context: int | None = None, batch: int = 1, dtype: str | None = None,
-           kv_dtype: str | None = None) -> dict:
+           kv_dtype: str | None = None, quantize: str | None = None) -> dict:
+    if quantize:
+        parse_quantize(quantize)  # a bad spec is one line before anything is read
     cfg, source, stored = _resolve(model)
     if context is not None and context <= 0:
         raise ValueError(f"--context must be positive, got {context}")
@@ -130,7 +153,7 @@ def gather(model: str, context: int | None = None, batch: int = 1, dtype: str | 
     kv_dtype = kv_dtype or dtype
     context = context or cfg.max_seq_len
     params = cfg.num_params()
-    weight_bytes = params * BYTES[dtype]
+    weight_bytes = quantized_weight_bytes(cfg, quantize, dtype) if quantize else params * BYTES[dtype]
     kv = kv_cache_bytes(cfg, context, batch, BYTES[kv_dtype])
     return {
         "source": source,
@@ -138,6 +161,7 @@ def gather(model: str, context: int | None = None, batch: int = 1, dtype: str | 
         "params": params,
         "params_breakdown": param_breakdown(cfg),
         "dtype": dtype,
+        "quantize": quantize,
         "weight_bytes": weight_bytes,
         "kv_cache": {"context": context, "batch": batch, "dtype": kv_dtype, "bytes": kv,
                      "bytes_per_token": kv // (context * batch)},
@@ -189,7 +213,8 @@ def render(info: dict) -> str:
     ]
     rows += [(f"  {k.replace('_', '-')}", f"{v:,}") for k, v in info["params_breakdown"].items()]
     rows += [
-        (f"weights ({info['dtype']})", _size(info["weight_bytes"])),
+        (f"weights ({info['quantize'] + ', rest ' + info['dtype'] if info.get('quantize') else info['dtype']})",
+         _size(info["weight_bytes"])),
         (f"KV cache ({kv['dtype']})", f"{_size(kv['bytes'])} for {kv['context']:,} tokens x batch {kv['batch']} "
                                       f"({kv['bytes_per_token'] / 1024:,.0f} KiB/token)"),
         ("weights + KV cache", _size(info["total_bytes"])),
@@ -245,16 +270,22 @@ def render_training(p: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    info = gather(args.model, args.context, args.batch, args.dtype, args.kv_dtype)
+    info = gather(args.model, args.context, args.batch, args.dtype, args.kv_dtype, args.quantize)
+    if args.train and args.quantize:
+        raise ValueError("--quantize is for inference (weight-only int8/int4); training plans take --train qlora")
     if args.train:
         info["training"] = training(info, args.train, args.stage, args.micro_batch_size, args.seq_len,
                                     args.gpu_memory, args.device, args.lora_rank, args.lora_targets,
                                     args.lora_dropout, args.ppo_batch, args.max_new_tokens, args.quantize_rewards,
                                     args.rollout_batch)
-    elif args.gpu_memory:
-        raise ValueError("--gpu-memory needs --train full|lora|qlora")
+    elif args.gpu_memory:  # inference: do the weights and the KV cache fit?
+        capacity = memory.parse_size(args.gpu_memory)
+        need = info["total_bytes"]
+        info["gpu"] = {"memory": capacity, "name": args.gpu_memory, "fits": need <= capacity,
+                       "text": "fits" if need <= capacity else f"does not fit: needs {_size(need)}"}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        print(render(info) + ("\n\n" + render_training(info["training"]) if args.train else ""))
+        gpu = f"\nGPU {info['gpu']['name']:<14}  {info['gpu']['text']}" if "gpu" in info else ""
+        print(render(info) + gpu + ("\n\n" + render_training(info["training"]) if args.train else ""))
     return 0

@@ -31,7 +31,7 @@ from llama2.eval.multiple_choice import evaluate
 from llama2.eval.perplexity import perplexity, read_text
 from llama2.eval.suite import evaluate_world, format_table
 from llama2.generate import Generator, SamplingParams
-from llama2.model.quant import parse_quantize, quantize_model
+from llama2.model.quant import parse_quantize
 from llama2.recipe import add_config_args, load_config, setting
 from llama2.scoring import RewardScorer
 from llama2.utils import default_device
@@ -124,8 +124,7 @@ def _load(model_dir, device, adapter=None, quantize: str | None = None):
     """The evaluated model: ``model_dir`` (+ a merged adapter), weight-only quantized with ``quantize``."""
     if quantize:
         parse_quantize(quantize)  # a bad spec fails before any weight is read
-    model = load_model(model_dir, device=device, adapter=adapter)
-    return quantize_model(model, quantize) if quantize else model
+    return load_model(model_dir, device=device, adapter=adapter, quantize=quantize)  # quantized as it is read
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -189,3 +189,16 @@ def quantize_model(model: nn.Module, spec: str) -> nn.Module:
         setattr(parent, attr, new)  # the float weight goes with the last reference to it
         del linear
     return model
+
+
+def quantized_linear(weight: Tensor, spec: str, name: str = "linear") -> nn.Module:
+    """One float weight [out, in] (on the device it will run on) -> its quantized layer: what
+    ``checkpoint.load_model(..., quantize=spec)`` builds tensor by tensor as it streams a
+    checkpoint, so the float model never exists whole."""
+    kind, group = parse_quantize(spec)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if kind == "int8":
+        return Int8Linear.from_linear(linear)
+    int4_check(name, weight.shape[0], weight.shape[1], group, weight.device)
+    return Int4Linear.from_linear(linear, group, name)

@@ -908,7 +908,8 @@ def create_app(
         name = model_name or "llama2"
     else:
         path = Path(model)
-        model = load_model(path, dtype=dtype, device=device or "cpu", verify=verify)
+        # Quantized as it is read: the float model is never held whole (70B in int4 on one GPU).
+        model = load_model(path, dtype=dtype, device=device or "cpu", verify=verify, quantize=quantize)
         tokenizer = load_tokenizer(path, model.config.vocab_size)
         name = model_name or path.resolve().name
         aliases = [str(model_dir) for model_dir in (path, path.resolve())]
@@ -919,8 +920,8 @@ def create_app(
                          "give the adapter another (--adapter NAME=DIR)")
     if adapters:
         stack_onto(model, adapters, layers)
-    if quantize is not None:
-        quantize_model(model, quantize)
+    if quantize is not None and not any(type(m).__name__ in ("Int8Linear", "Int4Linear") for m in model.modules()):
+        quantize_model(model, quantize)  # a model handed in already loaded
 
     server = OpenAIServer(model, tokenizer, name=name, aliases=aliases, api_key=api_key,
                           max_batch_size=max_batch_size, max_queue=max_queue, guard=guard, defaults=defaults,
