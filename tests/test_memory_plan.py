@@ -186,8 +186,11 @@ def test_table_and_ppo_output(capsys):
 def test_without_train_nothing_changes(capsys):
     info = run_json(capsys, "7b")
     assert "training" not in info
-    assert cli(["info", "7b", "--gpu-memory", "80GB"]) == 1
-    assert "--train" in capsys.readouterr().err
+    # without --train, --gpu-memory asks whether inference fits: weights + KV cache
+    info = run_json(capsys, "7b", "--gpu-memory", "80GB")
+    assert "training" not in info and info["gpu"]["fits"]
+    assert cli(["info", "7b", "--train", "lora", "--quantize", "int8"]) == 1
+    assert "--quantize is for inference" in capsys.readouterr().err
 
 
 # -- activations: what autograd saves ----------------------------------------------------------------
