@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,17 +78,12 @@ def _model_facts(model: Path) -> dict:
     if not adapter:
         return {"kind": "full", "bytes": size}
     header = _safetensors_header(model / "adapter_model.safetensors")
-    params = sum(_prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    params = sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
     ours = json.loads((header.get("__metadata__") or {}).get("llama2", "{}"))
     return {"kind": ours.get("method", "lora"), "bytes": size, "params": params, "rank": adapter.get("r"),
             "alpha": adapter.get("lora_alpha"), "targets": adapter.get("target_modules")}
 
 
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # ---- figures ----------------------------------------------------------------------------------

@@ -905,6 +905,8 @@ def create_app(
     defaults: dict = {}
     if isinstance(model, tuple):
         model, tokenizer = model
+        if quantize is not None:  # a model handed in already loaded
+            quantize_model(model, quantize)
         name = model_name or "llama2"
     else:
         path = Path(model)
@@ -920,8 +922,6 @@ def create_app(
                          "give the adapter another (--adapter NAME=DIR)")
     if adapters:
         stack_onto(model, adapters, layers)
-    if quantize is not None and not any(type(m).__name__ in ("Int8Linear", "Int4Linear") for m in model.modules()):
-        quantize_model(model, quantize)  # a model handed in already loaded
 
     server = OpenAIServer(model, tokenizer, name=name, aliases=aliases, api_key=api_key,
                           max_batch_size=max_batch_size, max_queue=max_queue, guard=guard, defaults=defaults,

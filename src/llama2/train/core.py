@@ -651,9 +651,8 @@ class Trainer:
         state = self.full_state_dict()
         if self.lora:
             if self.dist.is_main:
-                scalar = save.__name__ == "save_scalar_model"
-                path = export_adapter(state, self.cfg.lora, base,
-                                      path.parent, tokenizer=tokenizer, scalar=scalar,
+                path = export_adapter(state, self.cfg.lora, base, path.parent, tokenizer=tokenizer,
+                                      scalar=hasattr(self.module, "score"),
                                       max_len=self.module.config.max_seq_len, **meta)
             barrier(self.dist)
             return path

@@ -10,6 +10,7 @@ stage's ``model/`` is the adapter in PEFT's format (every ``llama2`` command loa
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from llama2.checkpoint import convert, peft
+from llama2.checkpoint import convert, hf, peft
 from llama2.model.lora import adapter_state_dict, apply_lora, parse_targets
 from llama2.recipe import setting
 
@@ -109,15 +110,11 @@ def export_adapter(tensors: dict[str, torch.Tensor], lora: LoraConfig, base: str
     peft.save_adapter(adapter_dir, tensors, acfg, tokenizer, max_len)
     if not lora.merge:
         return adapter_dir
-    import shutil
-
     merged = out / "model"
     if merged.exists():
         shutil.rmtree(merged)
     convert(adapter_dir, merged, "hf", verify=False)
     if scalar or config:
-        from llama2.checkpoint import hf
-
         raw = hf.read_config(merged)
         if scalar:
             raw.update(architectures=["LlamaForSequenceClassification"], num_labels=1, pad_token_id=0)

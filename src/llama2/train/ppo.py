@@ -40,7 +40,7 @@ from llama2.checkpoint import load_model, load_scalar_model, load_tokenizer, sav
 from llama2.checkpoint.safe import load_tensors, read_state_json, refuse_legacy, write_state_json
 from llama2.generate import Generator, SamplingParams
 from llama2.model.heads import ScalarModel
-from llama2.model.lora import adapter_state_dict, adapters_disabled
+from llama2.model.lora import adapters_disabled
 from llama2.recipe import add_config_args, setting
 from llama2.scoring import RewardScorer, load_rl_prompts
 from llama2.train.core import build_optimizer
@@ -340,7 +340,7 @@ class PPOTrainer:
                 break
         bar.close()
         if self.cfg.lora.enabled:
-            export_adapter({k: v.cpu() for k, v in adapter_state_dict(self.policy).items()}, cfg.lora, cfg.model,
+            export_adapter({k: v.cpu() for k, v in trainable_state(self.policy, True).items()}, cfg.lora, cfg.model,
                            self.out, tokenizer=self.tokenizer, max_len=self.policy.config.max_seq_len)
         else:
             save_model(self.policy, self.out / "model", tokenizer=self.tokenizer)
