@@ -1,22 +1,51 @@
-"""Greedy decoding speed: our Generator vs transformers' ``generate`` on the same random model.
+"""Greedy decoding speed: our Generator vs transformers (and llama.cpp) on the same random model.
 
-Both sides load the SAME weights from one saved model directory, run on the same device with
-the same dtype and thread count, decode the same prompt greedily with the KV cache, and emit
-exactly ``--new-tokens`` tokens (EOS ignored on our side, ``min_new_tokens`` on theirs). Each
-side is warmed up first; the timed runs alternate between the two, and the best of
-``--repeats`` is reported (prefill included, so tokens/s = new tokens / wall time).
+Every side loads the SAME weights from one saved model directory, runs on the same device with
+the same thread count, decodes the same prompt token ids greedily with its KV cache, and emits
+exactly ``--new-tokens`` tokens (EOS ignored everywhere: ``stop_at_eos=False`` on ours,
+``min_new_tokens`` on transformers', an argmax loop on llama.cpp's). Each side is warmed up
+first; the timed runs alternate between all the sides, and the best of ``--repeats`` is
+reported (prefill included, so tokens/s = new tokens / wall time).
+
+The sides:
+
+* ours and transformers in ``--dtype`` (float32 on CPU, bfloat16 on CUDA by default);
+* ``--quantize int8,int4:64``: ours again, loaded with ``load_model(path, quantize=SPEC)`` per
+  SPEC (int8 | int4 | int4:32|64|128): weight-only int8/int4 on PyTorch's packed kernels with
+  bfloat16 activations. Quantized greedy tokens legitimately drift from the float run after a
+  while; the table says how many of the n agree;
+* llama.cpp, through llama-cpp-python when it is installed (``--llama-cpp``; on by default when
+  ``import llama_cpp`` works, ``--no-llama-cpp`` turns it off; skipped with a note otherwise):
+  the same directory exported to GGUF as f32 and f16 (``llama2.checkpoint.convert``) and as
+  q8_0 and q4_0 (``export_gguf(quant=...)``, llama-quantize ``--pure``), run with the same
+  threads. Compared at the same precision: ours float32 / llama.cpp f32 (F32 KV cache, as ours;
+  its greedy tokens should equal ours), ours float16 or bfloat16 / llama.cpp f16 (llama.cpp's
+  default F16 KV cache), ours int8 / q8_0, ours int4 / q4_0 (blocks of 32: the int4 run with
+  the smallest group is its peer). GGUF needs a ``tokenizer.model`` with the model's
+  vocabulary: ``--model DIR``'s own, or ``--tokenizer``; a random preset with the Llama 2
+  vocabulary (110m, 7b, ...) uses the repository's test copy (tests/fixtures/llama2-tokenizer).
+
+Ratios are ours' tokens/s over the other side's (> 1: ours is faster); "greedy tokens" counts the
+positions where a side's tokens equal ours in ``--dtype``. ``--json`` prints one object: the
+headline keys (``ours_tok_s``, ``transformers_tok_s``, ``ratio``, ``same_tokens``, ...) plus
+``sides`` (every row), ``quantized``, ``llama_cpp`` (null when skipped, ``llama_cpp_note`` says
+why), ``ratios`` and each side's ``tokens``.
 
     python benchmarks/decode.py                                   # 110m preset, CPU, float32
+    python benchmarks/decode.py --threads 2 --quantize int8,int4:64   # + quantized ours, + llama.cpp
+    python benchmarks/decode.py --threads 2 --quantize int8 --no-llama-cpp --json
     python benchmarks/decode.py --device cuda --dtype bfloat16 --preset 7b
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +53,9 @@ import torch
 from llama2 import Generator, ModelConfig, SamplingParams, Transformer, load_model, save_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the Llama 2 vocabulary, kept in the repository as test data: a random preset's GGUF tokenizer
+FIXTURE_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "llama2-tokenizer" / "tokenizer.model"
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
 def build_random_model(preset: str, dtype: torch.dtype, device: str, seed: int) -> Transformer:
@@ -88,6 +120,93 @@ def time_hf(model, prompt: list[int], n: int, device: str) -> tuple[float, list[
     return time.perf_counter() - t0, out[0, len(prompt):].tolist()
 
 
+def time_llama_cpp(llm, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    """Greedy decoding in llama.cpp, prefill included: evaluate the prompt, then n times take the
+    argmax of the last logits (read straight from the context: no sampler, no logits copy into
+    Python lists) and evaluate it. EOS is just another token here."""
+    import llama_cpp
+    import numpy as np
+
+    vocab = llm.n_vocab()
+    tokens: list[int] = []
+    t0 = time.perf_counter()
+    llm.reset()
+    llm.eval(prompt)
+    for i in range(n):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        tokens.append(int(logits.argmax()))
+        if i + 1 < n:
+            llm.eval(tokens[-1:])
+    return time.perf_counter() - t0, tokens
+
+
+def gguf_tokenizer(args, path: Path, vocab_size: int) -> tuple[Path | None, str | None]:
+    """(tokenizer.model for the GGUF export, None) or (None, why llama.cpp is skipped)."""
+    from llama2.checkpoint import load_tokenizer
+    from llama2.checkpoint.gguf import tokenizer_file
+
+    if args.tokenizer is not None:
+        file = args.tokenizer
+    elif args.model is not None:
+        file = tokenizer_file(args.model)
+    else:
+        file = FIXTURE_TOKENIZER if FIXTURE_TOKENIZER.is_file() else None
+    if file is None:
+        return None, (f"{path}: no tokenizer.model (GGUF needs one): pass --tokenizer, or --model with a "
+                      f"directory that has one")
+    try:
+        load_tokenizer(file, vocab_size)
+    except Exception as e:  # a vocabulary of another size: the preset's random model cannot take it
+        return None, f"{e}: pass --tokenizer, or --model with a directory that has a matching tokenizer.model"
+    return Path(file), None
+
+
+def load_llama_cpp(args, path: Path, vocab_size: int, n_ctx: int, threads: int, out: Path,
+                   say: Callable[[str], None]) -> tuple[dict, str | None]:
+    """({gguf type: llama_cpp.Llama}, None) for the model at ``path``, or ({}, why not)."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        return {}, f"llama.cpp side skipped: llama-cpp-python not installed ({e})"
+    try:
+        import gguf  # noqa: F401  (the export's writer)
+    except ImportError:
+        return {}, "llama.cpp side skipped: the gguf package (pip install 'llama2[gguf]') is not installed"
+    gpu_layers = 0
+    if args.device != "cpu":
+        if not llama_cpp.llama_supports_gpu_offload():
+            return {}, (f"llama.cpp side skipped: this llama-cpp-python build cannot offload to {args.device} "
+                            f"(a CPU llama.cpp against a GPU run compares nothing)")
+        gpu_layers = -1
+    tok_file, why = gguf_tokenizer(args, path, vocab_size)
+    if tok_file is None:
+        return {}, f"llama.cpp side skipped: {why}"
+    from llama2.checkpoint import convert
+    from llama2.checkpoint.gguf import export_gguf
+
+    llms = {}
+    for kind in GGUF_TYPES:
+        file = out / f"model.{kind}.gguf"
+        say(f"exporting GGUF {kind} -> {file.name}")
+        if kind in ("f32", "f16"):
+            convert(path, file, "gguf", dtype=torch.float32 if kind == "f32" else torch.float16, tokenizer=tok_file)
+        else:
+            export_gguf(path, file, tokenizer_path=tok_file, quant=kind, log=say)
+        # f32: an F32 KV cache too (type 0), as ours in float32; the rest keep llama.cpp's default F16 cache
+        cache = dict(type_k=0, type_v=0) if kind == "f32" else {}
+        llms[kind] = llama_cpp.Llama(model_path=str(file), n_ctx=n_ctx, n_threads=threads,
+                                     n_threads_batch=threads, n_batch=512, n_gpu_layers=gpu_layers,
+                                     verbose=False, seed=0, **cache)
+    return llms, None
+
+
+def quant_name(spec: str) -> str:
+    from llama2.model.quant import parse_quantize
+
+    kind, group = parse_quantize(spec)
+    return kind if group is None else f"{kind}:{group}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="110m", help="model shape (llama2.model.PRESETS); random weights")
@@ -98,71 +217,146 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt length in tokens (BOS + random ids)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for BOTH sides (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for EVERY side: torch's, and llama.cpp's n_threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true",
                     help="our Generator with its compiled decode step (CUDA graphs on a GPU); transformers "
                          "stays eager")
+    ap.add_argument("--quantize", default=None, metavar="SPEC[,SPEC...]",
+                    help="also time ours loaded with load_model(quantize=SPEC) for each SPEC: int8, int4, "
+                         "int4:32|64|128 (weight-only, bfloat16 activations)")
+    ap.add_argument("--llama-cpp", dest="llama_cpp", action="store_true", default=None,
+                    help="also time llama.cpp (llama-cpp-python) on GGUF exports f32/f16/q8_0/q4_0 of the same "
+                         "model (default: on when llama_cpp imports)")
+    ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false", help="leave llama.cpp out")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="tokenizer.model for the GGUF export (default: the --model directory's; for a random "
+                         "preset with the Llama 2 vocabulary, tests/fixtures/llama2-tokenizer)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = ap.parse_args(argv)
 
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    dname = str(dtype).removeprefix("torch.")
+    # quantized layers take bfloat16 activations (their kernels' dtype): the rest of the model too
+    qdtype = dtype if args.device != "cpu" and dtype != torch.float32 else torch.bfloat16
+    specs = [quant_name(s) for s in args.quantize.split(",") if s.strip()] if args.quantize else []
+    specs = list(dict.fromkeys(specs))  # a spec twice is timed once
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    def say(line: str) -> None:  # progress and notes: stderr under --json, so stdout stays one object
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    n = args.new_tokens
+    llms: dict = {}
+    note = None
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))  # the GGUF files live until the end
         if args.model is None:
             model = build_random_model(args.preset, dtype, args.device, args.seed)
             name = f"random {args.preset}"
-            save_model(model, tmp, dtype=dtype)
+            path = save_model(model, tmp / "model", dtype=dtype)
             del model
-            path = Path(tmp)
         else:
             path, name = args.model, str(args.model)
         ours = load_model(path, dtype=dtype, device=args.device)
         theirs = LlamaForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
-    cfg = ours.config
-    if args.prompt_len + args.new_tokens > cfg.max_seq_len:
-        raise SystemExit(f"prompt-len + new-tokens exceeds the context ({cfg.max_seq_len})")
-    g = torch.Generator().manual_seed(args.seed)
-    prompt = [1] + torch.randint(3, cfg.vocab_size, (args.prompt_len - 1,), generator=g).tolist()
-    gen = Generator(ours, compile=args.compile)
-    n = args.new_tokens
+        quantized = {s: load_model(path, dtype=qdtype, device=args.device, quantize=s) for s in specs}
+        cfg = ours.config
+        if args.prompt_len + n > cfg.max_seq_len:
+            raise SystemExit(f"prompt-len + new-tokens exceeds the context ({cfg.max_seq_len})")
+        if args.llama_cpp is not False:
+            llms, note = load_llama_cpp(args, path, cfg.vocab_size, args.prompt_len + n + 8, threads, tmp, say)
+            for llm in llms.values():
+                stack.callback(llm.close)
+        if note is not None and args.json:  # the table ends with it otherwise
+            say(note)
+        g = torch.Generator().manual_seed(args.seed)
+        prompt = [1] + torch.randint(3, cfg.vocab_size, (args.prompt_len - 1,), generator=g).tolist()
 
-    # Warm-up (allocator, oneDNN/cuBLAS kernel selection, lazy imports) for both sides; the
-    # compiled step is warmed up at the timed length, so its compilation is never timed.
-    for _ in range(2):
-        time_ours(gen, prompt, n if args.compile else min(n, 16), args.device)
-        time_hf(theirs, prompt, min(n, 16), args.device)
-    best_ours = best_hf = best_floor = float("inf")
-    tokens_ours = tokens_hf = None
-    for _ in range(args.repeats):  # alternate, so a busy spell on the machine hits both sides
-        t, tokens_ours = time_ours(gen, prompt, n, args.device)
-        best_ours = min(best_ours, t)
-        t, tokens_hf = time_hf(theirs, prompt, n, args.device)
-        best_hf = min(best_hf, t)
-        best_floor = min(best_floor, time_floor(ours, n, args.device))
-    match = sum(a == b for a, b in zip(tokens_ours, tokens_hf))
+        # (side, precision, timed run): run(k) decodes k new tokens -> (seconds, tokens)
+        sides: list[tuple[str, str, Callable[[int], tuple[float, list[int]]]]] = []
+        gen = Generator(ours, compile=args.compile)
+        sides.append(("ours", dname, lambda k: time_ours(gen, prompt, k, args.device)))
+        sides.append(("transformers", dname, lambda k: time_hf(theirs, prompt, k, args.device)))
+        for s, qmodel in quantized.items():
+            qgen = Generator(qmodel, compile=args.compile)
+            sides.append((f"ours {s}", f"{s}, {str(qdtype).removeprefix('torch.')} activations",
+                          lambda k, qgen=qgen: time_ours(qgen, prompt, k, args.device)))
+        for kind, llm in llms.items():
+            sides.append((f"llama.cpp {kind}", kind, lambda k, llm=llm: time_llama_cpp(llm, prompt, k)))
+
+        # Warm-up (allocator, oneDNN/cuBLAS kernel selection, lazy imports, page-ins of the GGUF
+        # mmaps) for every side; the compiled step is warmed up at the timed length, so its
+        # compilation is never timed.
+        for _ in range(2):
+            for side, _, run in sides:
+                run(n if args.compile and side.startswith("ours") else min(n, 16))
+        best = {side: float("inf") for side, _, _ in sides}
+        tokens: dict[str, list[int]] = {}
+        best_floor = float("inf")
+        for _ in range(args.repeats):  # alternate, so a busy spell on the machine hits every side
+            for side, _, run in sides:
+                t, tokens[side] = run(n)
+                best[side] = min(best[side], t)
+            best_floor = min(best_floor, time_floor(ours, n, args.device))
+
+    def same(side: str) -> str:
+        return f"{sum(a == b for a, b in zip(tokens[side], tokens['ours']))}/{n}"
+
+    # each side's same-precision peer among ours, for the ratio ours / peer (> 1: ours is faster)
+    int4 = sorted((s for s in specs if s.startswith("int4")), key=lambda s: int(s.split(":")[1]))
+    peers = {"transformers": "ours", "llama.cpp f32": "ours" if dtype == torch.float32 else None,
+             "llama.cpp f16": "ours" if dtype in (torch.float16, torch.bfloat16) else None,
+             "llama.cpp q8_0": "ours int8" if "int8" in specs else None,
+             "llama.cpp q4_0": f"ours {int4[0]}" if int4 else None}
+    rows = []
+    for side, precision, _ in sides:
+        peer = peers.get(side)
+        rows.append({"side": side, "precision": precision, "tok_s": n / best[side],
+                     "peer": peer, "ratio": best[side] / best[peer] if peer else None,
+                     "same_tokens": None if side == "ours" else same(side)})
+    match = sum(a == b for a, b in zip(tokens["ours"], tokens["transformers"]))
     result = {
-        "model": name, "params": cfg.num_params(), "device": args.device, "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "batch": 1, "prompt_tokens": len(prompt), "new_tokens": n,
-        "ours_tok_s": n / best_ours, "transformers_tok_s": n / best_hf, "ratio": best_hf / best_ours,
+        "model": name, "params": cfg.num_params(), "device": args.device, "dtype": dname,
+        "threads": threads, "batch": 1, "prompt_tokens": len(prompt), "new_tokens": n,
+        "ours_tok_s": n / best["ours"], "transformers_tok_s": n / best["transformers"],
+        "ratio": best["transformers"] / best["ours"],
         "matmul_floor_tok_s": n / best_floor,
         "same_tokens": f"{match}/{n}", "compiled": args.compile,
+        "sides": rows,
+        "quantized": {s: {"tok_s": n / best[f"ours {s}"], "same_tokens": same(f"ours {s}"),
+                          "activations": str(qdtype).removeprefix("torch.")} for s in specs},
+        "llama_cpp": {kind: {"tok_s": n / best[f"llama.cpp {kind}"], "same_tokens": same(f"llama.cpp {kind}")}
+                      for kind in llms} or None,
+        "llama_cpp_note": note,
+        "ratios": {f"{r['peer']} / {r['side']}": r["ratio"] for r in rows if r["ratio"] is not None},
+        "tokens": tokens,
     }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{name} ({cfg.num_params() / 1e6:.0f}M params), {args.device}, {result['dtype']}, "
-              f"{result['threads']} threads, batch 1, prompt {len(prompt)} tokens, {n} new tokens")
-        print(f"  ours          {result['ours_tok_s']:8.1f} tokens/s")
-        print(f"  transformers  {result['transformers_tok_s']:8.1f} tokens/s")
-        print(f"  ratio (ours / transformers) {result['ratio']:.2f}x; greedy tokens identical: {match}/{n}")
+        print(f"{name} ({cfg.num_params() / 1e6:.0f}M params), {args.device}, {dname}, {threads} threads, batch 1, "
+              f"prompt {len(prompt)} tokens, {n} new tokens, best of {args.repeats}")
+        w = max(len(r["side"]) for r in rows)
+        pw = max(len(r["precision"]) for r in rows)
+        label = {"ours": f"ours {dname}"}
+        print(f"  {'side':<{w}}  {'precision':<{pw}}  {'tokens/s':>9}  {'ours / this side (which ours)':<30}  "
+              f"greedy tokens = ours {dname}")
+        for r in rows:
+            peer = label.get(r["peer"], r["peer"])
+            ratio = f"{r['ratio']:.2f}x  ({peer})" if r["ratio"] is not None else "-"
+            print(f"  {r['side']:<{w}}  {r['precision']:<{pw}}  {r['tok_s']:9.1f}  {ratio:<30}  "
+                  f"{r['same_tokens'] or '(reference)'}")
+        if note is not None:
+            print(f"  {note}")
         print(f"  matmul-only floor {result['matmul_floor_tok_s']:8.1f} tokens/s (the weights' matrix-vector "
               f"products alone, one eager call each: on a CPU the bound of batch-1 decoding in this dtype; on a "
               f"GPU the eager calls are launch-bound, so a compiled decoder can beat it)")

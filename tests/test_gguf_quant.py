@@ -1,4 +1,4 @@
-"""Quantized GGUF export (``--dtype q8_0 | q4_0``), read back with gguf's own GGUFReader.
+"""Quantized GGUF export (``--dtype q8_0 | q4_0 | q6_k | q4_k``), read back with gguf's own GGUFReader.
 
 The blocks in the file are checked byte for byte against a reference written here from
 llama.cpp's C code (ggml-quants.c: ``quantize_row_q8_0_ref`` and ``quantize_row_q4_0_ref``),
@@ -6,18 +6,23 @@ independently of the gguf package that writes them, on weights with the edge cas
 (all-zero blocks, an abs-max tie of opposite signs, the 15 clamp of Q4_0, halves that round
 away from zero, values too small for the fp16 scale). When llama-cpp-python is installed, the
 last test runs the Q8_0 file in llama.cpp itself.
+
+The k-quants (Q6_K, Q4_K: our numpy port in ``llama2.checkpoint.kquants``, the gguf package
+only dequantizes them) are checked against bytes llama.cpp's C code wrote for a fixed array
+(``fixtures/kquants/reference.npz``, from ``fixtures/kquants/make_reference.py``).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from llama2.checkpoint import load_tokenizer, save_model
-from llama2.checkpoint.gguf import export_gguf
+from llama2.checkpoint import kquants, load_tokenizer, save_model
+from llama2.checkpoint.gguf import GGUF_QUANTS, export_gguf
 from llama2.cli import main as cli
 
 from .conftest import SMALL_VOCAB
@@ -120,8 +125,9 @@ def quant_files(tmp_path_factory, small_tokenizer):
     return model, readers
 
 
-def gguf_originals(model) -> dict[str, np.ndarray]:
-    """Our float32 weights under llama.cpp's names, wq/wk rows in Meta's interleaved order."""
+def gguf_originals(model, hd: int = HD) -> dict[str, np.ndarray]:
+    """Our float32 weights under llama.cpp's names, wq/wk rows in Meta's interleaved order
+    (``hd``: head_dim)."""
     sd = model.state_dict()
     names = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
              "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
@@ -132,8 +138,8 @@ def gguf_originals(model) -> dict[str, np.ndarray]:
         for ours, theirs in names.items():
             w = sd[f"layers.{i}.{ours}.weight"]
             if ours in ("attention.wq", "attention.wk"):
-                heads = w.shape[0] // HD  # rotate-half row c*hd/2 + j -> Meta row 2j + c, within each head
-                w = w.view(heads, 2, HD // 2, w.shape[1]).permute(0, 2, 1, 3).reshape(w.shape)
+                heads = w.shape[0] // hd  # rotate-half row c*hd/2 + j -> Meta row 2j + c, within each head
+                w = w.view(heads, 2, hd // 2, w.shape[1]).permute(0, 2, 1, 3).reshape(w.shape)
             out[f"blk.{i}.{theirs}.weight"] = w
     return {n: w.detach().float().numpy() for n, w in out.items()}
 
@@ -270,3 +276,137 @@ def test_llama_cpp_greedy_tokens_match(tmp_path):
     assert clear[gen].sum() >= 3, "too few clear greedy choices to compare"
     assert torch.equal(theirs.argmax(-1)[gen][clear[gen]], ours.argmax(-1)[gen][clear[gen]])
     torch.testing.assert_close(theirs, ours, atol=0.25, rtol=0)
+
+
+# -- k-quants (Q6_K, Q4_K) --------------------------------------------------------------------
+
+KQUANT_REF = Path(__file__).resolve().parent / "fixtures" / "kquants" / "reference.npz"
+KQUANTS = {"q6_k": (kquants.quantize_q6_k, 210), "q4_k": (kquants.quantize_q4_k, 144)}
+
+
+@pytest.fixture(scope="module")
+def kquant_ref():
+    with np.load(KQUANT_REF) as ref:
+        return {k: ref[k] for k in ref.files}
+
+
+@pytest.mark.parametrize("quant", sorted(KQUANTS))
+def test_kquant_bytes_match_llama_cpp(kquant_ref, quant):
+    """Every block equals what ggml's quantize_row_*_K_ref wrote (edge cases and random rows)."""
+    fn, nbytes = KQUANTS[quant]
+    x = kquant_ref["x"]
+    ours = fn(x)
+    assert ours.dtype == np.uint8 and ours.shape == (x.shape[0], x.shape[1] // 256 * nbytes)
+    bad = np.nonzero((ours.reshape(-1, nbytes) != kquant_ref[quant].reshape(-1, nbytes)).any(1))[0]
+    assert len(bad) == 0, f"{len(bad)} blocks differ, first {bad[:8]}"
+
+
+def test_kquant_reference_covers_special_cases(kquant_ref):
+    """The reference array hits what the byte test is meant to cover."""
+    q6 = kquant_ref["q6_k"].reshape(-1, 210)
+    d = q6[:, 208:].copy().view(np.float16)[:, 0]
+    scales = q6[:, 192:208].view(np.int8)
+    assert not q6[0].any() and not q6[8].any()  # all-zero and 1e-30 super-blocks: memset to 0
+    assert ((d == 0) & q6[:, :128].any(1)).any()  # fp16 d underflowed: make_qx_quants's L kept
+    assert ((scales == 0).any(1) & (d != 0)).any()  # a sub-block scale rounded to 0 beside a huge one
+    assert (scales == -128).any(1).sum() > 64  # the largest scale stored as -128
+    assert np.isinf(d).any()  # 1e8 values: d overflows fp16, as in C
+    q4 = kquant_ref["q4_k"].reshape(-1, 144)
+    assert (q4[:, 2:4].copy().view(np.float16)[:, 0] == 0).any()  # dmin 0: no negative values
+    assert len(str(kquant_ref["source"])) == 40  # the llama.cpp commit the bytes came from
+
+
+@pytest.mark.parametrize("quant,rel_rms", [("q6_k", 0.025), ("q4_k", 0.1)])
+def test_kquant_dequantize_round_trip(kquant_ref, quant, rel_rms):
+    """gguf's own dequantizer reads our blocks back close to the input: on the random rows,
+    relative RMS error about 2% for Q6_K and 7% for Q4_K (6 and 4 bits), and no value off by
+    more than a nominal step of its sub-block (max|x|/32 of Q6_K's 16 values, max|x|/7.5 of
+    Q4_K's 32: their range over 15 levels; rounding makes it about half that)."""
+    fn, _ = KQUANTS[quant]
+    x = kquant_ref["x"][11:]  # random normals at 0.02 and 1
+    qtype = gguf.GGMLQuantizationType[quant.upper()]
+    back = gguf.quants.dequantize(fn(x), qtype)
+    assert back.shape == x.shape
+    rms = np.sqrt(((back - x) ** 2).mean(1) / (x**2).mean(1))
+    assert (rms < rel_rms).all(), rms.max()
+    sub = 16 if quant == "q6_k" else 32
+    step = np.abs(x).reshape(-1, sub).max(1, keepdims=True) / (32 if quant == "q6_k" else 7.5)
+    assert (np.abs(back - x).reshape(-1, sub) <= step).all()
+
+
+def test_kquant_refuses_odd_rows_and_non_finite():
+    for fn, _ in KQUANTS.values():
+        with pytest.raises(ValueError, match="multiple of 256"):
+            fn(np.zeros((2, 320), np.float32))
+        x = np.zeros((1, 512), np.float32)
+        x[0, 300] = np.nan
+        with pytest.raises(ValueError, match="non-finite"):
+            fn(x)
+
+
+@pytest.fixture(scope="module")
+def kquant_files(tmp_path_factory, small_tokenizer):
+    """(model, {quant: GGUFReader}): a float32 model whose rows are all multiples of 256 (dim 256,
+    hidden 768), exported as Q6_K and Q4_K."""
+    root = tmp_path_factory.mktemp("gguf_kquant")
+    model = random_model(tiny(dim=256, vocab_size=SMALL_VOCAB, multiple_of=256))
+    assert model.config.hidden_dim == 768
+    save_model(model, root / "hf", tokenizer=small_tokenizer)
+    readers = {q: gguf.GGUFReader(export_gguf(root / "hf", root / f"m.{q}.gguf", quant=q)) for q in KQUANTS}
+    return model, readers
+
+
+@pytest.mark.parametrize("quant,file_type", [("q6_k", "MOSTLY_Q6_K"), ("q4_k", "MOSTLY_Q4_K_M")])
+def test_kquant_export_types(kquant_files, quant, file_type):
+    """Every matrix in the k-quant (token_embd and output too), norms F32; general.file_type as
+    llama-quantize writes for Q6_K / Q4_K (its alias of Q4_K_M)."""
+    _, readers = kquant_files
+    reader = readers[quant]
+    assert reader.get_field("general.file_type").contents() == int(gguf.LlamaFileType[file_type])
+    for t in reader.tensors:
+        assert t.tensor_type.name == ("F32" if len(t.shape) == 1 else quant.upper()), t.name
+
+
+@pytest.mark.parametrize("quant,rel_rms", [("q6_k", 0.025), ("q4_k", 0.1)])
+def test_kquant_export_blocks_and_values(kquant_files, quant, rel_rms):
+    """The file's blocks are kquants' of the (Meta-ordered) float32 weights, and dequantize close to them."""
+    model, readers = kquant_files
+    fn, _ = KQUANTS[quant]
+    qtype = gguf.GGMLQuantizationType[quant.upper()]
+    tensors = by_name(readers[quant])
+    originals = gguf_originals(model, hd=64)
+    assert sorted(tensors) == sorted(originals)
+    for name, w in originals.items():
+        if w.ndim == 1:
+            np.testing.assert_array_equal(np.asarray(tensors[name].data), w)
+            continue
+        data = np.asarray(tensors[name].data)
+        np.testing.assert_array_equal(data, fn(w), err_msg=name)
+        back = gguf.quants.dequantize(data, qtype)
+        assert back.shape == w.shape
+        assert np.sqrt(((back - w) ** 2).mean() / (w**2).mean()) < rel_rms, name
+
+
+@pytest.mark.parametrize("quant,fallback", [("q6_k", "Q8_0"), ("q4_k", "Q5_0")])
+def test_cli_kquant_falls_back_for_small_rows(tmp_path, small_tokenizer, capsys, quant, fallback):
+    """dim 64, hidden 176: rows of 64 are not 256-value blocks, so (as llama.cpp's
+    tensor_type_fallback) Q6_K matrices become Q8_0 and Q4_K ones Q5_0; ffn_down's rows of 176
+    fit no 32-value block either: F16. One log line per matrix."""
+    model = random_model(tiny(vocab_size=SMALL_VOCAB))
+    save_model(model, tmp_path / "hf", tokenizer=small_tokenizer)
+    out = tmp_path / "m.gguf"
+    assert cli(["convert", str(tmp_path / "hf"), str(out), "--dtype", quant]) == 0
+    lines = [line.strip() for line in capsys.readouterr().err.splitlines() if "as llama.cpp does" in line]
+    assert len(lines) == 16  # 7 matrices a layer, token_embd, output
+    assert f"token_embd.weight: rows of 64 values are not a multiple of {quant}'s 256-value block; writing it " \
+           f"as {fallback} (as llama.cpp does)" in lines
+    assert f"blk.1.ffn_down.weight: rows of 176 values are not a multiple of {quant}'s 256-value block; " \
+           "writing it as F16 (as llama.cpp does)" in lines
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["output_norm.weight"] == "F32"
+    assert types["blk.0.ffn_gate.weight"] == types["token_embd.weight"] == types["output.weight"] == fallback
+    assert reader.get_field("general.file_type").contents() == int(gguf.LlamaFileType[GGUF_QUANTS[quant][1]])
+    w = gguf_originals(model)["blk.1.attn_v.weight"]
+    np.testing.assert_array_equal(np.asarray(by_name(reader)["blk.1.attn_v.weight"].data),
+                                  gguf.quants.quantize(w, gguf.GGMLQuantizationType[fallback]))

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "guard": ("llama2.train.guard", "Llama Guard-style safety classifier"),
     "evaluate": ("llama2.eval.cli", "evaluate a model on the assistant-world suite"),
     "convert": ("llama2.commands.convert", "convert between Meta, Hugging Face and GGUF formats"),
+    "quantize": ("llama2.commands.quantize", "write an int8/int4 quantized model directory that reloads as it is"),
     "info": ("llama2.commands.info", "parameters and memory of a preset or model directory"),
 }
 

@@ -3,18 +3,24 @@
 llama.cpp's ``llama`` architecture keeps wq/wk in Meta's adjacent-pair RoPE layout, so their
 rows are permuted back from our rotate-half layout. 1-D norm weights stay float32 (as
 llama.cpp's own converter does); the matrices are written as float32, float16 or bfloat16, or
-quantized to Q8_0 or Q4_0 (``quant``).
+quantized to Q8_0, Q4_0, Q6_K or Q4_K (``quant``).
 
 Quantized export follows ``llama-quantize --pure``: every 2-D weight (attention, FFN,
 ``token_embd`` and ``output``, which llama-quantize without ``--pure`` would bump to Q6_K for
-Q4_0) is in the chosen type, the 1-D norms stay F32, a matrix whose rows are not a multiple
-of the 32-value block falls back to F16 with a log line (as llama.cpp's
-``tensor_type_fallback`` does), and ``general.file_type`` is MOSTLY_Q8_0 / MOSTLY_Q4_0. The
-blocks come from the ``gguf`` package's quantizer (``gguf.quants.quantize``, which matches
-ggml's ``quantize_row_q8_0_ref`` / ``quantize_row_q4_0_ref`` bit for bit) applied to the
-source weights' float32 values. One difference from llama.cpp's usual route: llama-quantize
-run on an f16 GGUF starts from f16-rounded values, so for a float32 or bfloat16 checkpoint
-its blocks can differ slightly from ours (ours start from the exact weights).
+Q4_0) is in the chosen type, the 1-D norms stay F32, and a matrix whose rows are not a
+multiple of the type's block (32 values; 256 for the k-quants) falls back with a log line the
+way llama.cpp's ``tensor_type_fallback`` does: Q6_K to Q8_0, Q4_K to Q5_0, and to F16 when
+those 32-value blocks do not fit either (Q8_0 and Q4_0 go straight to F16).
+``general.file_type`` is what llama-quantize writes for the type's name: MOSTLY_Q8_0,
+MOSTLY_Q4_0, MOSTLY_Q6_K, and MOSTLY_Q4_K_M for Q4_K (llama-quantize's ``Q4_K`` is an alias of
+``Q4_K_M``; with ``--pure`` Q4_K_S and Q4_K_M give the same tensors). The 32-value blocks come
+from the ``gguf`` package's quantizer (``gguf.quants.quantize``, which matches ggml's
+``quantize_row_q8_0_ref`` / ``q4_0`` / ``q5_0`` bit for bit), the k-quants from our port of
+``quantize_row_q6_K_ref`` / ``quantize_row_q4_K_ref`` (:mod:`.kquants`; what llama-quantize
+runs without an importance matrix), applied to the source weights' float32 values. One
+difference from llama.cpp's usual route: llama-quantize run on an f16 GGUF starts from
+f16-rounded values, so for a float32 or bfloat16 checkpoint its blocks can differ slightly
+from ours (ours start from the exact weights).
 
 Tensors are read one at a time (memory-mapped where the source allows) and streamed into the
 file after the header, so an export never holds more than one tensor in memory. A LoRA adapter
@@ -38,13 +44,19 @@ from safetensors import safe_open
 from llama2.chat import CHAT_TEMPLATE
 from llama2.model import ModelConfig, Transformer
 
-from . import hf, meta, peft
+from . import hf, kquants, meta, peft
 from .errors import CheckpointError
 from .locate import detect_format, load_tokenizer
 
 GGUF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # --dtype name -> (GGMLQuantizationType, LlamaFileType) member names in the gguf package
-GGUF_QUANTS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0")}
+GGUF_QUANTS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+               "q6_k": ("Q6_K", "MOSTLY_Q6_K"), "q4_k": ("Q4_K", "MOSTLY_Q4_K_M")}
+# llama.cpp's tensor_type_fallback (llama-quant.cpp) for rows not a multiple of the block: a
+# k-quant goes to a 32-value type; a 32-value type (or a fallback that still does not fit) to F16
+_FALLBACK = {"Q6_K": "Q8_0", "Q4_K": "Q5_0"}
+# the quantizers the gguf package lacks
+_OUR_QUANTIZERS = {"Q6_K": kquants.quantize_q6_k, "Q4_K": kquants.quantize_q4_k}
 
 # our parameter name -> llama.cpp's tensor name (llama.cpp's convert_hf_to_gguf.py)
 _TO_GGUF = [
@@ -128,15 +140,16 @@ def write_gguf(
     """Write a llama.cpp GGUF file. ``get_tensor(our_name)`` returns a weight in our
     (rotate-half) layout; it is called once per tensor, in llama.cpp's usual order.
 
-    ``quant`` ('q8_0' or 'q4_0') quantizes the 2-D weights from their float32 values instead of
-    casting them to ``dtype`` (see the module docstring); ``log`` receives the line about each
-    matrix that falls back to F16 (default: this module's logger)."""
+    ``quant`` (a :data:`GGUF_QUANTS` name: 'q8_0', 'q4_0', 'q6_k', 'q4_k') quantizes the 2-D
+    weights from their float32 values instead of casting them to ``dtype`` (see the module
+    docstring); ``log`` receives the line about each matrix that falls back to another type
+    (default: this module's logger)."""
     gguf = _import_gguf()
     path = Path(path)
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"GGUF export writes float32, float16 or bfloat16, not {dtype}")
     if quant is not None and quant not in GGUF_QUANTS:
-        raise ValueError(f"GGUF export quantizes to {' or '.join(GGUF_QUANTS)}, not {quant!r}")
+        raise ValueError(f"GGUF export quantizes to {', '.join(GGUF_QUANTS)}, not {quant!r}")
     if tokenizer is None:
         raise CheckpointError(f"{path}: a GGUF file needs the tokenizer; no tokenizer.model was found")
     if tokenizer.vocab_size != cfg.vocab_size:
@@ -177,14 +190,21 @@ def write_gguf(
         for ours, shape in shapes.items():
             is_matrix = len(shape) > 1
             if is_matrix and quant is not None:
-                if shape[-1] % block == 0:
-                    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, matrix_type)
+                qtype = matrix_type
+                if shape[-1] % block:  # tensor_type_fallback: a 32-value type, else F16
+                    qtype = _FALLBACK.get(matrix_type.name)
+                    if qtype is not None:
+                        qtype = gguf.GGMLQuantizationType[qtype]
+                        if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+                            qtype = None
+                    log(f"{gguf_name(ours)}: rows of {shape[-1]} values are not a multiple of {quant}'s "
+                        f"{block}-value block; writing it as {qtype.name if qtype else 'F16'} (as llama.cpp does)")
+                if qtype is not None:
+                    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
                     writer.add_tensor_info(gguf_name(ours), byte_shape, np.dtype("uint8"),
-                                           int(np.prod(byte_shape)), raw_dtype=matrix_type)
-                    plan.append((ours, shape, matrix_type))
+                                           int(np.prod(byte_shape)), raw_dtype=qtype)
+                    plan.append((ours, shape, qtype))
                     continue
-                log(f"{gguf_name(ours)}: rows of {shape[-1]} values are not a multiple of {quant}'s "
-                    f"{block}-value block; writing it as F16 (as llama.cpp does)")
                 ggml_type, store = gguf.GGMLQuantizationType.F16, torch.float16
             else:
                 ggml_type = matrix_type if is_matrix else gguf.GGMLQuantizationType.F32
@@ -210,7 +230,9 @@ def write_gguf(
             if isinstance(store, torch.dtype):
                 writer.write_tensor_data(_to_numpy(t.to(store)))
             else:  # a quantization type: blocks from the float32 values
-                writer.write_tensor_data(gguf.quants.quantize(_to_numpy(t.to(torch.float32)), store))
+                quantize = _OUR_QUANTIZERS.get(store.name)
+                values = _to_numpy(t.to(torch.float32))
+                writer.write_tensor_data(quantize(values) if quantize else gguf.quants.quantize(values, store))
             del t
             if progress is not None:
                 progress(ours)
@@ -364,8 +386,8 @@ def export_gguf(
     """Convert a model directory (ours/Hugging Face, Meta's, or a LoRA adapter directory) to one
     GGUF file; ``adapter``: a LoRA adapter directory merged into ``src`` on the way.
 
-    ``dtype`` None keeps the checkpoint's floating-point type. ``quant`` ('q8_0' or 'q4_0')
-    quantizes the matrices instead (:func:`write_gguf`; a matrix that falls back is F16). The
+    ``dtype`` None keeps the checkpoint's floating-point type. ``quant`` ('q8_0', 'q4_0', 'q6_k'
+    or 'q4_k') quantizes the matrices instead (:func:`write_gguf`, with its fallbacks). The
     tokenizer is the directory's ``tokenizer.model`` (or the one a folder up, as in Meta's
     downloads; an adapter's base's) unless given."""
     src, dst = Path(src), Path(dst)

@@ -44,6 +44,25 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def progress_printer(total: int, quiet: bool):
+    """A ``progress(name)`` callback: "[i/total] name" on one rewritten line on a terminal,
+    every tenth of the way otherwise (logs), nothing with ``quiet``."""
+    done = 0
+    tty = sys.stderr.isatty()
+
+    def progress(name: str) -> None:
+        nonlocal done
+        done += 1
+        if quiet:
+            return
+        if tty:
+            print(f"\r  [{done}/{total}] {name:<48}", end="", file=sys.stderr, flush=True)
+        elif done == total or done % max(1, total // 10) == 0:
+            print(f"  [{done}/{total}] {name}", file=sys.stderr, flush=True)
+
+    return progress
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="model directory: Meta's (params.json + consolidated.NN.pth), "
                                               "ours/Hugging Face (config.json + *.safetensors), or a LoRA "
@@ -58,8 +77,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=1, metavar="N",
                    help="model-parallel files for --to meta (Meta used 1 for 7B, 2 for 13B, 8 for 70B)")
     p.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16", *GGUF_QUANTS),
-                   help="cast the weights (default: keep the checkpoint's); q8_0 and q4_0 (GGUF only) "
-                        "quantize the matrices as llama-quantize --pure does")
+                   help="cast the weights (default: keep the checkpoint's); q8_0, q4_0, q6_k and q4_k "
+                        "(GGUF only) quantize the matrices as llama-quantize --pure does")
     p.add_argument("--tokenizer", default=None, metavar="FILE",
                    help="tokenizer.model to ship (default: the one beside or one folder above SRC)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
@@ -109,19 +128,9 @@ def main(args: argparse.Namespace) -> int:
     shards = f", {args.shards} shard(s)" if to == "meta" else ""
     say(f"writing {to}{shards}{f' as {args.dtype}' if dtype or quant else ''} -> {dst}")
 
-    done = 0
     start = time.monotonic()
     tty = sys.stderr.isatty()
-
-    def progress(name: str) -> None:
-        nonlocal done
-        done += 1
-        if args.quiet:
-            return
-        if tty:
-            print(f"\r  [{done}/{total}] {name:<48}", end="", file=sys.stderr, flush=True)
-        elif done == total or done % max(1, total // 10) == 0:
-            print(f"  [{done}/{total}] {name}", file=sys.stderr, flush=True)
+    progress = progress_printer(total, args.quiet)
 
     if quant:
         # convert()'s dtype is a torch dtype: the quantization goes to export_gguf, staged as convert does

@@ -110,7 +110,7 @@ def load_for_inference(path: Path, dtype: str = "auto", device: str | None = Non
         parse_quantize(quantize)  # a bad spec fails before any weight is read
     # Config only (and the adapter's small tensors, so a broken adapter fails before the base
     # is read); the base's tensors are read lazily below.
-    cfg = load_state(path, adapter=adapter)[0]
+    cfg = load_state(path, adapter=adapter, allow_quantized=True)[0]  # a quantized directory loads as it is
     tokenizer = load_tokenizer(path, cfg.vocab_size)
     if dtype == "auto":
         chosen = None

@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from llama2.checkpoint import detect_format, load_state, meta
+from llama2.checkpoint import detect_format, load_state, meta, quantized_spec
 from llama2.commands import memory
 from llama2.model import PRESETS, ModelConfig
 from llama2.model.quant import parse_quantize
@@ -105,14 +105,15 @@ def kv_cache_bytes(cfg, context: int, batch: int = 1, bytes_per_element: float =
 
 
 def _resolve(model: str):
-    """(config, description, stored dtype name or None) for a preset name or a directory."""
+    """(config, description, stored dtype name or None, quantization spec or None) for a preset
+    name or a directory."""
     path = Path(model)
     if model.lower() in PRESETS and not path.exists():
-        return ModelConfig.from_preset(model), f"preset {model.lower()}", None
+        return ModelConfig.from_preset(model), f"preset {model.lower()}", None, None
     if not path.exists():
         raise ValueError(f"{model}: neither a preset ({', '.join(PRESETS)}) nor an existing model directory")
     fmt = detect_format(path)
-    cfg, raw, _ = load_state(path)  # the tensor iterator is lazy: nothing is read
+    cfg, raw, _ = load_state(path, allow_quantized=True)  # the tensor iterator is lazy: nothing is read
     stored = None
     if fmt in ("hf", "peft"):  # an adapter directory: its base's config, with the adapter merged
         stored = _FROM_TORCH.get(str(raw.get("torch_dtype") or raw.get("dtype") or ""))
@@ -121,7 +122,10 @@ def _resolve(model: str):
         if emb is not None:
             stored = _FROM_TORCH.get(str(emb.dtype).removeprefix("torch."))
     kind = {"meta": "Meta format", "hf": "Hugging Face format", "peft": "LoRA adapter over its base"}[fmt]
-    return cfg, f"{path} ({kind})", stored
+    spec = quantized_spec(path)
+    if spec is not None:
+        kind = f"quantized to {spec} by llama2 quantize"
+    return cfg, f"{path} ({kind})", stored, spec
 
 
 def quantized_weight_bytes(cfg, spec: str, dtype: str = "bf16") -> int:
@@ -144,7 +148,11 @@ def gather(model: str, context: int | None = None, batch: int = 1, dtype: str | 
            kv_dtype: str | None = None, quantize: str | None = None) -> dict:
     if quantize:
         parse_quantize(quantize)  # a bad spec is one line before anything is read
-    cfg, source, stored = _resolve(model)
+    cfg, source, stored, spec = _resolve(model)
+    if spec is not None:  # a directory written by llama2 quantize
+        if quantize and parse_quantize(quantize) != parse_quantize(spec):
+            raise ValueError(f"{model}: already quantized to {spec}, not {quantize}")
+        quantize = spec
     if context is not None and context <= 0:
         raise ValueError(f"--context must be positive, got {context}")
     if batch <= 0:

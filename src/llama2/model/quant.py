@@ -11,8 +11,9 @@ The matmuls are PyTorch's own kernels, not ours: ``aten._weight_int8pack_mm`` an
 ``aten._weight_int4pack_mm_for_cpu`` on CPU. The CUDA paths (``F.linear`` on the int8 weight cast
 to the activations' dtype, as gpt-fast; ``aten._weight_int4pack_mm`` for int4) follow the ops'
 documented signatures but are untested here (no GPU). The packed int4 weight is an opaque,
-device-specific layout: quantize on the device the model runs on, and do not move or save a
-quantized model (save the float one and quantize after loading).
+device-specific layout: a quantized model is saved (``llama2 quantize``, checkpoint/quantized.py)
+as the plain 4-bit values two per byte plus the scales and zeros, and packed for the kernel of
+the device it is loaded on (:meth:`Int4Linear.from_quantized`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def parse_quantize(spec: str) -> tuple[str, int | None]:
 def int8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
     """[N, K] float -> (int8 [N, K], float32 scales [N]) with ``w ≈ q * scales[:, None]``."""
     w = w.detach().float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-    q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+    scales = (w.amax(dim=1).maximum(-w.amin(dim=1)) / 127).clamp(min=1e-10)
+    # in place: one float temporary, not four (a 70B feed-forward weight is ~1 GB in float32)
+    q = (w / scales[:, None]).round_().clamp_(-128, 127).to(torch.int8)
     return q, scales
 
 
@@ -97,7 +99,7 @@ def int4_quantize(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     scales = ((mx - mn).clamp(min=1e-6) / 15).to(torch.bfloat16)
     zeros = (mn + scales.float() * 8).to(torch.bfloat16)
     low = zeros.float() - scales.float() * 8
-    q = t.sub(low).div(scales.float()).round().clamp(0, 15).to(torch.int32).reshape(N, K)
+    q = t.sub(low).div_(scales.float()).round_().clamp_(0, 15).to(torch.int32).reshape(N, K)
     sz = torch.stack((scales.reshape(N, -1), zeros.reshape(N, -1)), dim=-1)  # [N, K/group, 2]
     return q, sz.transpose(0, 1).contiguous()
 
@@ -110,6 +112,19 @@ def int4_dequantize(q: Tensor, scales_and_zeros: Tensor, group_size: int) -> Ten
     return t.reshape(N, K)
 
 
+def int4_to_bytes(q: Tensor) -> Tensor:
+    """int 0..15 [N, K] -> uint8 [N, K/2], two per byte: column 2j in the low nibble, 2j+1 in the
+    high one. A portable form for files; the kernels' packed layouts are per device."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def int4_from_bytes(b: Tensor) -> Tensor:
+    """``int4_to_bytes``'s inverse: uint8 [N, K/2] -> int32 [N, K] in 0..15."""
+    q = torch.stack((b & 15, b >> 4), dim=-1)  # [N, K/2, 2]: low nibble first
+    return q.reshape(b.shape[0], -1).to(torch.int32)
+
+
 def int4_check(name: str, out_features: int, in_features: int, group_size: int, device) -> None:
     """A one-line ValueError if the kernels cannot take an [out, in] weight."""
     need = [(out_features % 16 == 0, "out_features divisible by 16"),
@@ -120,7 +135,7 @@ def int4_check(name: str, out_features: int, in_features: int, group_size: int, 
     for ok, what in need:
         if not ok:
             raise ValueError(f"cannot quantize {name} [{out_features}, {in_features}] to int4: needs {what} "
-                             "(use --quantize int8, or another int4 group size)")
+                             "(use int8, or another int4 group size)")
 
 
 class Int4Linear(nn.Module):
@@ -139,12 +154,19 @@ class Int4Linear(nn.Module):
         N, K = w.shape
         int4_check(name, N, K, group_size, w.device)
         q, sz = int4_quantize(w, group_size)
-        if w.device.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
+        return cls.from_quantized(q, sz, group_size)
+
+    @classmethod
+    def from_quantized(cls, q: Tensor, scales_and_zeros: Tensor, group_size: int) -> Int4Linear:
+        """From ``int4_quantize``'s output (on the device the layer will run on): packed here,
+        since the packed layout belongs to one device's kernel."""
+        N, K = q.shape
+        if q.device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INT4_INNER_K_TILES)
         else:  # CUDA (untested here): two per byte, high nibble first
             q8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(q8, INT4_INNER_K_TILES)
-        return cls(packed, sz, K, N, group_size)
+        return cls(packed, scales_and_zeros.to(device=q.device, dtype=torch.bfloat16), K, N, group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         # Both kernels take bfloat16 activations. On CPU float32 ones work but run ~15x slower

@@ -89,7 +89,7 @@ def finetune(cfg: FinetuneConfig, train: Sequence[Example], val: Sequence[Exampl
     log = log_to_stderr(quiet)
     info = init_distributed()
     grad_accum_steps(cfg.batch_size, cfg.micro_batch_size, info.world_size)  # fail before loading anything
-    model = load_model(cfg.model, dtype=None)
+    model = load_model(cfg.model, dtype=None, training=True)
     if model.config.max_seq_len < cfg.seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's context ({model.config.max_seq_len}) "
                          f"in {cfg.model}")

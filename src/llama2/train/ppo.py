@@ -161,7 +161,7 @@ class PPOTrainer:
         # there is one, each model in the dtype it was saved in.
         self.device = device = default_device()
         lora = cfg.lora.enabled
-        self.policy = load_model(cfg.model, device="cpu" if lora else device)
+        self.policy = load_model(cfg.model, device="cpu" if lora else device, training=True)
         self.tokenizer = load_tokenizer(cfg.model, self.policy.config.vocab_size)
         self.value = (load_scalar_model(cfg.reward_model, device="cpu" if lora else device)
                       if cfg.value_init == "reward" else ScalarModel.from_language_model(self.policy, seed=cfg.seed))

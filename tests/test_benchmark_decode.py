@@ -1,0 +1,70 @@
+"""benchmarks/decode.py on a tiny saved model, in-process (seconds): the quantized side, and
+llama.cpp's greedy tokens against ours when llama-cpp-python is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from llama2.checkpoint import load_tokenizer, save_model
+
+from .test_checkpoint import FIXTURE, random_model, tiny
+
+pytest.importorskip("transformers")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_decode", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model with the Llama 2 vocabulary and its tokenizer.model (GGUF needs one);
+    unit-scale weights, so greedy tokens are not decided by rounding. dim 64 and a feed-forward of
+    192: rows of whole 32-value blocks for q8_0/q4_0 and int4:32."""
+    tok = load_tokenizer(FIXTURE)
+    model = random_model(tiny(vocab_size=32000, multiple_of=32, rope_theta=1e6, max_seq_len=128))
+    return save_model(model, tmp_path_factory.mktemp("decode") / "model", tokenizer=tok)
+
+
+def run(bench, capsys, model_dir, *args) -> dict:
+    assert bench.main(["--model", str(model_dir), *args, "--threads", "1", "--prompt-len", "8", "--repeats", "1",
+                       "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_quantized_side(bench, model_dir, capsys):
+    res = run(bench, capsys, model_dir, "--new-tokens", "4", "--quantize", "int8", "--no-llama-cpp")
+    q = res["quantized"]["int8"]
+    assert q["tok_s"] > 0 and math.isfinite(q["tok_s"])
+    k, n = map(int, q["same_tokens"].split("/"))
+    assert n == 4 and 0 <= k <= 4
+    assert res["llama_cpp"] is None
+    # the existing keys keep working
+    assert res["ours_tok_s"] > 0 and res["transformers_tok_s"] > 0 and res["same_tokens"] == "4/4"
+    sides = {r["side"]: r for r in res["sides"]}
+    assert set(sides) == {"ours", "transformers", "ours int8"}
+    assert sides["ours int8"]["same_tokens"] == q["same_tokens"]
+
+
+def test_llama_cpp_greedy_tokens_equal_ours(bench, model_dir, capsys):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (optional llama.cpp check)")
+    res = run(bench, capsys, model_dir, "--new-tokens", "8", "--quantize", "int8,int4:32", "--llama-cpp")
+    assert res["llama_cpp_note"] is None
+    assert set(res["llama_cpp"]) == {"f32", "f16", "q8_0", "q4_0"}
+    assert all(v["tok_s"] > 0 for v in res["llama_cpp"].values())
+    assert res["tokens"]["llama.cpp f32"] == res["tokens"]["ours"]
+    assert res["llama_cpp"]["f32"]["same_tokens"] == "8/8"
+    assert set(res["ratios"]) == {"ours / transformers", "ours / llama.cpp f32", "ours int8 / llama.cpp q8_0",
+                                  "ours int4:32 / llama.cpp q4_0"}
