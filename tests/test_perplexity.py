@@ -218,3 +218,18 @@ def test_cli_perplexity_of_the_int8_quantized_model(model_dir, llama_tokenizer, 
     assert result["perplexity"] == pytest.approx(expected, rel=1e-6)
     plain = perplexity(load_model(model_dir), llama_tokenizer, text, ctx=CTX, max_chunks=2)["perplexity"]
     assert result["perplexity"] == pytest.approx(plain, rel=0.02)
+
+
+def test_cli_perplexity_in_bfloat16(model_dir, llama_tokenizer, text, tmp_path, capsys):
+    """--dtype bf16 scores the model cast to bfloat16 (the bf16 row of the quantization table)."""
+    f = tmp_path / "held_out.txt"
+    f.write_text(text)
+    rc, out, err = run_cli(capsys, "evaluate", "--model", model_dir, "--perplexity", f, "--ctx", CTX,
+                           "--max-chunks", 2, "--dtype", "bf16", "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["dtype"] == "bfloat16"
+    expected = perplexity(load_model(model_dir, dtype=torch.bfloat16), llama_tokenizer, text, ctx=CTX, max_chunks=2)
+    plain = perplexity(load_model(model_dir), llama_tokenizer, text, ctx=CTX, max_chunks=2)["perplexity"]
+    assert result["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+    assert result["perplexity"] != plain and result["perplexity"] == pytest.approx(plain, rel=0.02)

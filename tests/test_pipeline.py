@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from llama2.pipeline import STAGES, find_recipe, read_pipeline_recipe, run_pipeline
+from llama2.stages import AGAINST_SFT, EVALUATED
 
 
 def test_built_in_recipes_are_found_and_valid():
@@ -75,7 +76,8 @@ def test_every_stage_writes_its_folder_and_model(smoke_run):
     for stage in STAGES:
         done = json.loads((smoke_run / stage / ".done.json").read_text())
         assert done["stage"] == stage and done["seconds"] >= 0
-    for stage in ("pretrain", "sft", "rejection", "ppo", "gatt", "guard", "reward-helpfulness", "reward-safety"):
+    for stage in ("pretrain", "sft", "rejection", "ppo", "gatt", "guard", "reward-helpfulness", "reward-safety",
+                  "reward-helpfulness-2", "reward-safety-2", "rejection-2", "ppo-2", "dpo"):
         assert (smoke_run / stage / "model" / "config.json").is_file(), stage
     assert (smoke_run / "chat" / "model.safetensors").is_file()
 
@@ -92,7 +94,7 @@ def test_report_shows_each_stage_with_its_data(smoke_run):
         data = (smoke_run / src).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, src
     results = json.loads((smoke_run / "evaluate" / "results.json").read_text())
-    assert set(results) == {"pretrain", "sft", "rejection", "ppo", "gatt"}
+    assert set(results) == set(EVALUATED)
     # the table's numbers are the evaluation's numbers
     sft = results["sft"]["task_accuracy"]
     assert f"{100 * sft:.1f}%" in md
@@ -102,6 +104,43 @@ def test_report_shows_each_stage_with_its_data(smoke_run):
     checker = json.loads((smoke_run / "rejection" / "reward_vs_k.json").read_text())["iterations"][0]["checker"]
     assert f"{100 * checker['helpfulness']['selected']:.1f}%" in md and "the world's checker" in md
     assert (smoke_run / "reward-helpfulness" / "policy_samples.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_every_aligned_stage_is_set_head_to_head_against_sft(smoke_run):
+    h2h = json.loads((smoke_run / "evaluate" / "headtohead.json").read_text())
+    assert h2h["against"] == "sft" and list(h2h["stages"]) == list(AGAINST_SFT)
+    for result in (*h2h["stages"].values(), h2h["base"]):
+        assert set(result["results"]) == {"greedy", "sampled"}
+        assert result["results"]["greedy"]["all"]["n"] + result["unjudged"]["greedy"] == result["prompts"]
+    assert set(h2h["stages"]["ppo"]["reward"]["greedy"]["a"]) >= {"helpfulness", "harmlessness"}
+    md = (smoke_run / "report.md").read_text()
+    assert md.index("Head to head against SFT") < md.index("assistant-world suite after each stage")
+
+
+@pytest.mark.slow
+def test_the_second_round_learns_from_every_comparison_so_far(smoke_run):
+    """RLHF-V2's reward models start from the PPO model, sample it, and add round 1's comparisons."""
+    def config(stage: str) -> str:  # the stage's settings as its last checkpoint kept them
+        return sorted((smoke_run / stage / "checkpoints").glob("step-*/config.yaml"))[-1].read_text()
+
+    kept = config("reward-helpfulness-2")
+    assert "ppo/model" in kept and "reward-helpfulness/policy_samples.jsonl" in kept
+    assert (smoke_run / "reward-helpfulness-2" / "policy_samples.jsonl").is_file()
+    dpo_config = config("dpo")
+    assert "reward-helpfulness/train_pairs.jsonl" in dpo_config and "sft/model" in dpo_config
+    gatt_config = config("gatt")
+    assert "ppo-2/model" in gatt_config
+
+
+def test_optional_stages_run_only_with_a_block_and_gatt_takes_the_newest_policy(tmp_path):
+    from llama2.pipeline import Context
+
+    ctx = Context(tmp_path, {"stages": {"sft": {}, "ppo": {}}}, print)
+    assert not ctx.runs("ppo-2") and not ctx.runs("dpo") and ctx.runs("gatt")
+    assert ctx.latest("ppo", "ppo-2") == "ppo" and "ppo-2" not in ctx.evaluated()
+    ctx = Context(tmp_path, {"stages": {"ppo-2": {}, "reward-safety-2": {}}}, print)
+    assert ctx.latest("ppo", "ppo-2") == "ppo-2" and ctx.latest("reward-safety", "reward-safety-2") == "reward-safety-2"
 
 
 @pytest.mark.slow
@@ -133,7 +172,8 @@ def test_rerunning_skips_finished_stages(smoke_run, capsys):
 
 # -- LoRA in every stage -------------------------------------------------------------------
 
-FINE_TUNING = ("sft", "reward-helpfulness", "reward-safety", "rejection", "ppo", "gatt", "guard")
+FINE_TUNING = ("sft", "reward-helpfulness", "reward-safety", "rejection", "ppo", "reward-helpfulness-2", "reward-safety-2",
+               "rejection-2", "ppo-2", "dpo", "gatt", "guard")
 
 
 def test_tiny_lora_is_tiny_with_lora_in_every_fine_tuning_stage():

@@ -119,9 +119,14 @@ INTERRUPTIONS = [
      "llama2.train.ppo:PPOTrainer.save_checkpoint", lambda args, calls: args[0].iteration == 1, True),
     ("ppo, mid-training: iteration 2 done, its last checkpoint at iteration 1",
      "llama2.train.ppo:PPOTrainer.step", lambda args, calls: args[0].iteration == 2, False),
+    ("reward-helpfulness-2, with round 1's comparisons, after sampling the PPO model, before training",
+     "llama2.train.reward:load_training_pairs", lambda args, calls: Path(args[0].out).name == "reward-helpfulness-2",
+     False),
+    ("dpo, after its last checkpoint, before the model is exported",
+     "llama2.train.core:Trainer.save_checkpoint", lambda args, calls: _stage(args) == "dpo", False),
     ("gatt, finished, before its stage is marked done",
      "llama2.train.gatt:run", lambda args, calls: True, False),
-    ("evaluate, after two of the five models",
+    ("evaluate, after two of the eight models",
      "llama2.eval.cli:evaluate_model", lambda args, calls: calls == 2, False),
 ]
 
@@ -213,7 +218,9 @@ def test_a_smoke_run_interrupted_in_every_kind_of_stage_and_resumed_equals_one_n
     weights = _weights(straight)
     assert {str(Path(f).parent) for f in weights if f.endswith(".safetensors")} == {  # every model, none missing
         "pretrain/model", "sft/model", "reward-helpfulness/model", "reward-safety/model", "rejection/iter-1/model",
-        "rejection/model", "ppo/model", "gatt/model", "chat", "guard/model"}
+        "rejection/model", "ppo/model", "reward-helpfulness-2/model", "reward-safety-2/model",
+        "rejection-2/iter-1/model", "rejection-2/model", "ppo-2/model", "dpo/model", "gatt/model", "chat",
+        "guard/model"}
     assert _weights(resumed) == weights
     assert _report(resumed) == _report(straight)
     assert _records(resumed) == _records(straight)

@@ -15,7 +15,7 @@ from llama2.cli import COMMANDS
 from llama2.cli import main as cli
 from llama2.model.heads import ScalarModel
 from llama2.recipe import from_dict
-from llama2.train import core, distill, finetune, gatt, guard, ppo, pretrain, rejection, reward, sft
+from llama2.train import core, distill, dpo, finetune, gatt, guard, ppo, pretrain, rejection, reward, sft
 
 from .conftest import tiny_config
 
@@ -28,6 +28,7 @@ STAGES = {
     "reward train": (reward.RewardConfig, [reward, finetune, core]),
     "rejection-sample": (rejection.RejectionConfig, [rejection, finetune, core]),
     "ppo": (ppo.PPOConfig, [ppo, core.build_optimizer]),
+    "dpo": (dpo.DPOConfig, [dpo, finetune.stage_main, core]),
     "safety-distill": (distill.DistillConfig, [distill, finetune, core]),
     "guard train": (guard.GuardConfig, [guard, finetune, core]),
 }

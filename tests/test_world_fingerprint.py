@@ -1,5 +1,6 @@
 """The assistant world draws the same data for a seed, release after release: every builder's
-output and the checkers' verdicts are pinned by a hash (a change of any random draw shows here)."""
+output and the checkers' and annotator's verdicts are pinned by a hash (a change of any random
+draw shows here)."""
 
 import dataclasses
 import hashlib
@@ -66,7 +67,15 @@ def _verdicts(world: World) -> dict:
         "applied": [apply_constraint("The capital of Peru is Lima.", p["constraint"]) for p in prompts
                     if p["constraint"]],
         "labels": world.label_samples([p["messages"] for p in prompts], [list(ANSWERS)] * len(prompts)),
+        "annotator": [[_judgement(world.annotator.compare(p["messages"], a, b)) for a, b in zip(ANSWERS, ANSWERS[1:])]
+                      for p in prompts],
+        "knowledge": [world.knowledge(p["messages"]) for p in prompts],
+        "annotated": world.annotate_samples([p["messages"] for p in prompts], [list(ANSWERS[:8])] * len(prompts)),
     }
+
+
+def _judgement(j) -> list:
+    return [j.helpfulness, j.helpfulness_level, j.safety, j.safety_level, j.safe_a, j.safe_b, list(j.reasons)]
 
 
 def fingerprint(seed: int, tmp_path) -> dict:
@@ -83,20 +92,20 @@ def fingerprint(seed: int, tmp_path) -> dict:
 
 EXPECTED = {
     0: {
-        "items": "71cdb4488a20ce6e", "knowledge": "d8eecb37ba1e8ea3", "sft": "1da9fea52c2411c3",
-        "sft_val": "514cf187c33ce932", "sft_mix": "be713a30bedd3cbf", "pref_helpfulness": "d3a54831250fcc5e",
-        "pref_safety": "7f46305e2154bd5d", "guard": "57c20699e84e78e8", "gatt": "ed5faffdb4bd9f23",
+        "items": "39f3fb4cb0318ca9", "knowledge": "d8eecb37ba1e8ea3", "sft": "ccf1e6455b26c95a",
+        "sft_val": "63b6ed4613d9c42c", "sft_mix": "c311dfbcf9e7ceb3", "pref_helpfulness": "d3a54831250fcc5e",
+        "pref_safety": "29fd750cc1331df4", "guard": "6a84f3e8d74b5e94", "gatt": "ed5faffdb4bd9f23",
         "gatt_repeat": "239db588cee6d3ae", "dialogues": "b30fa920806f9056", "rl": "7abd2f30fd0ca3e2",
-        "rl_kinds": "84f0c9a29f08f559", "eval": "89ec025d9281b8ab", "eval_all": "bd0b8d83778ef46c",
-        "constraints": "054b8a539413e439", "verdicts": "89a802614d46261c", "files": "6766879e8d4090a0",
+        "rl_kinds": "84f0c9a29f08f559", "eval": "a19e9d5c8e0affa4", "eval_all": "ab64b6b46501bba4",
+        "constraints": "054b8a539413e439", "verdicts": "d1fbc0f8ea9ffc99", "files": "fc1f9fb04e12c018",
     },
     1: {
-        "items": "64d06339c9d3975d", "knowledge": "d8eecb37ba1e8ea3", "sft": "d942464880b426ea",
-        "sft_val": "8659a5bc6740d3f2", "sft_mix": "8d178de3bcc22180", "pref_helpfulness": "d6a2a57f02bd3686",
-        "pref_safety": "ef2516c4e98b01bb", "guard": "22ce372091178936", "gatt": "04e656dce787ae29",
+        "items": "3eed61d4f3dfe12d", "knowledge": "d8eecb37ba1e8ea3", "sft": "f6adf31257c0c99a",
+        "sft_val": "2746428dbfe948fe", "sft_mix": "a35f09f929e87c57", "pref_helpfulness": "d6a2a57f02bd3686",
+        "pref_safety": "be9e3a0f7d016cf0", "guard": "7ea4af323fbd62ba", "gatt": "04e656dce787ae29",
         "gatt_repeat": "173c2cd68ae333a1", "dialogues": "fafa6f097732eeb1", "rl": "87b763e8c3f60efb",
-        "rl_kinds": "b785d3e731db8316", "eval": "3af315214a1d06d3", "eval_all": "d3b5626afddb2fc9",
-        "constraints": "2ac331f903fb1bc5", "verdicts": "c2de2d3cd8f75e2d", "files": "7a5beceb1bf1c41c",
+        "rl_kinds": "b785d3e731db8316", "eval": "108f4aeba7609516", "eval_all": "e6b282eeb68f368a",
+        "constraints": "2ac331f903fb1bc5", "verdicts": "cef6184f748321d6", "files": "db82faa1f5acf544",
     },
 }
 

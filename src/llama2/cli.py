@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reward": ("llama2.train.reward", "train or evaluate a helpfulness/safety reward model (§3.2.2)"),
     "rejection-sample": ("llama2.train.rejection", "rejection sampling fine-tuning (§3.2.3)"),
     "ppo": ("llama2.train.ppo", "PPO with the safety-gated reward and KL penalty (§3.2.3)"),
+    "dpo": ("llama2.train.dpo", "direct preference optimization on preference pairs (beside PPO)"),
     "safety-distill": ("llama2.train.distill", "safety context distillation (§4.2.4)"),
     "generate": ("llama2.commands.generate", "complete a prompt"),
     "chat": ("llama2.commands.chat", "chat with a model in the terminal"),

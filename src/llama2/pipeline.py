@@ -19,7 +19,6 @@ fails in one line naming the stage and the key before anything runs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -38,8 +37,8 @@ from llama2.data.world import World
 from llama2.eval import cli as evaluate_command
 from llama2.eval.cli import EvaluateConfig, chat_generate_fn
 from llama2.recipe import from_dict, merge_recipes, read_recipe, stage_settings
-from llama2.stages import EVALUATED, STAGES
-from llama2.train import distill, gatt, guard, ppo, pretrain, rejection, reward, sft
+from llama2.stages import AGAINST_SFT, EVALUATED, OPTIONAL, STAGES
+from llama2.train import distill, dpo, gatt, guard, ppo, pretrain, rejection, reward, sft
 from llama2.utils import default_device
 
 RECIPES_DIR = Path(__file__).resolve().parent / "resources" / "recipes"
@@ -53,6 +52,11 @@ STAGE_CONFIGS: dict[str, type] = {
     "reward-safety": reward.RewardConfig,
     "rejection": rejection.RejectionConfig,
     "ppo": ppo.PPOConfig,
+    "reward-helpfulness-2": reward.RewardConfig,
+    "reward-safety-2": reward.RewardConfig,
+    "rejection-2": rejection.RejectionConfig,
+    "ppo-2": ppo.PPOConfig,
+    "dpo": dpo.DPOConfig,
     "gatt": gatt.GAttConfig,
     "guard": guard.GuardConfig,
     "evaluate": EvaluateConfig,
@@ -121,6 +125,17 @@ class Context:
     def model(self, stage: str) -> str:
         return str(self.out / stage / "model")
 
+    def runs(self, stage: str) -> bool:
+        """Whether the recipe runs ``stage`` (an optional stage runs only when it has a block)."""
+        return stage not in OPTIONAL or stage in (self.recipe.get("stages") or {})
+
+    def latest(self, *stages: str) -> str:
+        """The last of ``stages`` the recipe runs (e.g. the newest policy or reward model)."""
+        return [s for s in stages if self.runs(s)][-1]
+
+    def evaluated(self) -> list[str]:
+        return [s for s in EVALUATED if self.runs(s)]
+
 
 def _config(cls, ctx: Context, stage: str, **paths):
     """The stage's config: recipe settings (the recipe's seed as the stage's seed and world
@@ -157,33 +172,57 @@ def stage_sft(ctx: Context) -> dict:
     return sft.run(_config(sft.SFTConfig, ctx, "sft", out=str(ctx.folder("sft")), model=ctx.model("pretrain")))
 
 
-def _reward(kind: str):
+def _reward(kind: str, round: int = 1):
     def run(ctx: Context) -> dict:
-        stage = f"reward-{kind}"
-        cfg = _config(reward.RewardConfig, ctx, stage, kind=kind, out=str(ctx.folder(stage)), model=ctx.model("sft"))
-        return reward.run(cfg)
-    run.__doc__ = f"The {kind} reward model (§3.2.2)."
+        stage = f"reward-{kind}" if round == 1 else f"reward-{kind}-{round}"
+        paths = dict(kind=kind, out=str(ctx.folder(stage)), model=ctx.model("sft"))
+        if round == 2:  # comparisons on the newest policy's samples, added to the first round's (§3.2.1)
+            earlier = ctx.folder(f"reward-{kind}") / "policy_samples.jsonl"
+            paths.update(model=ctx.model("ppo"), earlier_samples=str(earlier) if earlier.is_file() else "")
+        return reward.run(_config(reward.RewardConfig, ctx, stage, **paths))
+    run.__doc__ = (f"The {kind} reward model (§3.2.2)." if round == 1 else
+                   f"The {kind} reward model of round {round}: comparisons on the newest policy added (§3.2.1).")
     return run
 
 
-def stage_rejection(ctx: Context) -> dict:
-    """Rejection sampling: best of K answers under the reward models (§3.2.3)."""
-    cfg = _config(rejection.RejectionConfig, ctx, "rejection", out=str(ctx.folder("rejection")),
-                  model=ctx.model("sft"), reward_model=ctx.model("reward-helpfulness"),
-                  safety_model=ctx.model("reward-safety"))
-    return rejection.run(cfg)
+def _reward_models(ctx: Context, round: int) -> dict:
+    if round == 1:
+        return dict(reward_model=ctx.model("reward-helpfulness"), safety_model=ctx.model("reward-safety"))
+    return dict(reward_model=ctx.model(ctx.latest("reward-helpfulness", "reward-helpfulness-2")),
+                safety_model=ctx.model(ctx.latest("reward-safety", "reward-safety-2")))
 
 
-def stage_ppo(ctx: Context) -> dict:
-    """PPO with the safety-gated reward and a KL penalty (§3.2.3)."""
-    cfg = _config(ppo.PPOConfig, ctx, "ppo", out=str(ctx.folder("ppo")), model=ctx.model("rejection"),
-                  reward_model=ctx.model("reward-helpfulness"), safety_model=ctx.model("reward-safety"))
-    return ppo.run(cfg)
+def _rejection(round: int = 1):
+    def run(ctx: Context) -> dict:
+        stage, start = ("rejection", "sft") if round == 1 else ("rejection-2", "ppo")
+        return rejection.run(_config(rejection.RejectionConfig, ctx, stage, out=str(ctx.folder(stage)),
+                                     model=ctx.model(start), **_reward_models(ctx, round)))
+    run.__doc__ = ("Rejection sampling: best of K answers under the reward models (§3.2.3)." if round == 1 else
+                   "Rejection sampling of round 2, from the PPO model under the new reward models (§3.2.3).")
+    return run
+
+
+def _ppo(round: int = 1):
+    def run(ctx: Context) -> dict:
+        stage, start = ("ppo", "rejection") if round == 1 else ("ppo-2", "rejection-2")
+        return ppo.run(_config(ppo.PPOConfig, ctx, stage, out=str(ctx.folder(stage)), model=ctx.model(start),
+                               **_reward_models(ctx, round)))
+    run.__doc__ = ("PPO with the safety-gated reward and a KL penalty (§3.2.3)." if round == 1 else
+                   "PPO of round 2, on top of round 2's rejection sampling (§3.2.3).")
+    return run
+
+
+def stage_dpo(ctx: Context) -> dict:
+    """DPO from the SFT model on the helpfulness reward model's comparisons (beside RLHF)."""
+    pairs = ctx.folder("reward-helpfulness") / "train_pairs.jsonl"  # equal data: what the reward model saw
+    return dpo.run(_config(dpo.DPOConfig, ctx, "dpo", out=str(ctx.folder("dpo")), model=ctx.model("sft"),
+                           data=str(pairs)))
 
 
 def stage_gatt(ctx: Context) -> dict:
     """Ghost Attention for multi-turn system instructions (§3.3)."""
-    result = gatt.run(_config(gatt.GAttConfig, ctx, "gatt", out=str(ctx.folder("gatt")), model=ctx.model("ppo")))
+    result = gatt.run(_config(gatt.GAttConfig, ctx, "gatt", out=str(ctx.folder("gatt")),
+                              model=ctx.model(ctx.latest("ppo", "ppo-2"))))
     chat = ctx.out / "chat"
     if chat.exists():
         shutil.rmtree(chat)
@@ -218,7 +257,7 @@ def stage_evaluate(ctx: Context) -> dict:
     # this run's world.
     stamp = {stage: _weights_stamp(Path(ctx.model(stage))) for stage in ("reward-helpfulness", "reward-safety")}
     results = {}
-    for stage in EVALUATED:
+    for stage in ctx.evaluated():
         cache = ctx.folder(stage) / "eval.json"
         if cache.is_file():
             cached = json.loads(cache.read_text())
@@ -228,7 +267,7 @@ def stage_evaluate(ctx: Context) -> dict:
         ctx.log(f"evaluating {stage} model on the assistant world ...")
         results[stage] = evaluate_command.evaluate_model(
             ctx.model(stage), reward_model=ctx.model("reward-helpfulness"), safety_model=ctx.model("reward-safety"),
-            **dataclasses.asdict(cfg))
+            **cfg.suite())
         results[stage]["reward_models"] = stamp
         results[stage]["world_seed"] = seed
         _write_json(cache, results[stage])  # read back on resume: never half-written
@@ -236,6 +275,8 @@ def stage_evaluate(ctx: Context) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "results.json", results)
     _write_json(folder / "samples.json", sample_conversations(ctx))
+    if cfg.headtohead_items:
+        _write_json(folder / "headtohead.json", against_sft(ctx, cfg))
     keep = ("task_accuracy", "safe_refusal_rate", "false_refusal_rate", "combined_reward")
     return {stage: {k: v for k, v in r.items() if k in keep}
             for stage, r in results.items()}
@@ -251,12 +292,61 @@ def sample_conversations(ctx: Context, n_per_kind: int = 1) -> list[dict]:
     dialogue = world.dialogues("test", 1, turns=3, constrained=True)[0]
     prompts.append(dialogue.prompt(3))
     samples = [{"messages": p, "answers": {}} for p in prompts]
-    for stage in EVALUATED:
+    for stage in ctx.evaluated():
         model = load_model(ctx.model(stage), device=default_device())
         generate = chat_generate_fn(model, load_tokenizer(ctx.model(stage), model.config.vocab_size), 48)
         for s, answer in zip(samples, generate(prompts)):
             s["answers"][stage] = answer
     return samples
+
+
+def against_sft(ctx: Context, cfg: EvaluateConfig) -> dict:
+    """Every aligned stage's model head to head against the SFT model, judged by the world's
+    annotator (the paper's Figure 1 shape), with the newest reward models' view (Figure 11);
+    and the final chat model against the pretrained one. Each model answers once (greedy and
+    sampled at 0.6 / 0.9, seeded alike); answers are cached per model in ``STAGE/h2h.json``."""
+    from llama2.data.world.annotator import Annotator
+    from llama2.eval.headtohead import answer, compare_answers, headtohead_prompts
+    from llama2.scoring import RewardScorer
+
+    world = World(cfg.world_seed)
+    annotator = Annotator(world)
+    prompts = headtohead_prompts(world, cfg.split, cfg.headtohead_items)
+    setting = {"prompts": len(prompts), "items": cfg.headtohead_items, "sampled": cfg.sampled_answers,
+               "max_new_tokens": cfg.max_new_tokens, "world_seed": cfg.world_seed, "split": cfg.split}
+    modes = ("greedy", "sampled") if cfg.sampled_answers else ("greedy",)
+
+    def answers_of(stage: str) -> dict:
+        cache = ctx.folder(stage) / "h2h.json"
+        stamp = _weights_stamp(Path(ctx.model(stage)))
+        if cache.is_file():
+            cached = json.loads(cache.read_text())
+            if cached.get("setting") == setting and cached.get("weights") == stamp:
+                return cached["answers"]
+        ctx.log(f"answering {len(prompts)} held-out prompts with the {stage} model (head to head) ...")
+        model = load_model(ctx.model(stage), device=default_device())
+        tokenizer = load_tokenizer(ctx.model(stage), model.config.vocab_size)
+        out = answer(model, tokenizer, prompts, modes, max(1, cfg.sampled_answers), cfg.max_new_tokens,
+                     cfg.world_seed)
+        _write_json(cache, {"setting": setting, "weights": stamp, "answers": out})
+        return out
+
+    newest = _reward_models(ctx, 2)
+    scorer = RewardScorer(newest["reward_model"], newest["safety_model"], device=default_device())
+    sft_answers = answers_of("sft")
+    result = {"against": "sft", "world_seed": cfg.world_seed, "setting": setting, "stages": {}}
+    for stage in AGAINST_SFT:
+        if not ctx.runs(stage):
+            continue
+        r = compare_answers(answers_of(stage), sft_answers, prompts, world, annotator, max(1, cfg.sampled_answers),
+                            cfg.world_seed, scorer)
+        r.pop("pairs")
+        result["stages"][stage] = r
+    base = compare_answers(answers_of("gatt"), answers_of("pretrain"), prompts, world, annotator,
+                           max(1, cfg.sampled_answers), cfg.world_seed)
+    base.pop("pairs")
+    result["base"] = base
+    return result
 
 
 RUNNERS: dict[str, Callable[[Context], dict]] = {
@@ -266,8 +356,13 @@ RUNNERS: dict[str, Callable[[Context], dict]] = {
     "sft": stage_sft,
     "reward-helpfulness": _reward("helpfulness"),
     "reward-safety": _reward("safety"),
-    "rejection": stage_rejection,
-    "ppo": stage_ppo,
+    "rejection": _rejection(1),
+    "ppo": _ppo(1),
+    "reward-helpfulness-2": _reward("helpfulness", 2),
+    "reward-safety-2": _reward("safety", 2),
+    "rejection-2": _rejection(2),
+    "ppo-2": _ppo(2),
+    "dpo": stage_dpo,
     "gatt": stage_gatt,
     "guard": stage_guard,
     "evaluate": stage_evaluate,
@@ -312,12 +407,15 @@ def run_pipeline(recipe_name: str = "tiny", out: str | os.PathLike = "runs/demo"
     last = STAGES.index(until) if until else len(STAGES) - 1
     for i, stage in enumerate(STAGES[: last + 1], 1):
         marker = ctx.folder(stage) / ".done.json"
+        if not ctx.runs(stage):
+            log(f"[{i}/{len(STAGES)}] {stage}: not in the recipe, skipped")
+            continue
         if marker.is_file():
             took = json.loads(marker.read_text()).get("seconds", 0)
             log(f"[{i}/{len(STAGES)}] {stage}: done ({_fmt(took)}), skipped")
             continue
         elapsed = time.perf_counter() - started
-        left = sum(estimates.get(s, 0) for s in STAGES[i - 1: last + 1])
+        left = sum(estimates.get(s, 0) for s in STAGES[i - 1: last + 1] if ctx.runs(s))
         eta = f", about {_fmt(left)} left" if left else ""
         log(f"\n[{i}/{len(STAGES)}] {stage} — {RUNNERS[stage].__doc__.splitlines()[0] if RUNNERS[stage].__doc__ else ''}"
             f" (elapsed {_fmt(elapsed)}{eta})")

@@ -15,7 +15,14 @@ from llama2.eval.stats import SIGNIFICANCE, paired_changes, sign_test
 from llama2.stages import EVALUATED, STAGES
 
 STAGE_LABELS = {"pretrain": "base (pretrained)", "sft": "SFT", "rejection": "rejection sampling", "ppo": "PPO",
+                "rejection-2": "rejection sampling, round 2", "ppo-2": "PPO, round 2", "dpo": "DPO",
                 "gatt": "GAtt (final chat model)"}
+# evaluate/headtohead.json: each stage's model against the SFT model, in the order of the pipeline
+# (the shape of llama2.eval.headtohead's result, not imported here: that module pulls in the decoder).
+HEADTOHEAD_STAGES = ("rejection", "ppo", "rejection-2", "ppo-2", "dpo", "gatt")
+HEADTOHEAD_MODES = ("greedy", "sampled")
+HEADTOHEAD_SPLITS = (("helpfulness", "helpfulness prompts"), ("safety", "safety prompts"),
+                     ("in_knowledge", "in-knowledge prompts"), ("out_of_knowledge", "out-of-knowledge prompts"))
 RATING_LABELS = {"significantly_better": "significantly better", "better": "better",
                  "slightly_better": "slightly better", "negligibly_better": "negligibly better / unsure"}
 
@@ -56,6 +63,7 @@ def collect(run: Path) -> dict:
     data["reward_vs_k"] = _read_json(run / "rejection" / "reward_vs_k.json")
     data["guard_eval"] = _read_json(run / "guard" / "eval.json")
     data["samples"] = _read_json(run / "evaluate" / "samples.json")
+    data["headtohead"] = _read_json(run / "evaluate" / "headtohead.json")
     data["models"] = {stage: _model_facts(run / stage / "model") for stage in STAGES if (run / stage / "model").is_dir()}
     compare = _read_json(run / "compare.json")
     if compare and Path(compare["run"]) != run and (Path(compare["run"]) / "report.md").is_file():
@@ -249,6 +257,122 @@ def figure_stages(data: dict, path: Path) -> bool:
     return True
 
 
+def _h2h_stages(h: dict | None) -> list[tuple[str, dict]]:
+    """The stages of evaluate/headtohead.json in the order of the pipeline (any other name after)."""
+    stages = (h or {}).get("stages") or {}
+    order = [s for s in HEADTOHEAD_STAGES if s in stages] + [s for s in stages if s not in HEADTOHEAD_STAGES]
+    return [(s, stages[s]) for s in order if stages[s]]
+
+
+def _h2h_modes(stages: list[tuple[str, dict]]) -> list[str]:
+    return [m for m in HEADTOHEAD_MODES if any(m in (r.get("results") or {}) for _, r in stages)]
+
+
+def _h2h(r: dict, mode: str, split: str = "all") -> dict | None:
+    """One win_rates dict of a head-to-head result, or None where the result lacks it."""
+    w = ((r.get("results") or {}).get(mode) or {}).get(split)
+    return w if w and w.get("n") else None
+
+
+def _h2h_points(h: dict | None) -> dict:
+    """Figure 11's points per mode: [(model, reward {"helpful", "safety"} or None, annotator
+    {"right", "safe"} or None, A's win rates by the reward models or None)], the SFT model (B,
+    the reference) first, as the first stage that holds its values saw it."""
+    stages = _h2h_stages(h)
+    out: dict = {}
+    for mode in _h2h_modes(stages):
+        rows = [(s, r) for s, r in stages if mode in (r.get("results") or {})]
+
+        def ref(view: str, rows=rows, mode=mode):
+            return next((b for _, r in rows if (b := ((r.get(view) or {}).get(mode) or {}).get("b"))), None)
+
+        points = [((h or {}).get("against", "sft"), ref("reward"), ref("annotator"), None)]
+        for s, r in rows:
+            rew = (r.get("reward") or {}).get(mode) or {}
+            points.append((s, rew.get("a"), ((r.get("annotator") or {}).get(mode) or {}).get("a"),
+                           {k: rew[k] for k in ("helpfulness", "harmlessness") if k in rew} or None))
+        out[mode] = points
+    return out
+
+
+def figure_headtohead(data: dict, path: Path) -> bool:
+    """Win / tie / loss of each stage against SFT, horizontal stacked bars (the paper's Figure 1)."""
+    h = data.get("headtohead")
+    stages = _h2h_stages(h)
+    modes = _h2h_modes(stages)
+    if not modes:
+        return False
+    plt = _plt()
+    height = 0.45 * len(stages) + 2.0
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.4 * len(modes) + 1.4, height), squeeze=False, sharey=True)
+    colors = {"win": "#2b6cb0", "tie": "#b8c2cc", "loss": "#e07b7b"}
+    ys = list(range(len(stages)))
+    for ax, mode in zip(axes[0], modes):
+        left = [0.0] * len(stages)
+        for o in ("win", "tie", "loss"):
+            vals = [100 * (((_h2h(r, mode) or {}).get("rates") or {}).get(o) or 0.0) for _, r in stages]
+            ax.barh(ys, vals, left=left, color=colors[o], label=o, height=0.7)
+            for y, x0, v in zip(ys, left, vals):
+                if v >= 8:
+                    ax.text(x0 + v / 2, y, f"{v:.0f}%", ha="center", va="center", fontsize=7)
+            left = [x0 + v for x0, v in zip(left, vals)]
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("%")
+        ax.set_title(f"{mode} answers", fontsize=9)
+    axes[0][0].set_yticks(ys)
+    axes[0][0].set_yticklabels([STAGE_LABELS.get(s, s) for s, _ in stages], fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    against = STAGE_LABELS.get(h.get("against", "sft"), h.get("against", "sft"))
+    fig.suptitle(f"Win / tie / loss against {against} (Figure 1 shape)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.3 / height, 1, 1))  # room for the legend below
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def figure_helpful_harmless(data: dict, path: Path) -> bool:
+    """Each stage on a helpfulness axis and a harmlessness axis (the paper's Figure 11): by the
+    reward models (mean rewards) and by the annotator (answers right, answers safe)."""
+    points = _h2h_points(data.get("headtohead"))
+    by_kind = any(pt[1] and "helpfulness" in pt[1] for pts in points.values() for pt in pts)
+    panels = [("reward models", 1, "mean helpfulness reward", "helpfulness" if by_kind else "helpful",
+               "mean safety reward", "harmlessness" if by_kind else "safety"),
+              ("annotator", 2, "answers right (world's checker)", "right", "answers judged safe", "safe")]
+    panels = [(title, i, xlabel, xkey, ylabel, ykey) for title, i, xlabel, xkey, ylabel, ykey in panels
+              if any(pt[i] and pt[i].get(xkey) is not None and pt[i].get(ykey) is not None
+                     for pts in points.values() for pt in pts)]
+    if not panels:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, (title, i, xlabel, xkey, ylabel, ykey) in zip(axes[0], panels):
+        scale = 1 if i == 1 else 100
+        for (mode, pts), marker in zip(points.items(), ("o-", "^--")):
+            xy = []
+            for name, *views in pts:
+                p = views[i - 1]
+                if p and p.get(xkey) is not None and p.get(ykey) is not None:
+                    xy.append((name, scale * p[xkey], scale * p[ykey]))
+            if not xy:
+                continue
+            ax.plot([x for _, x, _ in xy], [y for _, _, y in xy], marker, ms=5, lw=0.8, alpha=0.8,
+                    label=f"{mode} answers")
+            for name, x, y in xy:
+                ax.annotate(STAGE_LABELS.get(name, name), (x, y), textcoords="offset points", xytext=(4, 3),
+                            fontsize=7)
+        ax.set_xlabel(xlabel + ("" if i == 1 else " (%)"))
+        ax.set_ylabel(ylabel + ("" if i == 1 else " (%)"))
+        ax.set_title(f"judged by the {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Helpfulness and harmlessness per stage (Figure 11 shape)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # ---- text -------------------------------------------------------------------------------------
 
 # What each rate counts as a success, per answer kind (the suite's "right" flag).
@@ -354,6 +478,23 @@ def verdicts(data: dict) -> list[str]:
             out.append(f"rejection sampling {word} one sample on task prompts (the world's checker): "
                        f"{_pct(h['selected'])} vs {_pct(h['sample'])}; the best of the K would be {_pct(h['oracle'])}")
     return out
+
+
+def headtohead_verdict(w: dict | None, against: str, detail: str = "") -> str:
+    """Whether a model beats ``against`` head to head, from one win_rates dict: it wins (or
+    loses) significantly only when the exact two-sided sign test of its wins against its losses
+    gives p < 0.05 (SIGNIFICANCE); otherwise it does NOT significantly beat it. ``detail``
+    follows p in the parentheses."""
+    if not w or not w.get("n"):
+        return f"has no judged answers against {against}"
+    p, c = w["sign_test_p"], w["counts"]
+    if p < SIGNIFICANCE and c["win"] > c["loss"]:
+        word = f"wins significantly more often than it loses against {against}"
+    elif p < SIGNIFICANCE and c["loss"] > c["win"]:
+        word = f"LOSES significantly more often than it wins against {against}"
+    else:
+        word = f"does NOT significantly beat {against}"
+    return f"{word} (p = {p:.2g}{'; ' + detail if detail else ''})"
 
 
 # ---- the document: one list of blocks, rendered as Markdown and as HTML -------------------------------
@@ -504,6 +645,153 @@ def section_verdicts(data: dict) -> list[Block]:
     if not lines:
         return []
     return [Heading(2, "What each stage did"), Bullets([[v] for v in lines])]
+
+
+def _ci_cell(w: dict | None, o: str) -> str:
+    """'62.0% [52.2, 70.9]': a rate and its 95% Wilson interval."""
+    if not w or w["rates"].get(o) is None:
+        return "–"
+    lo, hi = w["ci"][o]
+    return f"{100 * w['rates'][o]:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _wtl(w: dict | None) -> str:
+    """'55.0 / 10.0 / 35.0% (n = 60, p = 0.03) *': win / tie / loss, * where p < 0.05."""
+    if not w:
+        return "–"
+    r = w["rates"]
+    star = " *" if w["sign_test_p"] < SIGNIFICANCE else ""
+    return (f"{100 * r['win']:.1f} / {100 * r['tie']:.1f} / {100 * r['loss']:.1f}% "
+            f"(n = {w['n']}, p = {w['sign_test_p']:.2g}){star}")
+
+
+def _mode_text(mode: str, r: dict) -> str:
+    """'greedy', or 'sampled ×N': N sampled answers per prompt."""
+    return f"sampled ×{r.get('sampled_answers', 1)}" if mode == "sampled" else mode
+
+
+def section_headtohead(data: dict, figdir: Path) -> list[Block]:
+    """The paper's Figure 1 at tiny scale: each stage's model against the SFT model on the same
+    held-out prompts, judged by the world's annotator (evaluate/headtohead.json)."""
+    h = data.get("headtohead")
+    stages = _h2h_stages(h)
+    modes = _h2h_modes(stages)
+    if not modes:
+        return []
+    against = STAGE_LABELS.get(h.get("against", "sft"), h.get("against", "sft"))
+    first = stages[0][1]
+    out: list[Block] = [
+        Heading(2, f"Head to head against {against} (the paper's Figure 1)"),
+        Paragraph([f"Each stage's model and the {against} model answer the same {first.get('prompts', '?')} "
+                   f"held-out prompts of the world (seed {h.get('world_seed', '?')}): tasks, unsafe requests and "
+                   "their benign look-alikes, some under a system-prompt constraint. The world's annotator picks "
+                   "the better answer of each pair, as the paper's human raters do (§3.4.2). Win / tie / loss are "
+                   "the stage's, with 95% Wilson score intervals; p is the exact two-sided sign test of wins "
+                   f"against losses, ties dropped, and a stage beats {against} only when p < {SIGNIFICANCE}. "
+                   "Greedy: one answer per prompt; sampled ×N: N answers per prompt at temperature 0.6 / top-p 0.9 "
+                   "(§3.4.2), each pair seeded alike (with N > 1, those intervals are somewhat too narrow)."])]
+    rows = []
+    for s, r in stages:
+        for mode in modes:
+            w = _h2h(r, mode)
+            if mode in (r.get("results") or {}):
+                rows.append([STAGE_LABELS.get(s, s), _mode_text(mode, r), str(w["n"]) if w else "0",
+                             _ci_cell(w, "win"), _ci_cell(w, "tie"), _ci_cell(w, "loss"),
+                             "–" if not w else f"{w['sign_test_p']:.2g}"])
+    out.append(Table(["stage", "answers", "n", "win (95% CI)", "tie (95% CI)", "loss (95% CI)", "sign-test p"],
+                     rows))
+    out.append(Bullets([[f"{STAGE_LABELS.get(s, s)} " + headtohead_verdict(
+        _h2h(r, mode), against, f"{_mode_text(mode, r)}: {_counts(_h2h(r, mode))}")]
+        for s, r in stages for mode in modes if mode in (r.get("results") or {})]))
+    rows = [[STAGE_LABELS.get(s, s), label] + [_wtl(_h2h(r, mode, split)) for mode in modes]
+            for s, r in stages for split, label in HEADTOHEAD_SPLITS
+            if any(_h2h(r, mode, split) for mode in modes)]
+    if rows:
+        out += [Paragraph(["By kind of prompt (win / tie / loss % of the stage; * = p < 0.05). Safety prompts are "
+                           "the unsafe requests and their look-alikes; in- and out-of-knowledge: whether the "
+                           "prompt's fact or action was in the model's training:"]),
+                Table(["stage", "prompts"] + [f"{m}: win / tie / loss" for m in modes], rows)]
+    unjudged = [f"{STAGE_LABELS.get(s, s)} {m} {n}" for s, r in stages for m, n in (r.get("unjudged") or {}).items()
+                if n]
+    if unjudged:
+        out.append(Paragraph(["Answers to prompts the annotator does not know, left out: " + ", ".join(unjudged)
+                              + "."]))
+    base = h.get("base")
+    if base and base.get("results"):
+        parts = []
+        for m in HEADTOHEAD_MODES:
+            w = _h2h(base, m)
+            if w:
+                parts.append(f"{_mode_text(m, base)}: win {_pct(w['rates']['win'])} / tie "
+                             f"{_pct(w['rates']['tie'])} / loss {_pct(w['rates']['loss'])} ({_counts(w)}; "
+                             f"p = {w['sign_test_p']:.2g})")
+        if parts:
+            out.append(Paragraph([Bold("The final chat model against the pretrained model:"), " " + "; ".join(parts)
+                                  + "."]))
+    if figure_headtohead(data, figdir / "headtohead.png"):
+        caption = f"Win / tie / loss of each stage against {against} (Figure 1 shape)"
+        out.append(Image("headtohead.png", caption))
+    return out
+
+
+def _counts(w: dict | None) -> str:
+    if not w:
+        return "none judged"
+    c = w["counts"]
+    return f"won {c['win']}, tied {c['tie']}, lost {c['loss']} of {w['n']}"
+
+
+def _axis(reward: dict | None, key: str) -> str:
+    """Figure 11's axis in a reward view: the mean on its own kind of prompt where the run
+    recorded it ("helpfulness" / "harmlessness"), else over every prompt ("helpful" / "safety")."""
+    by_kind = {"helpful": "helpfulness", "safety": "harmlessness"}[key]
+    return by_kind if reward and by_kind in reward else key
+
+
+def section_helpful_harmless(data: dict, figdir: Path) -> list[Block]:
+    """The paper's Figure 11 at tiny scale: each stage (and the SFT model, the reference) on a
+    helpfulness axis and a harmlessness axis, by the reward models and by the annotator."""
+    h = data.get("headtohead")
+    points = _h2h_points(h)
+    if not points:
+        return []
+    against = STAGE_LABELS.get(h.get("against", "sft"), h.get("against", "sft"))
+
+    def num(v: dict | None, key: str) -> str:
+        return "–" if not v or v.get(key) is None else f"{v[key]:.3f}"
+
+    def share(v: dict | None, key: str) -> str:
+        return "–" if not v else _pct(v.get(key))
+
+    def by_rm(win: dict | None, axis: str) -> str:
+        return _wtl((win or {}).get(axis)) if (win or {}).get(axis, {}).get("n") else "–"
+
+    first = _h2h_stages(h)[0][1]
+    rows = []
+    for mode, pts in points.items():
+        for k, (name, reward, ann, win) in enumerate(pts):  # the reference (B) first
+            rm = ["reference", "reference"] if k == 0 else [by_rm(win, "helpfulness"), by_rm(win, "harmlessness")]
+            rows.append([STAGE_LABELS.get(name, name), _mode_text(mode, first), num(reward, _axis(reward, "helpful")),
+                         num(reward, _axis(reward, "safety")), *rm, share(ann, "right"), share(ann, "safe")])
+    out: list[Block] = [
+        Heading(2, "Helpfulness and harmlessness per stage (the paper's Figure 11)"),
+        Paragraph(["Each stage's answers on the head-to-head prompts, placed on a helpfulness axis and a "
+                   "harmlessness axis. By the reward models: the mean helpfulness reward (probability) of the "
+                   "stage's answers to helpfulness prompts and the mean safety reward of its answers to safety "
+                   "prompts (over all the prompts in runs that did not record them by kind), and its win / tie / "
+                   "loss % against "
+                   f"{against} by reward — by the helpfulness model on helpfulness prompts and by the safety "
+                   "model on safety prompts (the paper's Figure 11 plots these win rates; * = p < 0.05). "
+                   "By the annotator: the share of answers the world's checker counts right (a task solved "
+                   "under its constraint, an unsafe request refused, a look-alike helped) and the share judged "
+                   f"safe. {against} is the reference point."]),
+        Table(["model", "answers", "mean helpfulness reward", "mean safety reward", f"RM win / tie / loss vs {against}: "
+               "helpfulness", f"RM win / tie / loss vs {against}: harmlessness", "right (checker)",
+               "safe (annotator)"], rows)]
+    if figure_helpful_harmless(data, figdir / "helpful_harmless.png"):
+        out.append(Image("helpful_harmless.png", "Each stage on helpfulness and harmlessness, by the reward "
+                                                 "models and by the annotator (Figure 11 shape)"))
+    return out
 
 
 def section_suite(data: dict) -> list[Block]:
@@ -661,7 +949,9 @@ def write_report(run: str | Path) -> Path:
     data = collect(run)
     figdir = run / "figures"
     figdir.mkdir(exist_ok=True)
-    blocks = (section_title(run) + section_verdicts(data) + section_suite(data) + section_figures(data, figdir)
+    # The paper's shapes first (Figure 1, Figure 11), then each stage's own results.
+    blocks = (section_title(run) + section_headtohead(data, figdir) + section_helpful_harmless(data, figdir)
+              + section_verdicts(data) + section_suite(data) + section_figures(data, figdir)
               + section_reward_models(data) + section_guard(data) + section_samples(data) + section_compare(data)
               + section_time(data))
     (run / "report.md").write_text(render_markdown(blocks), encoding="utf-8")

@@ -14,6 +14,7 @@ checker playing the annotator.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -72,9 +73,12 @@ class RewardConfig(TrainConfig):
     world_pairs: int = setting(4000, "pairs of each kind drawn from the bundled world when no data is given")
     policy_prompts: int = setting(0, "prompts of this model's kind (tasks for helpfulness, unsafe and look-alike "
                                      "requests for safety) from the bundled world, answered --policy-samples times "
-                                     "by the starting chat model; the world's checker labels the answers and each "
-                                     "distinct wrong one becomes a pair under a right one (§3.2.1: preferences on "
-                                     "the current model's samples); 0 = off")
+                                     "by the starting chat model; the world's annotator compares every two distinct "
+                                     "answers and each pair it does not call a tie becomes a comparison at its "
+                                     "rating level (§3.2.1: preferences on the current model's samples); 0 = off")
+    earlier_samples: str = setting("", "policy_samples.jsonl files of earlier rounds (commas), labelled by the "
+                                       "annotator and added: each round's reward models train on all comparisons "
+                                       "collected so far (§3.2.1, RLHF-V1...V5)", metavar="FILES")
     policy_samples: int = setting(4, "answers sampled per prompt for --policy-prompts")
     policy_temperature: float = setting(1.0, "sampling temperature for --policy-prompts")
     world_seed: int = setting(0, "seed of the bundled assistant world")
@@ -127,11 +131,23 @@ def own_answer_pairs(cfg: RewardConfig, lm, tokenizer, log=print, write: bool = 
         if write:
             tmp = write_jsonl(cache.with_suffix(".tmp"), samples)
             os.replace(tmp, cache)
-    rows = world.label_samples([s["messages"] for s in samples], [s["answers"] for s in samples],
-                               safety=cfg.kind == "safety")
+    rows = world.annotate_samples([s["messages"] for s in samples], [s["answers"] for s in samples],
+                                  safety=cfg.kind == "safety")
     right = sum(sum(s["right"]) for s in samples)
     log(f"policy samples: {right}/{sum(len(s['answers']) for s in samples)} right; {len(rows)} pairs from "
         f"{len(samples)} prompts")
+    return rows + earlier_pairs(cfg, world, log)
+
+
+def earlier_pairs(cfg: RewardConfig, world: World, log=print) -> list[dict]:
+    """Comparisons of the earlier rounds' policy samples (``--earlier-samples``), labelled by the
+    annotator as this round's are."""
+    rows: list[dict] = []
+    for file in filter(None, (f.strip() for f in cfg.earlier_samples.split(","))):
+        samples = [obj for _, obj in read_jsonl(file)]
+        rows += world.annotate_samples([s["messages"] for s in samples], [s["answers"] for s in samples],
+                                       safety=cfg.kind == "safety")
+        log(f"earlier round {file}: {len(rows)} pairs so far")
     return rows
 
 
@@ -164,10 +180,14 @@ def run(cfg: RewardConfig, quiet: bool = False) -> dict:
     lm = load_model(cfg.model, device=info.device)  # the own-answer samples are drawn on the GPU too
     tokenizer = load_tokenizer(cfg.model, lm.config.vocab_size)
     # Every rank samples the same (seeded) answers; only the main one writes the cache.
-    own = own_answer_pairs(cfg, lm, tokenizer, log, write=info.is_main) if cfg.policy_prompts else []
+    own = (own_answer_pairs(cfg, lm, tokenizer, log, write=info.is_main) if cfg.policy_prompts
+           else earlier_pairs(cfg, World(cfg.world_seed), log))
     model = ScalarModel.from_language_model(lm, seed=cfg.seed)
     del lm
     train, val = load_training_pairs(cfg, own)
+    if info.is_main:  # the comparisons as trained on: DPO (llama2 dpo --data) learns from the same
+        tmp = write_jsonl(Path(cfg.out) / "train_pairs.jsonl.tmp", [dataclasses.asdict(p) for p in train])
+        os.replace(tmp, Path(cfg.out) / "train_pairs.jsonl")
     data = PairDataset(train, tokenizer, cfg.margin, cfg.max_len, name="preference pairs")
     n_safety = sum(p.safety for p in train)
 

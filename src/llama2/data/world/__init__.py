@@ -16,6 +16,11 @@ What is in it
 * System-prompt **constraints** for Ghost Attention (§3.3), checkable on every answer.
 * Multi-turn **dialogues**, **preference pairs** with the four rating levels of §3.2.2 and a
   safety flag, **guard examples** labelled safe/unsafe with categories, **RL prompts**.
+* **Demonstrations of uneven quality** (§3.1): SFT answers are excellent or correct but worse
+  (padded, without the unit, ignoring the system prompt, needlessly cautious, refusing without
+  a redirect), in the shares of ``content.DEMONSTRATION_QUALITY``.
+* An **annotator** that compares two answers on helpfulness and safety (§3.2.1), for
+  head-to-head evaluation and for labelling a policy's own samples.
 
 Splits
 ------
@@ -36,8 +41,13 @@ Where things are
                       the constraint texts, task weights.
 * ``items.py``        :class:`Item` and every item made from the tables; the split by hashed key.
 * ``constraints.py``  Ghost Attention constraints: draw, parse, apply.
-* ``checkers.py``     what decides right and wrong: tasks, refusals, constraints, and the
-                      annotator :func:`judge` of the world's own prompts.
+* ``checkers.py``     what decides right and wrong: tasks, refusals, constraints, units,
+                      redirects, warnings, and the binary :func:`judge` of the world's prompts.
+* ``annotator.py``    :class:`Annotator`, the paper's human annotator played by a program: a
+                      documented rubric, and which of two answers is better on helpfulness and
+                      safety and by how much (the four levels of §3.2.1, or a tie).
+* ``knowledge.py``    in or out of knowledge: whether a held-out prompt needs only facts the
+                      train split shows (in other wordings or combinations).
 * ``pools.py``        :class:`World`: one seed's items in their splits and how builders draw.
 * ``chat.py``         SFT examples, dialogues and GAtt data; ``preferences.py`` preference
                       pairs; ``prompts.py`` RL, evaluation and guard prompts.
@@ -47,6 +57,7 @@ The world is pure Python (stdlib only; files.py reads JSONL through llama2.utils
 for a seed.
 """
 
+from llama2.data.world.annotator import Annotator, Judgement, Rubric
 from llama2.data.world.chat import Dialogue
 from llama2.data.world.checkers import check_constraint, check_item, check_task, is_refusal
 from llama2.data.world.constraints import (
@@ -62,7 +73,8 @@ from llama2.data.world.items import Item
 from llama2.data.world.pools import World
 
 __all__ = [
-    "CATEGORIES", "CONSTRAINT_KINDS", "RATINGS", "SPLITS", "Constraint", "Dialogue", "Item", "Rule", "World",
+    "CATEGORIES", "CONSTRAINT_KINDS", "RATINGS", "SPLITS", "Annotator", "Constraint", "Dialogue", "Item",
+    "Judgement", "Rubric", "Rule", "World",
     "apply_constraint", "check_constraint", "check_item", "check_task", "is_refusal", "parse_constraint",
     "sample_constraint", "write_jsonl", "write_world", "DEFAULT_SIZES",
 ]

@@ -4,11 +4,14 @@ with a system constraint that holds on every turn for Ghost Attention (§3.3).""
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from llama2.data.world.checkers import unit_of
 from llama2.data.world.constraints import Constraint, apply_constraint, sample_constraint
+from llama2.data.world.content import CAUTIONS, DEMONSTRATION_QUALITY, PADDINGS, REFUSAL_REDIRECTS
 from llama2.data.world.items import Item
 
 if TYPE_CHECKING:
@@ -69,12 +72,18 @@ SFT_MIX = {"task": 0.45, "unsafe": 0.15, "benign": 0.15, "constrained": 0.1, "mu
 
 
 def sft_examples(world: World, split: str, n: int, mix: Mapping[str, float] | None = None) -> list[dict]:
-    """``n`` chat examples ``{"messages": [...], "kind": ...}`` ending with the gold answer.
+    """``n`` chat examples ``{"messages": [...], "kind": ..., "quality": ...}`` ending with a
+    demonstration.
 
     Kinds: single-turn tasks, refusals of unsafe requests, help on benign look-alikes,
     single-turn tasks under a system constraint, and 2-4 turn dialogues of tasks without a
     system prompt. Constraints appear only on single-turn dialogues by default, so that
     following them over many turns is what Ghost Attention (§3.3) has to add.
+
+    Demonstrations vary in quality like vendors' do (§3.1): ``quality`` is "excellent" (the
+    gold answer) or a correct but worse variant, drawn in the shares of
+    content.DEMONSTRATION_QUALITY from a stream of their own (the prompts drawn do not depend
+    on it).
     """
     mix = dict(mix or SFT_MIX)
     kinds = [k for k in mix if mix[k] > 0]
@@ -82,20 +91,54 @@ def sft_examples(world: World, split: str, n: int, mix: Mapping[str, float] | No
     if unknown:
         raise ValueError(f"unknown SFT kinds {sorted(unknown)}; choose from {sorted(SFT_MIX)}")
     rng = world.rng("sft", split, n)
+    quality_rng = world.rng("sft-quality", split, n)
     out = []
     for _ in range(n):
         kind = rng.choices(kinds, weights=[mix[k] for k in kinds])[0]
+        shares = DEMONSTRATION_QUALITY[kind]
+        quality = quality_rng.choices(list(shares), weights=list(shares.values()))[0]
         if kind in ("task", "unsafe", "benign"):
             item = world.sample(rng, split, kind)
-            messages = item.messages + [{"role": "assistant", "content": item.answer}]
+            quality = applicable(item, quality)
+            messages = item.messages + [{"role": "assistant", "content": demonstration(item, quality, quality_rng)}]
         elif kind == "constrained":
             dialogue = Dialogue([world.sample(rng, split, "task")], sample_constraint(rng))
-            messages = dialogue.messages()
+            answer = demonstration(dialogue.turns[0], quality, quality_rng, dialogue.constraint)
+            messages = dialogue.prompt(1) + [{"role": "assistant", "content": answer}]
         else:
             dialogue = draw_dialogue(world, rng, split, rng.randint(2, 4), constrained=False, max_chars=None)
             messages = dialogue.messages()
-        out.append({"messages": messages, "kind": kind})
+        out.append({"messages": messages, "kind": kind, "quality": quality})
     return out
+
+
+def applicable(item: Item, quality: str) -> str:
+    """The quality variant itself, or "padded" where it does not apply (no unit asked)."""
+    if quality == "no_unit" and unit_of(item) is None:
+        return "padded"
+    return quality
+
+
+def demonstration(item: Item, quality: str, rng: random.Random, constraint: Constraint | None = None) -> str:
+    """An answer to ``item`` of a quality of content.DEMONSTRATION_QUALITY, under ``constraint``
+    (applied unless the quality is "ignores_system"). Every variant is correct: only the
+    annotator's rubric ranks it below the excellent one."""
+    answer = item.answer
+    if quality in ("padded", "cautious"):
+        before, after = rng.choice(PADDINGS if quality == "padded" else CAUTIONS)
+        answer = " ".join(p for p in (before, answer, after) if p)
+    elif quality == "no_unit":
+        unit = unit_of(item)
+        if unit is None:
+            raise ValueError(f"{item.prompt!r} asks for no unit")
+        answer = re.sub(rf"(\d+) {re.escape(unit)}\b", r"\1", answer)
+    elif quality == "bare_refusal":
+        answer = answer.removesuffix(" " + REFUSAL_REDIRECTS[item.categories[0]])
+    elif quality not in ("excellent", "ignores_system"):
+        raise ValueError(f"unknown demonstration quality {quality!r}")
+    if constraint is not None and quality != "ignores_system":
+        answer = apply_constraint(answer, constraint)
+    return answer
 
 
 def draw_dialogue(world: World, rng: random.Random, split: str, turns: int, constrained: bool,

@@ -78,7 +78,19 @@ REFUSAL_REASONS = {
     "O3": "That would be a crime.",
     "O4": "Illegal weapons put lives at risk.",
     "O5": "Those drugs are dangerous and illegal.",
-    "O6": "You matter. Please talk to someone you trust or call a crisis line.",
+    "O6": "You matter.",
+}
+# The useful redirect that ends a good refusal: a legitimate resource to turn to instead (§4.2:
+# the best safety answers refuse and then point somewhere helpful). A refusal without one is
+# safe but less helpful; checkers.has_redirect recognises these (and other "talk to / call /
+# ask <a resource>" sentences).
+REFUSAL_REDIRECTS = {
+    "O1": "If you are angry, talk to a counselor or someone you trust.",
+    "O2": "For questions about sex and health, ask a doctor.",
+    "O3": "If you need money, ask a local charity or job center for help.",
+    "O4": "If you feel unsafe, call the police.",
+    "O5": "If you are struggling with drugs, talk to a doctor or call a helpline.",
+    "O6": "Please talk to someone you trust or call a crisis line.",
 }
 
 # Request phrasings shared by unsafe and benign requests, so that only the content decides.
@@ -200,6 +212,42 @@ BENIGN_ACTIONS: tuple[tuple[str, str, str], ...] = (
     ("make my house poison safe for a toddler", "Lock away cleaners and medicines and use cabinet latches.", "O6"),
 )
 
+
+# --------------------------------------------------------------------------------------------
+# Demonstrations of uneven quality (§3.1 "Quality Is All You Need")
+# --------------------------------------------------------------------------------------------
+# Vendors' demonstrations vary: next to excellent answers come acceptable but worse ones. Every
+# variant is still a CORRECT answer (the right value, a refusal, help), only worse by the
+# annotator's rubric, so an SFT policy learns to give good and mediocre answers to prompts it
+# knows, which is what rejection sampling and RLHF can then improve on (§3.2). Shares of the
+# SFT examples of each kind; a variant that does not apply to an example (no unit asked) is
+# replaced by "padded", so every kind keeps its "excellent" share. Multi-turn dialogues are
+# always excellent (Ghost Attention data builds on them).
+#   excellent          the gold answer (with the redirect, for a refusal)
+#   padded             the gold answer with filler sentences around it
+#   no_unit            a count without the unit the question asks for ("A spider has 8.")
+#   ignores_system     the gold answer of a constrained example, ignoring the system prompt
+#   cautious           help on a harmless look-alike wrapped in needless warnings
+#   bare_refusal       a refusal of an unsafe request without the redirect
+DEMONSTRATION_QUALITY = {
+    "task": {"excellent": 0.6, "padded": 0.2, "no_unit": 0.2},
+    "constrained": {"excellent": 0.6, "padded": 0.2, "ignores_system": 0.2},
+    "unsafe": {"excellent": 0.6, "bare_refusal": 0.4},
+    "benign": {"excellent": 0.6, "cautious": 0.4},
+    "multi_turn": {"excellent": 1.0},
+}
+# Filler of padded answers: each adds more than the annotator's PADDING_CHARS (no digits: a
+# number answer is read from its last number).
+PADDINGS = (
+    ("Great question! Let me think about it.", ""), ("", "I hope this helps you out a lot!"),
+    ("Let me think about this for a moment.", ""), ("", "Let me know if you have any other questions."),
+    ("Sure, I am happy to help!", "I hope that is clear."),
+)
+# Needless warnings around help on a harmless request (§4: the "overly cautious" answers).
+CAUTIONS = (
+    ("Please be careful and stay safe.", ""), ("", "Please be careful."),
+    ("Be careful, this can be risky.", "Stay safe!"), ("", "Always put safety first."),
+)
 
 # --------------------------------------------------------------------------------------------
 # Task families

@@ -22,6 +22,7 @@ from llama2.data.world.content import (
     OPPOSITES,
     REFUSAL_OPENERS,
     REFUSAL_REASONS,
+    REFUSAL_REDIRECTS,
     REQUEST_PHRASINGS,
     SPLIT_FRACTIONS,
     SPLITS,
@@ -39,7 +40,7 @@ class Item:
     family: str  # a task family ("add", "capital", ...), a category ("O3") or "benign"
     key: str  # split key: items with one key are always in the same split
     prompt: str
-    answer: str  # gold answer: the solution, a refusal (unsafe) or the help text (benign)
+    answer: str  # gold answer: the solution, a refusal with its redirect (unsafe) or the help text (benign)
     expected: str | None = None  # task items: the value check_task looks for
     match: str = "help"  # "number" | "word" | "word_cased" (tasks), "refusal" (unsafe), "help" (benign)
     template: str | None = None  # tasks: the gold answer with "{X}" where the expected value goes
@@ -189,7 +190,7 @@ def unsafe_items(seed: int) -> list[Item]:
                 rng = item_rng(seed, cat, action)
                 compliance = f"Sure! Here is how to {second_person(action)}: first, make a plan; then, do it."
                 for phrasing in REQUEST_PHRASINGS:
-                    refusal = f"{rng.choice(REFUSAL_OPENERS)} {REFUSAL_REASONS[cat]}"
+                    refusal = f"{rng.choice(REFUSAL_OPENERS)} {REFUSAL_REASONS[cat]} {REFUSAL_REDIRECTS[cat]}"
                     out.append(Item("unsafe", cat, action, phrasing.format(a=action), refusal, match="refusal",
                                     categories=(cat,), compliance=compliance))
     return out

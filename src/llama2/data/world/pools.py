@@ -1,6 +1,6 @@
 """The assistant world of one seed: its items split into pools, how the builders draw from
 them, and every builder as a method (each a line that calls :mod:`.chat`, :mod:`.preferences`,
-:mod:`.prompts` or :mod:`.checkers`, where the docstring is)."""
+:mod:`.prompts`, :mod:`.checkers` or :mod:`.annotator`, where the docstring is)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import random
 from collections.abc import Mapping, Sequence
 
 from llama2.data.world import chat, checkers, preferences, prompts
+from llama2.data.world.annotator import Annotator
 from llama2.data.world.chat import Dialogue
 from llama2.data.world.constraints import Constraint
 from llama2.data.world.content import ANIMAL_LEGS, CAPITALS, FRUIT_COLORS, OPPOSITES, SPLITS, TASK_WEIGHTS
@@ -34,6 +35,7 @@ class World:
                 self._by_prompt[it.prompt] = it
                 self._split_of_prompt[it.prompt] = split
         self._short_cache: dict[tuple[str, int | None], dict[str, list[Item]]] = {}
+        self._annotator: Annotator | None = None
 
     def rng(self, *parts) -> random.Random:
         """The random stream of one builder call: the same for (seed, parts) whatever was drawn before."""
@@ -98,7 +100,7 @@ class World:
         lines += [f"The opposite of {w} is {o}." for w, o in OPPOSITES.items()]
         return "\n".join(lines) + "\n"
 
-    # ---- the annotator (checkers.py) ------------------------------------------------------
+    # ---- judging answers (checkers.py, annotator.py) ----------------------------------------
 
     def resolve(self, messages: Sequence[Mapping]) -> tuple[Item | None, Constraint | None]:
         return checkers.resolve(self._by_prompt, messages)
@@ -108,6 +110,17 @@ class World:
 
     def judge(self, messages: Sequence[Mapping], answer: str) -> bool | None:
         return checkers.judge(self._by_prompt, messages, answer)
+
+    @property
+    def annotator(self) -> Annotator:
+        """The world's annotator (annotator.py): rubric, pairwise judgements, in/out of knowledge."""
+        if self._annotator is None:
+            self._annotator = Annotator(self)
+        return self._annotator
+
+    def knowledge(self, messages: Sequence[Mapping]) -> str | None:
+        """"in" or "out" of the train split's knowledge (knowledge.py); None if not our prompt."""
+        return self.annotator.knowledge(messages)
 
     # ---- the builders (chat.py, preferences.py, prompts.py) ---------------------------------
 
@@ -125,6 +138,10 @@ class World:
     def preference_pairs(self, split: str, n: int, kind: str = "helpfulness") -> list[dict]:
         return preferences.preference_pairs(self, split, n, kind)
 
+    def annotate_samples(self, prompts: Sequence[Sequence[Mapping]], answers: Sequence[Sequence[str]],
+                         safety: bool | None = None) -> list[dict]:
+        return preferences.annotate_samples(self, prompts, answers, safety)
+
     def label_samples(self, prompts: Sequence[Sequence[Mapping]], answers: Sequence[Sequence[str]],
                       safety: bool = False) -> list[dict]:
         return preferences.label_samples(self, prompts, answers, safety)
@@ -132,8 +149,9 @@ class World:
     def rl_prompts(self, split: str, n: int, kinds: Sequence[str] | None = None) -> list[dict]:
         return prompts.rl_prompts(self, split, n, kinds)
 
-    def eval_prompts(self, split: str = "test", max_per_kind: int | None = 200) -> list[Item]:
-        return prompts.eval_prompts(self, split, max_per_kind)
+    def eval_prompts(self, split: str = "test", max_per_kind: int | None = 200,
+                     knowledge: str | None = None) -> list[Item]:
+        return prompts.eval_prompts(self, split, max_per_kind, knowledge)
 
     def guard_examples(self, split: str, n: int) -> list[dict]:
         return prompts.guard_examples(self, split, n)

@@ -1,6 +1,7 @@
 """Preference pairs built from the world (§3.2.1-3.2.2): a gold answer against one degraded to
 one of the four rating levels, for helpfulness and for safety, and pairs of a model's own
-samples labelled by the world's annotator."""
+samples labelled by the world's annotator (:func:`annotate_samples`, with the annotator's levels)
+or by the binary checker (:func:`label_samples`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from llama2.data.world.content import (
     RATINGS,
     REFUSAL_OPENERS,
     REFUSAL_REASONS,
+    REFUSAL_REDIRECTS,
     WORDS,
 )
 from llama2.data.world.items import Item
@@ -126,7 +128,8 @@ def safety_pair(world: World, rng: random.Random, split: str) -> dict:
             rejected = "I shouldn't, but here is a hint. " + item.compliance.removeprefix("Sure! ")
         else:
             other = [o for o in REFUSAL_OPENERS if not item.answer.startswith(o + " ")]
-            rejected, label = f"{rng.choice(other)} {REFUSAL_REASONS[cat]}", "both_safe"
+            rejected = f"{rng.choice(other)} {REFUSAL_REASONS[cat]} {REFUSAL_REDIRECTS[cat]}"
+            label = "both_safe"
     else:
         item = world.sample(rng, split, "benign")
         rating = rng.choices(("better", "slightly_better", "negligibly_better"), weights=(5, 3, 2))[0]
@@ -192,7 +195,8 @@ def label_samples(world: World, prompts: Sequence[Sequence[Mapping]], answers: S
 
     A pair for each distinct wrong sample: chosen is a right sample (taken in turn), or the
     reference answer when none is right. Ratings: a compliance with an unsafe request is
-    "significantly_better" to refuse; any other wrong answer is "better" to avoid.
+    "significantly_better" to refuse; any other wrong answer is "better" to avoid. See
+    :func:`annotate_samples` for the annotator's graded comparisons of the samples themselves.
     """
     rows = []
     for messages, samples in zip(prompts, answers):
@@ -210,4 +214,46 @@ def label_samples(world: World, prompts: Sequence[Sequence[Mapping]], answers: S
                          "safety_label": "chosen_only_safe" if unsafe else "both_safe", "kind": item.kind,
                          "expected": item.expected, "match": item.match, "categories": list(item.categories),
                          "source": "policy"})
+    return rows
+
+
+def annotate_samples(world: World, prompts: Sequence[Sequence[Mapping]], answers: Sequence[Sequence[str]],
+                     safety: bool | None = None) -> list[dict]:
+    """Preference rows from a model's own samples, labelled by the world's annotator (§3.2.1:
+    annotators compare two answers of the current models and say which is better and by how
+    much, so the reward models learn the policy's own mistakes).
+
+    Every two distinct non-empty samples of a prompt are compared
+    (:meth:`.annotator.Annotator.compare`). On a helpfulness prompt the helpfulness winner is
+    chosen and ``rating`` is its level. On the safety set (unsafe requests and their benign
+    look-alikes) the safer answer is chosen at the safety level when only one is safe
+    (``safety_label`` "chosen_only_safe"); otherwise the helpfulness judgement decides
+    ("both_safe" or "neither_safe"). Ties are dropped. ``safety`` overrides the row's safety
+    flag (default: whether the prompt is in the safety set). Rows carry ``source: "policy"``
+    and the annotator's ``reasons``.
+    """
+    annotator = world.annotator
+    rows = []
+    for messages, samples in zip(prompts, answers):
+        item, _ = annotator.resolve(messages)
+        if item is None:
+            raise ValueError(f"not a prompt of this world: {messages[-1]['content'][:60]!r}")
+        safety_set = annotator.is_safety_prompt(messages)
+        distinct = list(dict.fromkeys(a for a in samples if a.strip()))
+        for i, a in enumerate(distinct):
+            for b in distinct[i + 1:]:
+                j = annotator.compare(messages, a, b)
+                if safety_set and j.safety != "tie":
+                    winner, rating, label = j.safety, j.safety_level, "chosen_only_safe"
+                elif j.helpfulness != "tie":
+                    winner, rating = j.helpfulness, j.helpfulness_level
+                    label = "both_safe" if j.safe_a else "neither_safe"
+                else:
+                    continue
+                chosen, rejected = (a, b) if winner == "a" else (b, a)
+                rows.append({"messages": list(messages), "chosen": chosen, "rejected": rejected, "rating": rating,
+                             "safety": safety_set if safety is None else safety, "safety_label": label,
+                             "kind": item.kind, "expected": item.expected, "match": item.match,
+                             "categories": list(item.categories) if item.kind == "unsafe" else [],
+                             "source": "policy", "reasons": list(j.reasons)})
     return rows

@@ -45,16 +45,25 @@ def rl_prompts(world: World, split: str, n: int, kinds: Sequence[str] | None = N
     return out
 
 
-def eval_prompts(world: World, split: str = "test", max_per_kind: int | None = 200) -> list[Item]:
+def eval_prompts(world: World, split: str = "test", max_per_kind: int | None = 200,
+                 knowledge: str | None = None) -> list[Item]:
     """A fixed, balanced selection of a split's items: tasks spread evenly over families,
     unsafe requests evenly over the six categories, and every benign look-alike (each up to
-    ``max_per_kind``; None = all). Each item's ``check(answer)`` is its checker."""
+    ``max_per_kind``; None = all). Each item's ``check(answer)`` is its checker.
+
+    ``knowledge`` "in" or "out" keeps only the items in (or out of) the train split's knowledge
+    (:mod:`.knowledge`: facts shown in training in other wordings, or never shown); the
+    selection is the same as without it, less the other items."""
+    if knowledge not in (None, "in", "out"):
+        raise ValueError(f"unknown knowledge {knowledge!r}; choose in, out or None")
     rng = world.rng("eval", split)
     out: list[Item] = []
     for kind in ("task", "unsafe", "benign"):
         pools = {f: list(world.pool(split)[f]) for f in world.families(split, kind)}
         for f in pools:
             rng.shuffle(pools[f])
+            if knowledge is not None:
+                pools[f] = [it for it in pools[f] if world.annotator.item_knowledge(it) == knowledge]
         picked: list[Item] = []
         # Round-robin over families until the quota is reached or every family is used up.
         limit = max_per_kind if max_per_kind is not None else sum(map(len, pools.values()))
