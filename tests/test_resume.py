@@ -175,7 +175,7 @@ def _report(run: Path) -> str:
 
 def _records(run: Path) -> dict:
     """Every record a run keeps (metrics, evaluations, samples, stage summaries), times left out;
-    the evaluation's reward-model stamps (file size and mtime) are left out too."""
+    the evaluation's reward-model and model stamps (file size and mtime) are left out too."""
     out = {}
     for f in sorted(run.rglob("*.json*")):
         if "checkpoints" in f.parts:
@@ -185,6 +185,8 @@ def _records(run: Path) -> dict:
         if f.name in ("eval.json", "results.json"):
             for r in rows.values() if f.name == "results.json" else [rows]:
                 r.pop("reward_models", None)
+        if f.name == "h2h.json":  # a model's head-to-head answers, stamped with its weights' file
+            rows.pop("weights")
         if f.name == "index.json":  # the prepared data names its own folder
             rows = json.loads(text.replace(str(run), "RUN"))
         out[str(f.relative_to(run))] = _without_time(rows)
