@@ -456,7 +456,7 @@ def _jsonable(obj):
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", default="tiny",
-                        help="a built-in recipe (tiny: ~20 min on a 2-core CPU; tiny-lora: the same with LoRA in "
+                        help="a built-in recipe (tiny: ~34 min on a 2-core CPU; tiny-lora: the same with LoRA in "
                              "every fine-tuning stage; smoke: seconds per stage) or a YAML file (default: tiny)")
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default: runs/demo)")
     parser.add_argument("--from", dest="from_stage", metavar="STAGE", choices=STAGES,
