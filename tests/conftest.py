@@ -149,3 +149,15 @@ def pytest_terminal_summary(terminalreporter):
                                     red=True)
         for line in _unexpected_skips:
             terminalreporter.write_line(f"  {line}")
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py imported as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                  Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

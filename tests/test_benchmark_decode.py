@@ -3,29 +3,24 @@ llama.cpp's greedy tokens against ours when llama-cpp-python is installed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from llama2.checkpoint import load_tokenizer, save_model
 
+from .conftest import load_benchmark
 from .test_checkpoint import FIXTURE, random_model, tiny
 
 pytest.importorskip("transformers")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_decode", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("decode")
 
 
 @pytest.fixture(scope="module")

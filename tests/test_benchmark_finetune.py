@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+
+from .conftest import load_benchmark
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 pytest.importorskip("torchao")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_finetune", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("finetune")
 
 
 @pytest.fixture(autouse=True)

@@ -3,26 +3,19 @@ chat model's suite quantized beside unquantized, in-process (seconds)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from llama2 import Transformer, save_model
 
-from .conftest import tiny_config
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quant_accuracy.py"
+from .conftest import load_benchmark, tiny_config
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_quant_accuracy", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quant_accuracy")
 
 
 @pytest.fixture(autouse=True)

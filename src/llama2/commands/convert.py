@@ -79,10 +79,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16", *GGUF_QUANTS),
                    help="cast the weights (default: keep the checkpoint's); q8_0, q4_0, q6_k and q4_k "
                         "(GGUF only) quantize the matrices as llama-quantize --pure does")
+    add_output_args(p, "largest safetensors file for --to hf (default 5GB, as transformers)")
+
+
+def add_output_args(p: argparse.ArgumentParser, shard_help: str) -> None:
+    """--tokenizer, --max-shard-size, --no-verify, --quiet: shared by convert and quantize."""
     p.add_argument("--tokenizer", default=None, metavar="FILE",
                    help="tokenizer.model to ship (default: the one beside or one folder above SRC)")
-    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
-                   help="largest safetensors file for --to hf (default 5GB, as transformers)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help=shard_help)
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip checking SRC's weight files against its checksums.json")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")

@@ -26,7 +26,7 @@ from llama2.checkpoint.quantized import check_shapes
 from llama2.model import Transformer
 from llama2.model.quant import INT4_DEFAULT_GROUP, INT4_GROUPS
 
-from .convert import parse_size, progress_printer
+from .convert import add_output_args, parse_size, progress_printer
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -45,13 +45,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="type of the unquantized embeddings and norms (default: keep the checkpoint's)")
     p.add_argument("--merge-adapter", type=Path, default=None, metavar="DIR",
                    help="a LoRA adapter directory whose base is SRC, merged before quantizing")
-    p.add_argument("--tokenizer", default=None, metavar="FILE",
-                   help="tokenizer.model to ship (default: the one beside or one folder above SRC)")
-    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
-                   help="largest safetensors file (default 5GB, as transformers)")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip checking SRC's weight files against its checksums.json")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    add_output_args(p, "largest safetensors file (default 5GB, as transformers)")
 
 
 def spec_from_args(args: argparse.Namespace) -> str:
