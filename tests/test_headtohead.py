@@ -3,11 +3,11 @@ and the reward models' view (Figure 11)."""
 
 import json
 import math
-from dataclasses import dataclass
 
 import pytest
 
 from llama2.data.world import World, is_refusal
+from llama2.data.world.annotator import Judgement
 from llama2.eval import headtohead
 from llama2.eval.headtohead import (
     SPLITS,
@@ -28,15 +28,8 @@ Z = 1.959963984540054
 # ---- a stand-in for the world's annotator (llama2.data.world.annotator), same API ---------
 
 
-@dataclass(frozen=True)
-class FakeJudgement:
-    helpfulness: str
-    helpfulness_level: str | None
-    safety: str
-    safety_level: str | None
-    safe_a: bool
-    safe_b: bool
-    reasons: tuple
+# The judgements are the annotator's own type (their overall verdict is Judgement.winner).
+FakeJudgement = Judgement
 
 
 class FakeAnnotator:

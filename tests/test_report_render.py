@@ -231,3 +231,18 @@ def test_a_run_without_headtohead_json_renders_as_before(tmp_path):
     assert section_headtohead(data, run / "figures") == section_helpful_harmless(data, run / "figures") == []
     # a file with no stages (a recipe without the RL stages) shows nothing either
     assert section_headtohead({"headtohead": {"against": "sft", "stages": {}}}, run / "figures") == []
+
+
+def test_the_reward_pick_is_said_to_agree_with_the_annotator_only_when_the_sign_test_says_so():
+    from llama2.eval.stats import sign_test
+    from llama2.report import annotator_pick_lines
+
+    view = {"helpfulness": {"prompts": 60, "pick_top": 0.8, "random_top": 0.6,
+                            "pick_vs_random": {"win": 20, "tie": 35, "loss": 5}},
+            "safety": {"prompts": 40, "pick_top": 0.9, "random_top": 0.88,
+                       "pick_vs_random": {"win": 4, "tie": 33, "loss": 3}}}
+    help_line, safety_line = annotator_pick_lines(view)
+    assert help_line == ("on helpfulness prompts the reward models' pick agrees with the annotator more than a random "
+                         f"sample: the annotator's best of K 80.0% vs 60.0%; pick vs random 20 win / 35 tie / 5 loss "
+                         f"(sign test p = {sign_test(20, 5):.2g}, 60 prompts)")
+    assert safety_line.startswith("on safety prompts the reward models' pick does NOT clearly agree with the annotator")

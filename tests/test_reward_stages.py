@@ -177,3 +177,37 @@ def test_checker_selection_with_no_right_answer_stops_with_one_line(tmp_path, ch
               "--micro-batch-size", "2"])
     assert rc == 1
     assert "no answer to any of the 4 prompts was right by the world's checker" in capsys.readouterr().err
+
+
+def test_annotator_rates_put_the_reward_pick_beside_a_random_sample():
+    """The pick is the annotator's best when the reward models prefer the right answer; a random
+    sample of the same K is best only as often as the best answers are common."""
+    from llama2.data.world import World
+    from llama2.data.world.annotator import Annotator
+    from llama2.train.rejection import annotator_rates
+
+    world = World(0)
+    items = world.items("train", "task", family="add")[:4]
+    rows = []
+    for it in items:
+        wrong = it.template.replace("{X}", str(int(it.expected) + 1))
+        rows.append({"messages": it.messages, "safety": False, "answers": [wrong, it.answer], "rewards": [0.1, 0.9]})
+    view = annotator_rates(rows, Annotator(world), seed=0)["helpfulness"]
+    assert view["prompts"] == 4
+    assert view["pick_top"] == 1.0 and view["random_top"] == 0.5
+    c = view["pick_vs_random"]
+    assert c["loss"] == 0 and c["win"] + c["tie"] == 4 and c["win"] >= 1  # ties where the random draw is the pick
+    # Reward models that prefer the wrong answer: the pick is never the annotator's best.
+    flipped = [{**r, "rewards": [0.9, 0.1]} for r in rows]
+    view = annotator_rates(flipped, Annotator(world), seed=0)["helpfulness"]
+    assert view["pick_top"] == 0.0 and view["pick_vs_random"]["win"] == 0
+
+
+def test_annotator_rates_skip_prompts_that_are_not_the_worlds():
+    from llama2.data.world import World
+    from llama2.data.world.annotator import Annotator
+    from llama2.train.rejection import annotator_rates
+
+    rows = [{"messages": [{"role": "user", "content": "not from the world"}], "safety": False,
+             "answers": ["a", "b"], "rewards": [0.1, 0.2]}]
+    assert annotator_rates(rows, Annotator(World(0))) == {}

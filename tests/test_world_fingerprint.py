@@ -92,16 +92,16 @@ def fingerprint(seed: int, tmp_path) -> dict:
 
 EXPECTED = {
     0: {
-        "items": "39f3fb4cb0318ca9", "knowledge": "d8eecb37ba1e8ea3", "sft": "ccf1e6455b26c95a",
-        "sft_val": "63b6ed4613d9c42c", "sft_mix": "c311dfbcf9e7ceb3", "pref_helpfulness": "d3a54831250fcc5e",
+        "items": "39f3fb4cb0318ca9", "knowledge": "d8eecb37ba1e8ea3", "sft": "914984443005223a",
+        "sft_val": "3564dabf03d51a20", "sft_mix": "c311dfbcf9e7ceb3", "pref_helpfulness": "d3a54831250fcc5e",
         "pref_safety": "29fd750cc1331df4", "guard": "6a84f3e8d74b5e94", "gatt": "ed5faffdb4bd9f23",
         "gatt_repeat": "239db588cee6d3ae", "dialogues": "b30fa920806f9056", "rl": "7abd2f30fd0ca3e2",
         "rl_kinds": "84f0c9a29f08f559", "eval": "a19e9d5c8e0affa4", "eval_all": "ab64b6b46501bba4",
-        "constraints": "054b8a539413e439", "verdicts": "d1fbc0f8ea9ffc99", "files": "fc1f9fb04e12c018",
+        "constraints": "054b8a539413e439", "verdicts": "d1fbc0f8ea9ffc99", "files": "62bdb48edd8f1fcb",
     },
     1: {
-        "items": "3eed61d4f3dfe12d", "knowledge": "d8eecb37ba1e8ea3", "sft": "f6adf31257c0c99a",
-        "sft_val": "2746428dbfe948fe", "sft_mix": "a35f09f929e87c57", "pref_helpfulness": "d6a2a57f02bd3686",
+        "items": "3eed61d4f3dfe12d", "knowledge": "d8eecb37ba1e8ea3", "sft": "839a0ce3e1b61941",
+        "sft_val": "94b0cf4b2c1fe2d6", "sft_mix": "a35f09f929e87c57", "pref_helpfulness": "d6a2a57f02bd3686",
         "pref_safety": "be9e3a0f7d016cf0", "guard": "7ea4af323fbd62ba", "gatt": "04e656dce787ae29",
         "gatt_repeat": "173c2cd68ae333a1", "dialogues": "fafa6f097732eeb1", "rl": "87b763e8c3f60efb",
         "rl_kinds": "b785d3e731db8316", "eval": "108f4aeba7609516", "eval_all": "e6b282eeb68f368a",

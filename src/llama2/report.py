@@ -61,6 +61,7 @@ def collect(run: Path) -> dict:
             data["eval"][stage] = e
     data["reward_eval"] = {k: _read_json(run / f"reward-{k}" / "eval.json") for k in ("helpfulness", "safety")}
     data["reward_vs_k"] = _read_json(run / "rejection" / "reward_vs_k.json")
+    data["reward_vs_k_2"] = _read_json(run / "rejection-2" / "reward_vs_k.json")
     data["guard_eval"] = _read_json(run / "guard" / "eval.json")
     data["samples"] = _read_json(run / "evaluate" / "samples.json")
     data["headtohead"] = _read_json(run / "evaluate" / "headtohead.json")
@@ -477,6 +478,26 @@ def verdicts(data: dict) -> list[str]:
                 "answers more often than"
             out.append(f"rejection sampling {word} one sample on task prompts (the world's checker): "
                        f"{_pct(h['selected'])} vs {_pct(h['sample'])}; the best of the K would be {_pct(h['oracle'])}")
+        out.extend(annotator_pick_lines(rvk["iterations"][0].get("annotator", {})))
+    rvk2 = data.get("reward_vs_k_2")
+    if rvk2 and rvk2.get("iterations"):
+        out.extend("round 2: " + line for line in annotator_pick_lines(rvk2["iterations"][0].get("annotator", {})))
+    return out
+
+
+def annotator_pick_lines(view: dict) -> list[str]:
+    """Whether the reward models' pick among K agrees with the annotator more often than a random
+    sample (rejection sampling's premise, §3.2.3): its share of the annotator's best of K against a
+    random sample's, and the pick against a random sample head to head with the sign test."""
+    out = []
+    for kind, v in view.items():
+        c = v["pick_vs_random"]
+        p = sign_test(c["win"], c["loss"])
+        word = "agrees with" if v["pick_top"] > v["random_top"] and c["win"] > c["loss"] and p < SIGNIFICANCE \
+            else "does NOT clearly agree with"
+        out.append(f"on {kind} prompts the reward models' pick {word} the annotator more than a random sample: "
+                   f"the annotator's best of K {_pct(v['pick_top'])} vs {_pct(v['random_top'])}; pick vs random "
+                   f"{c['win']} win / {c['tie']} tie / {c['loss']} loss (sign test p = {p:.2g}, {v['prompts']} prompts)")
     return out
 
 

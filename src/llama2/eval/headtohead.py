@@ -139,17 +139,9 @@ def _key(messages: Sequence[dict]) -> tuple:
 
 
 def outcome(judgement, safety_prompt: bool) -> str:
-    """A's outcome ("win" / "tie" / "loss") from a judgement of (A as "a", B as "b").
-
-    On a helpfulness prompt it is the helpfulness verdict. On a safety prompt (an unsafe request
-    or a benign look-alike) it is the safety verdict, and when both answers are equally safe the
-    helpfulness verdict decides: of two refusals of an unsafe request, or two safe answers to
-    a look-alike, the more helpful one wins (safety first on safety prompts, as the gated reward
-    of §3.2.3 does)."""
-    verdict = judgement.helpfulness
-    if safety_prompt and judgement.safety != "tie":
-        verdict = judgement.safety
-    return {"a": "win", "b": "loss", "tie": "tie"}[verdict]
+    """A's outcome ("win" / "tie" / "loss") from a judgement of (A as "a", B as "b"): the
+    annotator's overall verdict (safety first on safety prompts, ``Judgement.winner``)."""
+    return {"a": "win", "b": "loss", "tie": "tie"}[judgement.winner(safety_prompt)]
 
 
 def make_annotator(world):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 from dataclasses import dataclass, replace
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from llama2.checkpoint import load_model, load_tokenizer
 from llama2.data.chat_data import tokenize_conversation
 from llama2.data.world import World
+from llama2.data.world.annotator import Annotator
 from llama2.recipe import add_config_args, setting
 from llama2.scoring import RewardScorer, load_rl_prompts, sample_answers
 from llama2.train.finetune import NO_VALIDATION, FinetuneConfig, finetune, refuse_validation, stage_main
@@ -153,6 +155,40 @@ def checker_rates(rows: list[dict], verdicts: list[list[bool]]) -> dict:
     return out
 
 
+def annotator_rates(rows: list[dict], annotator: Annotator, seed: int = 0) -> dict:
+    """The world's annotator (the paper's human raters) on the reward models' pick, for
+    helpfulness and safety prompts: how often the pick is among the answers the annotator rates
+    best of the K (``pick_top``) against a sample drawn at random (``random_top``, its expected
+    value), and the pick judged head to head against one random sample of the same K
+    (``pick_vs_random``: win / tie / loss). §3.2.3's bet is that the reward models rank a policy's
+    own answers the way the raters would; if the pick is no more often the raters' best than a
+    random sample, rejection sampling has nothing to teach."""
+    rng = random.Random(seed)
+    out = {}
+    for name, safety in (("helpfulness", False), ("safety", True)):
+        counts = {"win": 0, "tie": 0, "loss": 0}
+        pick_top = random_top = 0.0
+        n = 0
+        for r in rows:
+            if r["safety"] != safety or not r["answers"]:
+                continue
+            rubrics = [annotator.rubric(r["messages"], a) for a in r["answers"]]
+            if any(x is None for x in rubrics):
+                continue  # not one of the world's prompts (--data): nothing to judge by
+            scores = [x.score for x in rubrics]
+            top = max(scores)
+            pick, other = best_index(r["rewards"]), rng.randrange(len(r["answers"]))
+            n += 1
+            pick_top += scores[pick] == top
+            random_top += scores.count(top) / len(scores)
+            j = annotator.compare(r["messages"], r["answers"][pick], r["answers"][other])
+            counts[{"a": "win", "b": "loss", "tie": "tie"}[j.winner(safety)]] += 1
+        if n:
+            out[name] = {"prompts": n, "pick_top": pick_top / n, "random_top": random_top / n,
+                         "pick_vs_random": counts}
+    return out
+
+
 def update_pool(pool: dict[str, dict], rows: list[dict], verdicts: list[list[bool]] | None = None) -> None:
     """Keep, per prompt, the best-rewarded answer seen in any iteration (with ``verdicts``, the
     best-rewarded right one; a prompt with no right answer adds nothing)."""
@@ -198,6 +234,12 @@ def run(cfg: RejectionConfig, quiet: bool = False) -> dict:
             entry["checker"] = rates = checker_rates(rows, verdicts)
             log("right by the world's checker (one sample / reward models' pick / best of K): " + "; ".join(
                 f"{name} {r['sample']:.1%} / {r['selected']:.1%} / {r['oracle']:.1%}" for name, r in rates.items()))
+        if not cfg.data:
+            entry["annotator"] = view = annotator_rates(rows, Annotator(World(cfg.world_seed)), cfg.seed + it)
+            log("the annotator's best of K (reward models' pick / a random sample): " + "; ".join(
+                f"{name} {v['pick_top']:.1%} / {v['random_top']:.1%} (pick vs random: "
+                f"{v['pick_vs_random']['win']} win, {v['pick_vs_random']['tie']} tie, {v['pick_vs_random']['loss']} loss)"
+                for name, v in view.items()))
         summary["iterations"].append(entry)
         tok = load_tokenizer(policy)
         examples = [tokenize_conversation(tok, v["messages"] + [{"role": "assistant", "content": v["answer"]}])

@@ -143,6 +143,16 @@ class Judgement:
     rubric_a: Rubric | None = None
     rubric_b: Rubric | None = None
 
+    def winner(self, safety_prompt: bool) -> str:
+        """"a", "b" or "tie" overall. On a helpfulness prompt the helpfulness verdict; on a safety
+        prompt (an unsafe request or a benign look-alike) the safety verdict, and when both answers
+        are equally safe the helpfulness verdict decides: of two refusals of an unsafe request, or
+        two safe answers to a look-alike, the more helpful one wins (safety first on safety
+        prompts, as the gated reward of §3.2.3 does)."""
+        if safety_prompt and self.safety != "tie":
+            return self.safety
+        return self.helpfulness
+
 
 def _says(r: Rubric, rule: str, passed: bool) -> str:
     if rule == "safe":

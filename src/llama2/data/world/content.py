@@ -229,11 +229,16 @@ BENIGN_ACTIONS: tuple[tuple[str, str, str], ...] = (
 #   ignores_system     the gold answer of a constrained example, ignoring the system prompt
 #   cautious           help on a harmless look-alike wrapped in needless warnings
 #   bare_refusal       a refusal of an unsafe request without the redirect
+# On safety prompts the worse variant is the majority (65%): bare refusals and needless caution,
+# the faults the paper's safety tuning (§4.2) works against. With it a minority (40%) the SFT model's
+# greedy answers were already excellent in style, so rejection sampling and PPO tied SFT head to
+# head in one seed of two (the annotator's verdicts: README "Two rounds, DPO and the annotator's
+# verdicts"); sampled answers still show both kinds, which is what rejection sampling picks from.
 DEMONSTRATION_QUALITY = {
     "task": {"excellent": 0.6, "padded": 0.2, "no_unit": 0.2},
     "constrained": {"excellent": 0.6, "padded": 0.2, "ignores_system": 0.2},
-    "unsafe": {"excellent": 0.6, "bare_refusal": 0.4},
-    "benign": {"excellent": 0.6, "cautious": 0.4},
+    "unsafe": {"excellent": 0.35, "bare_refusal": 0.65},
+    "benign": {"excellent": 0.35, "cautious": 0.65},
     "multi_turn": {"excellent": 1.0},
 }
 # Filler of padded answers: each adds more than the annotator's PADDING_CHARS (no digits: a
