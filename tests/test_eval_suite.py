@@ -163,3 +163,19 @@ def test_gatt_adherence_is_compared_dialogue_by_dialogue():
           "gatt": {"gatt_adherence": {"20": 0.75}, "gatt_kept": {"20": [True] * 6 + [False] * 2}}}
     assert "GAtt (final chat model) improved system-instruction adherence at turn 20: 0.0% → 75.0% (gained 6, " \
         "lost 0 of 8 dialogues; sign test p = 0.031)" in verdicts({"eval": ev, "reward_eval": {}})
+
+
+def test_task_accuracy_is_split_into_prompts_in_and_out_of_the_models_knowledge():
+    """An assistant that answers only what the training split showed is right on every
+    in-knowledge task and on no out-of-knowledge one."""
+    ann = WORLD.annotator
+
+    def knows_only_training(dialogues):
+        return [ref if ann.knowledge(msgs) == "in" else "I do not know." for msgs, ref in zip(dialogues, oracle(dialogues))]
+
+    r = evaluate_world(knows_only_training, max_items=60, gatt_turns=(1,), gatt_dialogues=1)
+    c = r["counts"]
+    assert c["task_in_knowledge"] > 0 and c["task_out_of_knowledge"] > 0
+    assert c["task_in_knowledge"] + c["task_out_of_knowledge"] == c["task"]
+    assert r["task_accuracy_by_knowledge"] == {"in": 1.0, "out": 0.0}
+    assert "out of knowledge     0.0%" in format_table(r)

@@ -114,8 +114,11 @@ def test_every_aligned_stage_is_set_head_to_head_against_sft(smoke_run):
         assert set(result["results"]) == {"greedy", "sampled"}
         assert result["results"]["greedy"]["all"]["n"] + result["unjudged"]["greedy"] == result["prompts"]
     assert set(h2h["stages"]["ppo"]["reward"]["greedy"]["a"]) >= {"helpfulness", "harmlessness"}
+    # and round 2 against round 1 (§3.2.1: each version should beat the one before)
+    assert {s: r["against"] for s, r in h2h["rounds"].items()} == {"rejection-2": "rejection", "ppo-2": "ppo"}
     md = (smoke_run / "report.md").read_text()
     assert md.index("Head to head against SFT") < md.index("assistant-world suite after each stage")
+    assert "**Round 2 against round 1**" in md
 
 
 @pytest.mark.slow

@@ -246,3 +246,15 @@ def test_the_reward_pick_is_said_to_agree_with_the_annotator_only_when_the_sign_
                          f"sample: the annotator's best of K 80.0% vs 60.0%; pick vs random 20 win / 35 tie / 5 loss "
                          f"(sign test p = {sign_test(20, 5):.2g}, 60 prompts)")
     assert safety_line.startswith("on safety prompts the reward models' pick does NOT clearly agree with the annotator")
+
+
+def test_round_two_is_set_against_round_one(tmp_path):
+    from llama2.report import write_report
+
+    h = {**HEADTOHEAD, "rounds": {"ppo-2": {"against": "ppo", **_h2h_result(30, 65, 5)}}}
+    write_report(_fake_run(tmp_path, h))
+    md = (tmp_path / "report.md").read_text()
+    p = h["rounds"]["ppo-2"]["results"]["greedy"]["all"]["sign_test_p"]
+    assert "**Round 2 against round 1**" in md
+    assert (f"- PPO, round 2 wins significantly more often than it loses against PPO (p = {p:.2g}; "
+            "greedy: won 30, tied 65, lost 5 of 100)") in md

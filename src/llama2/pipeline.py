@@ -342,6 +342,14 @@ def against_sft(ctx: Context, cfg: EvaluateConfig) -> dict:
                             cfg.world_seed, scorer)
         r.pop("pairs")
         result["stages"][stage] = r
+    # §3.2.1's loop should improve from one RLHF version to the next: round 2 against round 1.
+    result["rounds"] = {}
+    for later, earlier in (("rejection-2", "rejection"), ("ppo-2", "ppo")):
+        if ctx.runs(later):
+            r = compare_answers(answers_of(later), answers_of(earlier), prompts, world, annotator,
+                                max(1, cfg.sampled_answers), cfg.world_seed)
+            r.pop("pairs")
+            result["rounds"][later] = {"against": earlier, **r}
     base = compare_answers(answers_of("gatt"), answers_of("pretrain"), prompts, world, annotator,
                            max(1, cfg.sampled_answers), cfg.world_seed)
     base.pop("pairs")

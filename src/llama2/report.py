@@ -450,6 +450,11 @@ def verdicts(data: dict) -> list[str]:
     compare("sft", "ppo", "task_accuracy", "task accuracy over the SFT model")
     compare("sft", "ppo", "safe_refusal_rate", "the safe-refusal rate")
     compare("sft", "ppo", "false_refusal_rate", "the false-refusal rate", higher_is_better=False)
+    # Safety must hold through every round (§4.2.3): the last RLHF model against SFT.
+    compare("sft", "ppo-2", "safe_refusal_rate", "the safe-refusal rate")
+    compare("sft", "ppo-2", "false_refusal_rate", "the false-refusal rate", higher_is_better=False)
+    compare("sft", "dpo", "safe_refusal_rate", "the safe-refusal rate")
+    compare("sft", "dpo", "false_refusal_rate", "the false-refusal rate", higher_is_better=False)
     compare("sft", "rejection", "combined_reward", "the held-out combined reward", number=True)
     compare("rejection", "ppo", "combined_reward", "the held-out combined reward", number=True)
     compare("sft", "ppo", "combined_reward", "the held-out combined reward over the SFT model", number=True)
@@ -737,6 +742,14 @@ def section_headtohead(data: dict, figdir: Path) -> list[Block]:
     if unjudged:
         out.append(Paragraph(["Answers to prompts the annotator does not know, left out: " + ", ".join(unjudged)
                               + "."]))
+    rounds = [(s, r) for s, r in (h.get("rounds") or {}).items() if r.get("results")]
+    if rounds:
+        out += [Paragraph([Bold("Round 2 against round 1"), " (the same prompts and annotator; §3.2.1's versions "
+                           "should improve one on the next):"]),
+                Bullets([[f"{STAGE_LABELS.get(s, s)} " + headtohead_verdict(
+                    _h2h(r, mode), STAGE_LABELS.get(r["against"], r["against"]),
+                    f"{_mode_text(mode, r)}: {_counts(_h2h(r, mode))}")]
+                    for s, r in rounds for mode in modes if mode in r["results"]])]
     base = h.get("base")
     if base and base.get("results"):
         parts = []
@@ -823,11 +836,14 @@ def section_suite(data: dict) -> list[Block]:
         adh = e.get("gatt_adherence") or {}
         last = max(adh, key=int) if adh else None
         reward = e.get("combined_reward")
-        rows.append([STAGE_LABELS.get(stage, stage), _pct(e.get("task_accuracy")), _pct(e.get("safe_refusal_rate")),
+        by = e.get("task_accuracy_by_knowledge") or {}
+        rows.append([STAGE_LABELS.get(stage, stage), _pct(e.get("task_accuracy")), _pct(by.get("in")),
+                     _pct(by.get("out")), _pct(e.get("safe_refusal_rate")),
                      _pct(e.get("false_refusal_rate")), _pct(adh.get(last)) if last else "–",
                      "–" if reward is None else f"{reward:.3f}"])
     last_turn = max((int(t) for e in data["eval"].values() for t in (e.get("gatt_adherence") or {})), default=0)
-    headers = ["model", "task accuracy", "safe refusal", "false refusal", f"instruction kept at turn {last_turn}",
+    headers = ["model", "task accuracy", "in knowledge", "out of knowledge", "safe refusal", "false refusal",
+               f"instruction kept at turn {last_turn}",
                "combined reward (held-out)"]
     return [Heading(2, "The assistant-world suite after each stage (held-out test split)"), Table(headers, rows)]
 

@@ -41,6 +41,10 @@ def evaluate_world(generate_fn: GenerateFn, split: str = "test", max_items: int 
     item_answers, gatt_answers = answers[: len(items)], answers[len(items):]
 
     task = [check_task(it, a) for it, a in zip(items, item_answers) if it.kind == "task"]
+    # In knowledge: every fact the task needs was in the training split (new wording or
+    # combination); out: one was never shown. RLHF can pick among what the model can answer;
+    # it cannot add facts (§3.2.3), so the two are reported apart.
+    knows = [world.annotator.item_knowledge(it) for it in items if it.kind == "task"]
     unsafe = [is_refusal(a) for it, a in zip(items, item_answers) if it.kind == "unsafe"]
     benign = [is_refusal(a) for it, a in zip(items, item_answers) if it.kind == "benign"]
     adherence = {t: [] for t in gatt_turns}
@@ -48,12 +52,14 @@ def evaluate_world(generate_fn: GenerateFn, split: str = "test", max_items: int 
         adherence[t].append(check_constraint(a, d.constraint))
     return {
         "task_accuracy": _rate(task),
+        "task_accuracy_by_knowledge": {k: _rate([ok for ok, kn in zip(task, knows) if kn == k]) for k in ("in", "out")},
         "safe_refusal_rate": _rate(unsafe),
         "false_refusal_rate": _rate(benign),
         "gatt_adherence": {str(t): _rate(v) for t, v in adherence.items()},
         # per dialogue, in the world's order, for each turn: the report's paired comparison
         "gatt_kept": {str(t): v for t, v in adherence.items()},
-        "counts": {"task": len(task), "unsafe": len(unsafe), "benign": len(benign), "gatt_dialogues": len(dialogues)},
+        "counts": {"task": len(task), "unsafe": len(unsafe), "benign": len(benign), "gatt_dialogues": len(dialogues),
+                   "task_in_knowledge": knows.count("in"), "task_out_of_knowledge": knows.count("out")},
         # "right": what the rate above counts as a success (solved / refused / not refused), so two
         # models can be compared prompt by prompt (the report's gained/lost counts).
         "answers": [{"kind": it.kind, "prompt": it.prompt, "answer": a, "right": _success(it, a)}
@@ -68,6 +74,12 @@ def format_table(result: dict) -> str:
     c = result.get("counts", {})
     lines = [
         f"task accuracy        {pct(result['task_accuracy'])}  ({c.get('task', '?')} prompts)",
+    ]
+    by = result.get("task_accuracy_by_knowledge")
+    if by:
+        lines += [f"  in knowledge       {pct(by['in'])}  ({c.get('task_in_knowledge', '?')} prompts)",
+                  f"  out of knowledge   {pct(by['out'])}  ({c.get('task_out_of_knowledge', '?')} prompts)"]
+    lines += [
         f"safe-refusal rate    {pct(result['safe_refusal_rate'])}  ({c.get('unsafe', '?')} unsafe prompts)",
         f"false-refusal rate   {pct(result['false_refusal_rate'])}  ({c.get('benign', '?')} benign prompts)",
         f"GAtt adherence ({c.get('gatt_dialogues', '?')} dialogues)",
