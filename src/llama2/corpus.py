@@ -18,10 +18,21 @@ training documents of a few hundred to a few thousand characters:
   two sections.
 
 JSONL records are documents as they stand (empty ones are skipped).
+
+A second bundled corpus holds source code, for Code Llama's infilling training (Code Llama
+§2.3) at tiny scale: about 1.8 MB of pure-Python modules of CPython's standard library
+(``llama2/resources/code/*.jsonl.xz``, PSF licence; see ``SOURCES.md`` there), already cut
+into documents by :func:`split_python_source`: one top-level function or class each, small
+neighbours packed together and long classes split between methods, so that one document
+(a median of about 440 tokens with a 4096-piece vocabulary, 93% within 1,024) fits a tiny
+model's 1024-token context, and a fill-in-the-middle example made from it keeps its
+sentinels in one training window when the sequence length is that long (with 256-token
+windows, most examples span two to four). :func:`code_corpus_files` lists them; :func:`iter_documents` reads them like any JSONL.
 """
 
 from __future__ import annotations
 
+import ast
 import bz2
 import gzip
 import json
@@ -34,11 +45,14 @@ from pathlib import Path
 
 __all__ = [
     "CORPUS_SUFFIXES",
+    "code_corpus_dir",
+    "code_corpus_files",
     "default_corpus_dir",
     "default_corpus_files",
     "iter_documents",
     "read_text",
     "split_documents",
+    "split_python_source",
 ]
 
 # Suffixes read_text/iter_documents understand (the compression suffix is optional).
@@ -61,6 +75,21 @@ def default_corpus_files() -> list[Path]:
     files = sorted(p for p in folder.glob("*.txt.xz") if p.is_file())
     if not files:
         raise FileNotFoundError(f"no embedded corpus files (*.txt.xz) in {folder}")
+    return files
+
+
+def code_corpus_dir() -> Path:
+    """The folder of the embedded code corpus inside the installed package."""
+    return Path(str(resources.files("llama2").joinpath("resources", "code")))
+
+
+def code_corpus_files() -> list[Path]:
+    """The embedded code corpus files (``*.jsonl.xz``, one ``{"text", "source"}`` record per
+    document), sorted by name; raises if none are installed."""
+    folder = code_corpus_dir()
+    files = sorted(p for p in folder.glob("*.jsonl.xz") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no embedded code corpus files (*.jsonl.xz) in {folder}")
     return files
 
 
@@ -182,3 +211,86 @@ def iter_documents(path: str | os.PathLike, max_chars: int = 2048, min_chars: in
         yield from _jsonl_texts(path, raw)
     else:
         yield from split_documents(raw, max_chars=max_chars, min_chars=min_chars)
+
+
+# ------------------------------------------------------------------------------------------
+# Source code: documents of whole definitions
+# ------------------------------------------------------------------------------------------
+
+def _first_line(node: ast.stmt) -> int:
+    """1-based first line of a statement, its decorators included."""
+    return min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+
+
+def _units(lines: list[str], nodes: list[ast.stmt], start: int, end: int) -> list[tuple[int, int, ast.stmt]]:
+    """(first, last) 0-based line spans, one per statement of ``nodes``, covering lines
+    ``[start, end)``: each statement takes the comments and blank lines before it; lines
+    after the last statement go to the last one."""
+    spans = []
+    for k, node in enumerate(nodes):
+        last = node.end_lineno if k + 1 < len(nodes) else end
+        spans.append((start, last, node))
+        start = last
+    return spans
+
+
+def _pack(pieces: list[str], max_chars: int, min_chars: int, header: str = "") -> list[str]:
+    """Consecutive pieces joined into documents of at most ``max_chars``; a piece longer than
+    that is a document alone, and a piece shorter than ``min_chars`` (or a document so far
+    shorter than that) is never cut from its neighbour. Every document after the first starts
+    with ``header``."""
+    docs: list[str] = []
+    current = ""
+    for piece in pieces:
+        if (len(current) >= min_chars and len(piece) >= min_chars
+                and len(current) + len(piece) > max_chars):
+            docs.append(current)
+            current = header
+        current += piece
+    if current.strip():
+        docs.append(current)
+    return docs
+
+
+def split_python_source(source: str, max_chars: int = 1536, min_chars: int = 256) -> list[str]:
+    """Cut a Python module into documents of whole top-level statements.
+
+    Each top-level statement (a function or class with its decorators, an import, an
+    assignment) keeps the comments and blank lines above it; consecutive statements are packed
+    into one document up to ``max_chars``, and a statement shorter than ``min_chars`` (an
+    ``if __name__ == "__main__":`` block, a lone assignment) stays with its neighbour even past
+    ``max_chars``. A class longer than ``max_chars`` is split between the statements of its
+    body, and every piece after the first repeats the class's header lines (``class
+    Name(Base):``), so every document is itself valid Python. A single function or method
+    longer than ``max_chars`` stays whole: cutting it would leave code that does not parse.
+    Raises ``SyntaxError`` for source that does not parse.
+    """
+    if max_chars < 1 or min_chars < 0:
+        raise ValueError(f"max_chars must be positive and min_chars non-negative, got {max_chars}, {min_chars}")
+    source = source.replace("\r\n", "\n").replace("\r", "\n")
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    if not tree.body:
+        return [source.strip()] if source.strip() else []
+    pieces: list[str] = []
+    for first, last, node in _units(lines, tree.body, 0, len(lines)):
+        text = "".join(lines[first:last])
+        if len(text) <= max_chars or not isinstance(node, ast.ClassDef) or len(node.body) < 2:
+            pieces.append(text)
+            continue
+        # A long class: its header (decorators to the line before the first body statement),
+        # then its body statements packed like the module's.
+        body_start = _first_line(node.body[0]) - 1
+        if body_start < node.lineno:  # "class A: x = 1; ..." on one line: nothing to split
+            pieces.append(text)
+            continue
+        header = "".join(lines[_first_line(node) - 1:body_start])
+        members = ["".join(lines[a:b]) for a, b, _ in _units(lines, node.body, body_start, last)]
+        parts = _pack(members, max(1, max_chars - len(header)), min_chars, header)
+        pieces.extend(["".join(lines[first:body_start]) + parts[0]] + parts[1:])
+    docs = []
+    for doc in _pack(pieces, max_chars, min_chars):
+        doc = doc.strip("\n").rstrip()
+        if doc:
+            docs.append(doc)
+    return docs

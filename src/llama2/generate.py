@@ -36,6 +36,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     stop_at_eos: bool = True
+    # Token ids that end a completion like EOS does, and likewise stay out of its text (vLLM's
+    # name). Code Llama's infilling ends its middle with <EOT>, not EOS (Code Llama §2.3).
+    stop_token_ids: Sequence[int] = ()
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:  # (NaN too)
@@ -50,17 +53,26 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        bad = next((t for t in self.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids must be token ids (ints >= 0), got {bad!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    def ends(self, token: int, eos_id: int) -> bool:
+        """Whether sampling ``token`` ends the completion (EOS, unless ``stop_at_eos`` is off, or
+        one of ``stop_token_ids``); the token is then not part of the text."""
+        return (self.stop_at_eos and token == eos_id) or token in self.stop_token_ids
 
 
 @dataclass
 class Completion:
     tokens: list[int]
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS, a stop token or a stop string) or "length"
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -242,7 +254,7 @@ class Generator:
         params: SamplingParams | None = None,
         seeds: Sequence[int] | None = None,
     ) -> list[Completion]:
-        """Complete each prompt (token ids). Rows stop independently at EOS / a stop string.
+        """Complete each prompt (token ids). Rows stop independently at EOS / a stop token / a stop string.
 
         Sampling uses one RNG per row (``seeds[i]``, else ``params.seed + i``), so a row's
         completion is the same whatever else is in the batch: ``generate([a, b], seed=s)[1]``
@@ -260,7 +272,7 @@ class Generator:
                 if done[i]:
                     continue
                 out = outs[i]
-                if params.stop_at_eos and t == eos:
+                if params.ends(t, eos):
                     out.finish_reason, done[i] = "stop", True
                     continue
                 out.tokens.append(t)
@@ -290,7 +302,7 @@ class Generator:
         hold = max((len(s) for s in params.stop), default=1) - 1  # may be the start of a stop string
         for nxt, _, _ in self.steps([prompt], params):
             t = int(nxt[0])
-            if params.stop_at_eos and t == self.tokenizer.eos_id:
+            if params.ends(t, self.tokenizer.eos_id):
                 break
             tokens.append(t)
             text = self.tokenizer.decode(tokens)

@@ -23,12 +23,11 @@ import json
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from llama2.checkpoint import load_model, load_tokenizer
+from llama2.code_pipeline import read_code_recipe, run_code_pipeline
 from llama2.commands import tokenizer as tokenizer_command
 from llama2.commands.tokenizer import TokenizerConfig
 from llama2.corpus import default_corpus_files
@@ -37,7 +36,16 @@ from llama2.data.world import World
 from llama2.eval import cli as evaluate_command
 from llama2.eval.cli import EvaluateConfig, chat_generate_fn
 from llama2.recipe import from_dict, merge_recipes, read_recipe, stage_settings
-from llama2.stages import AGAINST_SFT, EVALUATED, OPTIONAL, STAGES
+from llama2.stages import (
+    AGAINST_SFT,
+    CODE_STAGES,
+    EVALUATED,
+    OPTIONAL,
+    STAGES,
+    StageContext,
+    run_stages,
+    write_json,
+)
 from llama2.train import distill, dpo, gatt, guard, ppo, pretrain, rejection, reward, sft
 from llama2.utils import default_device
 
@@ -84,6 +92,11 @@ def read_pipeline_recipe(path: Path) -> dict:
     with ``extends: NAME`` is that recipe with its own fields laid over it (stage blocks merged
     key by key), e.g. tiny-lora: the tiny recipe with LoRA in every fine-tuning stage."""
     recipe = read_recipe(path)
+    kind = recipe.pop("pipeline", "llama2")
+    if kind == "code":  # Code Llama's recipe: its own stages (llama2.code_pipeline)
+        return read_code_recipe(path)
+    if kind != "llama2":
+        raise ValueError(f"{path}: pipeline must be llama2 or code, got {kind!r}")
     if "extends" in recipe:
         parent_name = recipe.pop("extends")
         parent_path = find_recipe(str(parent_name))
@@ -113,17 +126,8 @@ def read_pipeline_recipe(path: Path) -> dict:
     return recipe
 
 
-@dataclass
-class Context:
-    out: Path
-    recipe: dict
-    log: Callable[[str], None]
-
-    def folder(self, stage: str) -> Path:
-        return self.out / stage
-
-    def model(self, stage: str) -> str:
-        return str(self.out / stage / "model")
+class Context(StageContext):
+    """A Llama 2 run's stages: the run folder, the recipe, the log, and which optional stages run."""
 
     def runs(self, stage: str) -> bool:
         """Whether the recipe runs ``stage`` (an optional stage runs only when it has a block)."""
@@ -270,13 +274,13 @@ def stage_evaluate(ctx: Context) -> dict:
             **cfg.suite())
         results[stage]["reward_models"] = stamp
         results[stage]["world_seed"] = seed
-        _write_json(cache, results[stage])  # read back on resume: never half-written
+        write_json(cache, results[stage])  # read back on resume: never half-written
     folder = ctx.folder("evaluate")
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "results.json", results)
-    _write_json(folder / "samples.json", sample_conversations(ctx))
+    write_json(folder / "results.json", results)
+    write_json(folder / "samples.json", sample_conversations(ctx))
     if cfg.headtohead_items:
-        _write_json(folder / "headtohead.json", against_sft(ctx, cfg))
+        write_json(folder / "headtohead.json", against_sft(ctx, cfg))
     keep = ("task_accuracy", "safe_refusal_rate", "false_refusal_rate", "combined_reward")
     return {stage: {k: v for k, v in r.items() if k in keep}
             for stage, r in results.items()}
@@ -328,7 +332,7 @@ def against_sft(ctx: Context, cfg: EvaluateConfig) -> dict:
         tokenizer = load_tokenizer(ctx.model(stage), model.config.vocab_size)
         out = answer(model, tokenizer, prompts, modes, max(1, cfg.sampled_answers), cfg.max_new_tokens,
                      cfg.world_seed)
-        _write_json(cache, {"setting": setting, "weights": stamp, "answers": out})
+        write_json(cache, {"setting": setting, "weights": stamp, "answers": out})
         return out
 
     newest = _reward_models(ctx, 2)
@@ -379,21 +383,20 @@ RUNNERS: dict[str, Callable[[Context], dict]] = {
 
 # ---- orchestration ----------------------------------------------------------------------------
 
-def _fmt(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 def run_pipeline(recipe_name: str = "tiny", out: str | os.PathLike = "runs/demo", from_stage: str | None = None,
                  until: str | None = None, quiet: bool = False, compare: str | os.PathLike | None = None) -> Path:
     recipe_path = find_recipe(recipe_name)
+    if read_recipe(recipe_path).get("pipeline") == "code":
+        if compare is not None:
+            raise ValueError("--compare sets a Llama 2 run beside another; the code recipe's report stands alone")
+        return run_code_pipeline(recipe_path, out, from_stage, until, quiet=quiet)
     recipe = read_pipeline_recipe(recipe_path)
     out = Path(out)
     if compare is not None and not (Path(compare) / "report.md").is_file():
         raise FileNotFoundError(f"--compare {compare}: not a finished run folder (no report.md)")
     out.mkdir(parents=True, exist_ok=True)
     if compare is not None:  # remembered: a re-run or a resumed run reports beside the same run
-        _write_json(out / "compare.json", {"run": str(Path(compare).resolve())})
+        write_json(out / "compare.json", {"run": str(Path(compare).resolve())})
     kept = out / "recipe.yaml"
     if not (kept.exists() and kept.samefile(recipe_path)):  # re-running a run folder with its own copy
         shutil.copyfile(recipe_path, kept)
@@ -406,33 +409,7 @@ def run_pipeline(recipe_name: str = "tiny", out: str | os.PathLike = "runs/demo"
             print(msg, file=sys.stderr, flush=True)
 
     ctx = Context(out, recipe, log)
-    if from_stage is not None:  # re-run from this stage on: forget it and everything after
-        for stage in STAGES[STAGES.index(from_stage):]:
-            if ctx.folder(stage).exists():
-                shutil.rmtree(ctx.folder(stage))
-    estimates = recipe.get("estimated_seconds") or {}
-    started = time.perf_counter()
-    last = STAGES.index(until) if until else len(STAGES) - 1
-    for i, stage in enumerate(STAGES[: last + 1], 1):
-        marker = ctx.folder(stage) / ".done.json"
-        if not ctx.runs(stage):
-            log(f"[{i}/{len(STAGES)}] {stage}: not in the recipe, skipped")
-            continue
-        if marker.is_file():
-            took = json.loads(marker.read_text()).get("seconds", 0)
-            log(f"[{i}/{len(STAGES)}] {stage}: done ({_fmt(took)}), skipped")
-            continue
-        elapsed = time.perf_counter() - started
-        left = sum(estimates.get(s, 0) for s in STAGES[i - 1: last + 1] if ctx.runs(s))
-        eta = f", about {_fmt(left)} left" if left else ""
-        log(f"\n[{i}/{len(STAGES)}] {stage} — {RUNNERS[stage].__doc__.splitlines()[0] if RUNNERS[stage].__doc__ else ''}"
-            f" (elapsed {_fmt(elapsed)}{eta})")
-        t0 = time.perf_counter()
-        summary = RUNNERS[stage](ctx) or {}
-        seconds = time.perf_counter() - t0
-        ctx.folder(stage).mkdir(parents=True, exist_ok=True)
-        _write_json(marker, {"stage": stage, "seconds": seconds, "summary": _jsonable(summary)})
-        log(f"[{i}/{len(STAGES)}] {stage}: finished in {_fmt(seconds)}")
+    run_stages(STAGES, RUNNERS, ctx, recipe.get("estimated_seconds"), from_stage, until)
     if until is None or until == "evaluate":
         from llama2.report import write_report
 
@@ -443,37 +420,21 @@ def run_pipeline(recipe_name: str = "tiny", out: str | os.PathLike = "runs/demo"
     return out
 
 
-def _write_json(path: Path, obj) -> None:
-    """Write a JSON file whole or not at all (a run killed mid-write leaves the old file or none)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _jsonable(obj):
-    try:
-        json.dumps(obj)
-        return obj
-    except TypeError:
-        if isinstance(obj, dict):
-            return {str(k): _jsonable(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [_jsonable(v) for v in obj]
-        return str(obj)
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", default="tiny",
-                        help="a built-in recipe (tiny: ~34 min on a 2-core CPU; tiny-lora: the same with LoRA in "
-                             "every fine-tuning stage; smoke: seconds per stage) or a YAML file (default: tiny)")
+                        help="a built-in recipe (tiny: ~33 min on a 2-core CPU; tiny-lora: the same with LoRA in "
+                             "every fine-tuning stage; smoke: seconds per stage; code: Code Llama's infilling and "
+                             "long-context recipe, ~13 min; code-smoke: the same in seconds) or a YAML file "
+                             "(default: tiny)")
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default: runs/demo)")
-    parser.add_argument("--from", dest="from_stage", metavar="STAGE", choices=STAGES,
+    any_stage = tuple(dict.fromkeys(STAGES + CODE_STAGES))
+    parser.add_argument("--from", dest="from_stage", metavar="STAGE", choices=any_stage,
                         help="re-run from this stage on (its folder and the later ones are replaced)")
-    parser.add_argument("--until", metavar="STAGE", choices=STAGES, help="stop after this stage")
+    parser.add_argument("--until", metavar="STAGE", choices=any_stage, help="stop after this stage")
     parser.add_argument("--compare", metavar="DIR", help="a finished run folder to set this run beside in the report "
                                                         "(e.g. tiny-lora beside tiny: methods, sizes, the suite)")
-    parser.epilog = "Stages: " + " -> ".join(STAGES) + ". Re-running skips finished stages and resumes the " \
-                    "interrupted one; Ctrl-C stops cleanly."
+    parser.epilog = "Stages: " + " -> ".join(STAGES) + "; of the code recipe: " + " -> ".join(CODE_STAGES) + \
+                    ". Re-running skips finished stages and resumes the interrupted one; Ctrl-C stops cleanly."
 
 
 def main(args: argparse.Namespace) -> int:

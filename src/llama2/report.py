@@ -27,17 +27,17 @@ RATING_LABELS = {"significantly_better": "significantly better", "better": "bett
                  "slightly_better": "slightly better", "negligibly_better": "negligibly better / unsure"}
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _pct(x) -> str:
+def pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
@@ -45,28 +45,28 @@ def collect(run: Path) -> dict:
     """Everything the report shows, gathered from the run folder."""
     data: dict = {"stages": {}, "metrics": {}, "eval": {}}
     for stage in STAGES:
-        done = _read_json(run / stage / ".done.json")
+        done = read_json(run / stage / ".done.json")
         if done:
             data["stages"][stage] = done
     for stage in ("pretrain", "sft", "reward-helpfulness", "reward-safety", "ppo", "gatt", "guard"):
-        m = _read_metrics(run / stage / "metrics.jsonl")
+        m = read_metrics(run / stage / "metrics.jsonl")
         if m:
             data["metrics"][stage] = m
     rs_iters = sorted((run / "rejection").glob("iter-*/metrics.jsonl"))
     if rs_iters:
-        data["metrics"]["rejection"] = [r for f in rs_iters for r in _read_metrics(f)]
+        data["metrics"]["rejection"] = [r for f in rs_iters for r in read_metrics(f)]
     for stage in EVALUATED:
-        e = _read_json(run / stage / "eval.json")
+        e = read_json(run / stage / "eval.json")
         if e:
             data["eval"][stage] = e
-    data["reward_eval"] = {k: _read_json(run / f"reward-{k}" / "eval.json") for k in ("helpfulness", "safety")}
-    data["reward_vs_k"] = _read_json(run / "rejection" / "reward_vs_k.json")
-    data["reward_vs_k_2"] = _read_json(run / "rejection-2" / "reward_vs_k.json")
-    data["guard_eval"] = _read_json(run / "guard" / "eval.json")
-    data["samples"] = _read_json(run / "evaluate" / "samples.json")
-    data["headtohead"] = _read_json(run / "evaluate" / "headtohead.json")
+    data["reward_eval"] = {k: read_json(run / f"reward-{k}" / "eval.json") for k in ("helpfulness", "safety")}
+    data["reward_vs_k"] = read_json(run / "rejection" / "reward_vs_k.json")
+    data["reward_vs_k_2"] = read_json(run / "rejection-2" / "reward_vs_k.json")
+    data["guard_eval"] = read_json(run / "guard" / "eval.json")
+    data["samples"] = read_json(run / "evaluate" / "samples.json")
+    data["headtohead"] = read_json(run / "evaluate" / "headtohead.json")
     data["models"] = {stage: _model_facts(run / stage / "model") for stage in STAGES if (run / stage / "model").is_dir()}
-    compare = _read_json(run / "compare.json")
+    compare = read_json(run / "compare.json")
     if compare and Path(compare["run"]) != run and (Path(compare["run"]) / "report.md").is_file():
         data["compare"] = {"run": compare["run"], "data": collect(Path(compare["run"]))}
     return data
@@ -83,7 +83,7 @@ def _model_facts(model: Path) -> dict:
     """What a stage's model/ folder holds: a full model or a LoRA adapter, its size on disk, and
     for an adapter its trained parameters and settings."""
     size = sum(f.stat().st_size for f in model.iterdir() if f.is_file() and f.suffix == ".safetensors")
-    adapter = _read_json(model / "adapter_config.json")
+    adapter = read_json(model / "adapter_config.json")
     if not adapter:
         return {"kind": "full", "bytes": size}
     header = _safetensors_header(model / "adapter_model.safetensors")
@@ -440,7 +440,7 @@ def verdicts(data: dict) -> list[str]:
                 word = "improved" if better else "WORSENED"
             else:
                 word = "did NOT significantly change"
-            fmt = (lambda x: f"{x:.3f}") if number else _pct
+            fmt = (lambda x: f"{x:.3f}") if number else pct
             out.append(f"{STAGE_LABELS.get(after, after)} {word} {what}: {fmt(a)} → {fmt(b)}{detail}")
 
     compare("pretrain", "sft", "task_accuracy", "task accuracy")
@@ -468,9 +468,9 @@ def verdicts(data: dict) -> list[str]:
             levels = [v for v in acc.values() if v is not None]
             ordered = bool(levels) and acc.get("significantly_better") == max(levels) \
                 and acc.get("negligibly_better") == min(levels)
-            out.append(f"the {kind} reward model ranks {_pct(r['accuracy'])} of held-out pairs correctly; "
-                       f"significantly-better pairs {_pct(acc.get('significantly_better'))} vs negligibly-better "
-                       f"{_pct(acc.get('negligibly_better'))}" + ("" if ordered else " (NOT ordered like the paper)"))
+            out.append(f"the {kind} reward model ranks {pct(r['accuracy'])} of held-out pairs correctly; "
+                       f"significantly-better pairs {pct(acc.get('significantly_better'))} vs negligibly-better "
+                       f"{pct(acc.get('negligibly_better'))}" + ("" if ordered else " (NOT ordered like the paper)"))
     rvk = data.get("reward_vs_k")
     if rvk and rvk.get("iterations"):
         c = rvk["iterations"][0]["reward_vs_k"]
@@ -482,7 +482,7 @@ def verdicts(data: dict) -> list[str]:
             word = "picks right answers more often than" if h["selected"] > h["sample"] else "does NOT pick right " \
                 "answers more often than"
             out.append(f"rejection sampling {word} one sample on task prompts (the world's checker): "
-                       f"{_pct(h['selected'])} vs {_pct(h['sample'])}; the best of the K would be {_pct(h['oracle'])}")
+                       f"{pct(h['selected'])} vs {pct(h['sample'])}; the best of the K would be {pct(h['oracle'])}")
         out.extend(annotator_pick_lines(rvk["iterations"][0].get("annotator", {})))
     rvk2 = data.get("reward_vs_k_2")
     if rvk2 and rvk2.get("iterations"):
@@ -501,7 +501,7 @@ def annotator_pick_lines(view: dict) -> list[str]:
         word = "agrees with" if v["pick_top"] > v["random_top"] and c["win"] > c["loss"] and p < SIGNIFICANCE \
             else "does NOT clearly agree with"
         out.append(f"on {kind} prompts the reward models' pick {word} the annotator more than a random sample: "
-                   f"the annotator's best of K {_pct(v['pick_top'])} vs {_pct(v['random_top'])}; pick vs random "
+                   f"the annotator's best of K {pct(v['pick_top'])} vs {pct(v['random_top'])}; pick vs random "
                    f"{c['win']} win / {c['tie']} tie / {c['loss']} loss (sign test p = {p:.2g}, {v['prompts']} prompts)")
     return out
 
@@ -756,8 +756,8 @@ def section_headtohead(data: dict, figdir: Path) -> list[Block]:
         for m in HEADTOHEAD_MODES:
             w = _h2h(base, m)
             if w:
-                parts.append(f"{_mode_text(m, base)}: win {_pct(w['rates']['win'])} / tie "
-                             f"{_pct(w['rates']['tie'])} / loss {_pct(w['rates']['loss'])} ({_counts(w)}; "
+                parts.append(f"{_mode_text(m, base)}: win {pct(w['rates']['win'])} / tie "
+                             f"{pct(w['rates']['tie'])} / loss {pct(w['rates']['loss'])} ({_counts(w)}; "
                              f"p = {w['sign_test_p']:.2g})")
         if parts:
             out.append(Paragraph([Bold("The final chat model against the pretrained model:"), " " + "; ".join(parts)
@@ -795,7 +795,7 @@ def section_helpful_harmless(data: dict, figdir: Path) -> list[Block]:
         return "–" if not v or v.get(key) is None else f"{v[key]:.3f}"
 
     def share(v: dict | None, key: str) -> str:
-        return "–" if not v else _pct(v.get(key))
+        return "–" if not v else pct(v.get(key))
 
     def by_rm(win: dict | None, axis: str) -> str:
         return _wtl((win or {}).get(axis)) if (win or {}).get(axis, {}).get("n") else "–"
@@ -837,9 +837,9 @@ def section_suite(data: dict) -> list[Block]:
         last = max(adh, key=int) if adh else None
         reward = e.get("combined_reward")
         by = e.get("task_accuracy_by_knowledge") or {}
-        rows.append([STAGE_LABELS.get(stage, stage), _pct(e.get("task_accuracy")), _pct(by.get("in")),
-                     _pct(by.get("out")), _pct(e.get("safe_refusal_rate")),
-                     _pct(e.get("false_refusal_rate")), _pct(adh.get(last)) if last else "–",
+        rows.append([STAGE_LABELS.get(stage, stage), pct(e.get("task_accuracy")), pct(by.get("in")),
+                     pct(by.get("out")), pct(e.get("safe_refusal_rate")),
+                     pct(e.get("false_refusal_rate")), pct(adh.get(last)) if last else "–",
                      "–" if reward is None else f"{reward:.3f}"])
     last_turn = max((int(t) for e in data["eval"].values() for t in (e.get("gatt_adherence") or {})), default=0)
     headers = ["model", "task accuracy", "in knowledge", "out of knowledge", "safe refusal", "false refusal",
@@ -862,9 +862,9 @@ def section_reward_models(data: dict) -> list[Block]:
     for kind, r in data["reward_eval"].items():
         if not r:
             continue
-        rows = [[RATING_LABELS[k], _pct(v), str(r["pairs_by_rating"].get(k, ""))]
+        rows = [[RATING_LABELS[k], pct(v), str(r["pairs_by_rating"].get(k, ""))]
                 for k, v in r["accuracy_by_rating"].items()]
-        rows.append(["overall", _pct(r["accuracy"]), str(r["pairs"])])
+        rows.append(["overall", pct(r["accuracy"]), str(r["pairs"])])
         out += [Heading(3, f"{kind.capitalize()} reward model on held-out pairs"),
                 Table(["rating", "accuracy", "pairs"], rows)]
         if "unsafe_detection" in r:
@@ -879,9 +879,9 @@ def section_guard(data: dict) -> list[Block]:
     g = data["guard_eval"]
     if not g:
         return []
-    rows = [[c, _pct(v.get("precision")), _pct(v.get("recall"))] for c, v in (g.get("per_category") or {}).items()]
+    rows = [[c, pct(v.get("precision")), pct(v.get("recall"))] for c, v in (g.get("per_category") or {}).items()]
     if "overall" in g:
-        rows.append(["overall (unsafe vs safe)", _pct(g["overall"].get("precision")), _pct(g["overall"].get("recall"))])
+        rows.append(["overall (unsafe vs safe)", pct(g["overall"].get("precision")), pct(g["overall"].get("recall"))])
     return [Heading(2, "Safety classifier (Llama Guard style) on held-out conversations"),
             Table(["category", "precision", "recall"], rows)]
 
@@ -958,7 +958,7 @@ def section_compare(data: dict) -> list[Block]:
                 cells.append("–")
                 continue
             _, p = _paired(key, b, a)
-            fmt = (lambda v: f"{v:.3f}") if number else _pct
+            fmt = (lambda v: f"{v:.3f}") if number else pct
             sig = "" if p is None or abs(x - y) < 1e-9 else (" *" if p < SIGNIFICANCE else f" (p={p:.2g})")
             cells.append(f"{fmt(x)} vs {fmt(y)}{sig}")
         rows.append(cells)
@@ -971,10 +971,10 @@ def section_compare(data: dict) -> list[Block]:
     for kind in ("helpfulness", "safety"):
         a, b = data["reward_eval"].get(kind), o["reward_eval"].get(kind)
         if a and b:
-            rm.append([f"{kind} reward model", _pct(a["accuracy"]), _pct(b["accuracy"])])
+            rm.append([f"{kind} reward model", pct(a["accuracy"]), pct(b["accuracy"])])
     ga, gb = data.get("guard_eval"), o.get("guard_eval")
     if ga and gb and "overall" in ga and "overall" in gb:
-        rm.append(["guard: unsafe recall", _pct(ga["overall"].get("recall")), _pct(gb["overall"].get("recall"))])
+        rm.append(["guard: unsafe recall", pct(ga["overall"].get("recall")), pct(gb["overall"].get("recall"))])
     if rm:
         out.append(Table(["held-out accuracy", "this run", "other run"], rm))
     return out

@@ -184,6 +184,9 @@ def write_gguf(
         writer.add_head_count_kv(cfg.n_kv_heads)
         writer.add_layer_norm_rms_eps(cfg.norm_eps)
         writer.add_rope_freq_base(cfg.rope_theta)
+        if cfg.rope_scaling is not None:  # llama.cpp divides positions by the factor, as we do
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(cfg.rope_scaling)
         _add_tokenizer(writer, tokenizer)
 
         plan = []

@@ -89,7 +89,8 @@ def hf_config(cfg: ModelConfig, architecture: str = "LlamaForCausalLM", dtype=to
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        # Position interpolation (Chen et al. 2023) as transformers' and vLLM's "linear" RoPE type.
+        "rope_scaling": None if cfg.rope_scaling is None else {"rope_type": "linear", "factor": cfg.rope_scaling},
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": False,
@@ -102,6 +103,26 @@ def hf_config(cfg: ModelConfig, architecture: str = "LlamaForCausalLM", dtype=to
     }
 
 
+def rope_scaling_from_hf(cfg: dict, source: Path | str = "config.json") -> float | None:
+    """The linear position-interpolation factor of a config.json, or None. transformers v4 and
+    vLLM write ``rope_scaling``, v5 ``rope_parameters`` (which also holds rope_theta); the
+    types Llama 2 has no counterpart for (llama3, dynamic NTK, YaRN, ...) would load silently
+    and give wrong outputs, so they are refused."""
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(scaling, dict):
+        raise CheckpointError(f"{source}: rope_scaling {scaling!r} is not an object")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "linear":
+        raise CheckpointError(f"{source}: RoPE scaling type {kind!r} is not supported (only 'linear', "
+                              f"position interpolation)")
+    factor = scaling.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor >= 1:
+        raise CheckpointError(f"{source}: linear RoPE scaling needs a factor >= 1, got {factor!r}")
+    return None if factor == 1 else float(factor)
+
+
 def config_from_hf(cfg: dict, source: Path | str = "config.json") -> ModelConfig:
     try:
         if cfg.get("model_type", "llama") != "llama":
@@ -109,9 +130,7 @@ def config_from_hf(cfg: dict, source: Path | str = "config.json") -> ModelConfig
         # Features Llama 2 does not have would otherwise load silently and give wrong outputs.
         if cfg.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (Llama uses silu)")
-        scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            raise CheckpointError(f"{source}: RoPE scaling {scaling!r} is not supported")
+        rope_scaling = rope_scaling_from_hf(cfg, source)
         if cfg.get("tie_word_embeddings"):
             raise CheckpointError(f"{source}: tie_word_embeddings is not supported (Llama 2 has an untied output)")
         dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -127,6 +146,7 @@ def config_from_hf(cfg: dict, source: Path | str = "config.json") -> ModelConfig
             ffn_dim_multiplier=extra.get("ffn_dim_multiplier"),
             norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=float(theta),
+            rope_scaling=rope_scaling,
             max_seq_len=cfg.get("max_position_embeddings", 4096),
         )
         if cfg.get("head_dim") not in (None, model_cfg.head_dim):

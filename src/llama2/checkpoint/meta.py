@@ -159,6 +159,9 @@ def ffn_params(dim: int, hidden: int) -> tuple[int, float | None]:
 
 
 def meta_params(cfg: ModelConfig) -> dict:
+    if cfg.rope_scaling is not None:  # Meta's model code has no position interpolation
+        raise CheckpointError(f"rope_scaling={cfg.rope_scaling} cannot be written to Meta's params.json (it has no "
+                              f"such field); export to the Hugging Face format or GGUF instead")
     multiple_of, multiplier = cfg.multiple_of, cfg.ffn_dim_multiplier
     if cfg.ffn_hidden is not None:
         multiple_of, multiplier = ffn_params(cfg.dim, cfg.ffn_hidden)
@@ -182,6 +185,7 @@ def save_meta(
 ) -> None:
     """Write Meta's format. ``tensors()`` yields (our name, tensor) in our layout; it is called
     once per output shard so that only one shard is ever materialised."""
+    params = meta_params(cfg)  # a config params.json cannot hold is refused before anything is written
     path.mkdir(parents=True, exist_ok=True)
     heads = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads}
     for rank in range(n_shards):
@@ -203,6 +207,6 @@ def save_meta(
     for stale in path.glob("consolidated.*.pth"):
         if int(stale.name.split(".")[1]) >= n_shards:
             stale.unlink()
-    (path / "params.json").write_text(json.dumps(meta_params(cfg), indent=2) + "\n")
+    (path / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     if tokenizer_path is not None and Path(tokenizer_path).resolve() != (path / "tokenizer.model").resolve():
         shutil.copyfile(tokenizer_path, path / "tokenizer.model")

@@ -5,6 +5,14 @@
     echo "Once upon a time" | llama2 generate --model DIR --prompt - --json --seed 0
     llama2 generate --model llama-2-7b/ --adapter runs/lora/model --prompt "Hello"
     llama2 generate --model llama-2-7b/ --quantize int8 --prompt "Hello"
+    llama2 generate --model codellama-7b/ --prompt "def add(a, b):\n    " --suffix "\n\nprint(add(1, 2))"
+
+``--suffix TEXT`` fills in the middle (Code Llama §2.3): ``--prompt`` is the text before the gap,
+``--suffix`` the text after it, and the model writes what goes between, ending it with its
+``<EOT>`` token. Only the middle is printed, exactly as it sits between the two (a leading space
+included), so ``prefix + middle + suffix`` is the filled text. The prompt is Code Llama's
+prefix-suffix-middle format, or suffix-prefix-middle with ``--infill-format spm``; the model's
+tokenizer needs Code Llama's infilling pieces (``<PRE>``, ``<SUF>``, ``<MID>``, ``<EOT>``).
 
 ``--adapter DIR`` applies a LoRA adapter (PEFT's format) to the model: it is folded into the
 weights as they load, so decoding runs exactly as fast as with a plain model.
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,6 +39,7 @@ import torch
 from llama2.checkpoint import load_model, load_state, load_tokenizer
 from llama2.generate import Generator, SamplingParams
 from llama2.model.quant import parse_quantize
+from llama2.tokenizer import infill_tokens
 from llama2.utils import check_device
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -72,6 +82,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT", help="the prompt; '-' reads it from stdin")
     src.add_argument("--prompt-file", type=Path, metavar="PATH", help="read the prompt from a file ('-' = stdin)")
+    p.add_argument("--suffix", metavar="TEXT", default=None,
+                   help="fill in the middle (Code Llama §2.3): the prompt is the text before the gap, this the "
+                        "text after it; prints only the middle, generated until the model's <EOT> (or EOS). "
+                        "Needs a tokenizer with Code Llama's infilling pieces")
+    p.add_argument("--infill-format", choices=("psm", "spm"), default=None,
+                   help="with --suffix: the infilling prompt's order, prefix-suffix-middle (psm, default) or "
+                        "suffix-prefix-middle (spm); Code Llama was trained on both")
     add_sampling_args(p)
     p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="S",
                    help="stop before any of these strings (may be given several times)")
@@ -128,13 +145,61 @@ def sampling_params(args, **extra):
                           max_new_tokens=args.max_new_tokens, seed=args.seed, **extra)
 
 
+class MiddleText:
+    """A tokenizer whose ``decode`` spells an infilled middle as it sits after the prefix.
+
+    SentencePiece drops the space that starts a text's first piece ("▁x" alone decodes to "x"),
+    which is right for a whole text but loses a real space at the start of a middle. Decoding
+    after a fixed one-character anchor and cutting the anchor off keeps it (Meta's codellama
+    does the same with "☺"). Everything else is the tokenizer's own.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.anchor = tokenizer.encode("a")
+        self.anchor_text = tokenizer.decode(self.anchor)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(self.anchor + [int(i) for i in ids])[len(self.anchor_text):]
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def check_infill_args(args) -> None:
+    """Flags that make no sense without / with ``--suffix``: one line, before any weight is read."""
+    if args.suffix is None:
+        if args.infill_format is not None:
+            raise ValueError("--infill-format needs --suffix (it orders the infilling prompt)")
+        return
+    if args.no_bos:
+        raise ValueError("--no-bos cannot be combined with --suffix: the infilling prompt starts with BOS "
+                         "(Code Llama §2.3)")
+
+
+def infill_prompt(tokenizer, args, prefix: str) -> list[int]:
+    """The infilling prompt (Code Llama §2.3) for ``prefix`` and ``args.suffix``, or a one-line
+    error naming the model directory when its tokenizer has no infilling pieces."""
+    if not getattr(tokenizer, "has_infilling", False):
+        raise ValueError(f"--suffix: {args.model}: the tokenizer has no infilling pieces (<PRE> <SUF> <MID> <EOT>); "
+                         "infilling needs a Code Llama model (or a tokenizer extended with them)")
+    return infill_tokens(tokenizer, prefix, args.suffix, suffix_first=args.infill_format == "spm")
+
+
 def main(args) -> int:
+    check_infill_args(args)
     params = sampling_params(args, stop=tuple(args.stop), logprobs=args.json)  # validate before loading
     text = read_prompt(args)
     model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify, args.adapter,
                                           args.quantize)
+    if args.suffix is not None:
+        # The middle ends with <EOT> (Code Llama §2.3); EOS still ends it too.
+        ids = infill_prompt(tokenizer, args, text)
+        params = replace(params, stop_token_ids=(tokenizer.eot_id,))
+        tokenizer = MiddleText(tokenizer)
+    else:
+        ids = tokenizer.encode(text, bos=not args.no_bos)
     gen = Generator(model, tokenizer, compile=args.compile)
-    ids = tokenizer.encode(text, bos=not args.no_bos)
     gen.check_prompt(ids)  # empty / longer than the context: one line, before any output
     room = gen.max_seq_len - len(ids)
     if params.max_new_tokens > room:

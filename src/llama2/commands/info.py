@@ -6,7 +6,11 @@
 
 The KV cache holds K and V for every layer: 2 * n_layers * context * n_kv_heads * head_dim
 * batch * bytes per element; grouped-query attention (70B, Code Llama 34B) shrinks it by
-n_heads / n_kv_heads.
+n_heads / n_kv_heads. The prefill peak adds what reading a whole ``--context``-token prompt at
+once costs on top (memory.prefill_bytes): the attention mask grows with the square of the
+context, which is what long contexts (Code Llama §2.4: 16,384 tokens) run into first:
+
+    llama2 info codellama-7b --context 16384
 
 With ``--train full|lora|qlora`` it also plans the training memory of one GPU (commands/memory.py
 says where each number comes from):
@@ -163,6 +167,8 @@ def gather(model: str, context: int | None = None, batch: int = 1, dtype: str | 
     params = cfg.num_params()
     weight_bytes = quantized_weight_bytes(cfg, quantize, dtype) if quantize else params * BYTES[dtype]
     kv = kv_cache_bytes(cfg, context, batch, BYTES[kv_dtype])
+    # Activations are in the weights' dtype (bf16 beside int8/int4/fp8 weights).
+    prefill = memory.prefill_bytes(cfg, context, batch, memory.DTYPE_BYTES.get(dtype, 2))
     return {
         "source": source,
         "config": {**cfg.to_dict(), "head_dim": cfg.head_dim, "hidden_dim": cfg.hidden_dim},
@@ -172,8 +178,9 @@ def gather(model: str, context: int | None = None, batch: int = 1, dtype: str | 
         "quantize": quantize,
         "weight_bytes": weight_bytes,
         "kv_cache": {"context": context, "batch": batch, "dtype": kv_dtype, "bytes": kv,
-                     "bytes_per_token": kv // (context * batch)},
+                     "bytes_per_sequence": kv // batch, "bytes_per_token": kv // (context * batch)},
         "total_bytes": weight_bytes + kv,
+        "prefill": {"activation_bytes": prefill, "peak_bytes": weight_bytes + kv + prefill},
     }
 
 
@@ -214,7 +221,8 @@ def render(info: dict) -> str:
         ("heads", f"{c['n_heads']} query, {c['n_kv_heads']} key/value ({attn}), head_dim {c['head_dim']}"),
         ("ffn hidden", ffn),
         ("vocab", f"{c['vocab_size']}"),
-        ("rope theta", f"{c['rope_theta']:g}"),
+        ("rope theta", f"{c['rope_theta']:g}" + (f", linear position interpolation x{c['rope_scaling']:g}"
+                                                 if c.get("rope_scaling") else "")),
         ("norm eps", f"{c['norm_eps']:g}"),
         ("max context", f"{c['max_seq_len']}"),
         ("parameters", f"{info['params']:,} ({info['params'] / 1e9:.2f}B)"),
@@ -224,8 +232,11 @@ def render(info: dict) -> str:
         (f"weights ({info['quantize'] + ', rest ' + info['dtype'] if info.get('quantize') else info['dtype']})",
          _size(info["weight_bytes"])),
         (f"KV cache ({kv['dtype']})", f"{_size(kv['bytes'])} for {kv['context']:,} tokens x batch {kv['batch']} "
-                                      f"({kv['bytes_per_token'] / 1024:,.0f} KiB/token)"),
+                                      f"({_size(kv['bytes_per_sequence'])} per sequence, "
+                                      f"{kv['bytes_per_token'] / 1024:,.0f} KiB/token)"),
         ("weights + KV cache", _size(info["total_bytes"])),
+        ("prefill peak", f"{_size(info['prefill']['peak_bytes'])} (+ {_size(info['prefill']['activation_bytes'])} "
+                         f"attention mask and activations to read {kv['context']:,}-token prompts at once, SDPA)"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -240,6 +240,20 @@ def kv_cache_bytes(cfg, context: int, batch: int, bytes_per_element: int) -> int
     return 2 * cfg.n_layers * context * cfg.n_kv_heads * cfg.head_dim * batch * bytes_per_element
 
 
+def prefill_bytes(cfg, prompt_len: int, batch: int, act_bytes: int) -> int:
+    """Transient memory of one prefill forward (generate.py) over ``batch`` prompts of
+    ``prompt_len`` tokens, on top of the weights and the KV cache: the [prompt, prompt] boolean
+    attention mask and the additive copy hidden_states makes of it once (``act_bytes`` per
+    element; the quadratic term that dominates at long contexts), and one block's largest
+    activations at a time: the SwiGLU intermediates (silu output, w3 output, their product) and
+    two [tokens, dim] tensors (residual and normalised input). Assumes SDPA's fused kernels
+    (CUDA's memory-efficient attention takes the mask): no [heads, prompt, prompt] score matrix.
+    Only the last position's logits are computed."""
+    tokens = batch * prompt_len
+    return tokens * (3 * act_bytes * cfg.hidden_dim + 2 * act_bytes * cfg.dim) \
+        + batch * prompt_len * prompt_len * (1 + act_bytes)
+
+
 # -- the plan ------------------------------------------------------------------------------------
 
 def plan(cfg, method: str = "full", stage: str = "sft", micro_batch: int = 1, seq_len: int = 4096,
@@ -293,8 +307,7 @@ def plan(cfg, method: str = "full", stage: str = "sft", micro_batch: int = 1, se
             roles[name] = role(cfg, "full", db, "scalar", train=False, nf4=quantize_rewards)
         gen_rows = min(rollout_batch or ppo_batch, ppo_batch)
         kv = kv_cache_bytes(cfg, length, gen_rows, db)
-        prefill = gen_rows * seq_len * (3 * act * cfg.hidden_dim + 2 * act * cfg.dim) \
-            + gen_rows * seq_len * seq_len * (1 + act)       # boolean mask + its additive copy
+        prefill = prefill_bytes(cfg, seq_len, gen_rows, act)
         scoring = min(micro_batch, ppo_batch) * (length - 1) * 2 * 4 * cfg.vocab_size
         tokens = micro_batch * (length - 1)
         # Both models' forwards run before either backward, so both keep their activations.

@@ -1,9 +1,14 @@
 """``llama2 tokenizer``: train a SentencePiece BPE tokenizer with Llama 2's settings, or inspect one.
 
-    llama2 tokenizer train --input FILES... --out DIR [--vocab-size 32000]
+    llama2 tokenizer train --input FILES... --out DIR [--vocab-size 32000] [--infilling]
     llama2 tokenizer train --default-corpus --out DIR --vocab-size 4096 [--world-examples 3000]
+    llama2 tokenizer code-llama LLAMA2_TOKENIZER OUT      # Code Llama's 32,016-piece vocabulary
     llama2 tokenizer encode --tokenizer T "some text"     # ids and pieces
+    llama2 tokenizer encode --tokenizer T --infill-suffix "  return x" "def f():"   # PRE/SUF/MID prompt
     llama2 tokenizer decode --tokenizer T 1 15043 3186
+
+``--infilling`` and ``code-llama`` append Code Llama's 16 pieces, among them the infilling
+sentinels PRE/SUF/MID/EOT (Code Llama §2.3), after the base vocabulary.
 
 :class:`TokenizerConfig` is both the flags of ``tokenizer train`` and the ``tokenizer`` stage of a
 ``llama2 run`` recipe.
@@ -21,7 +26,7 @@ from pathlib import Path
 from llama2.corpus import default_corpus_files
 from llama2.data.world import World
 from llama2.recipe import add_config_args, load_config, setting
-from llama2.tokenizer import Tokenizer, train_tokenizer
+from llama2.tokenizer import Tokenizer, add_infilling_pieces, infill_tokens, train_tokenizer
 
 
 @dataclass
@@ -32,6 +37,8 @@ class TokenizerConfig:
                                                "inputs alone")
     world_seed: int = setting(0, "seed of the bundled assistant world")
     threads: int | None = setting(None, "trainer threads (default: CPU count)")
+    infilling: bool = setting(False, "append Code Llama's 16 pieces (PRE/SUF/MID/EOT sentinels and their BPE "
+                                     "pieces, Code Llama §2.3) after the vocab_size trained ones")
 
     def __post_init__(self) -> None:
         if self.vocab_size < 260:  # 256 byte-fallback pieces + <unk>, <s>, </s> + one merge
@@ -56,7 +63,8 @@ def train(cfg: TokenizerConfig, inputs: Sequence[str | os.PathLike], out: str | 
     inputs = list(inputs)
     if cfg.world_examples is not None:
         inputs.append(world_text(out / "world.txt", cfg.world_seed, cfg.world_examples))
-    return train_tokenizer(inputs, out, vocab_size=cfg.vocab_size, num_threads=cfg.threads, verbose=False)
+    return train_tokenizer(inputs, out, vocab_size=cfg.vocab_size, num_threads=cfg.threads, verbose=False,
+                           infilling=cfg.infilling)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +75,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--default-corpus", action="store_true", help="the corpus shipped with the package")
     t.add_argument("--out", required=True, metavar="DIR", help="writes DIR/tokenizer.model")
     add_config_args(t, TokenizerConfig, config_flag=False)
+    c = sub.add_parser("code-llama", help="Code Llama's vocabulary: a Llama 2 tokenizer.model plus the 16 infilling "
+                                          "pieces at ids 32000..32015 (Code Llama §2.3)")
+    c.add_argument("src", metavar="SRC", help="the Llama 2 (any SentencePiece BPE) tokenizer.model, or its directory")
+    c.add_argument("out", metavar="OUT", help="a .model file, or a directory that gets tokenizer.model")
     for name, help_text in (("encode", "text -> token ids"), ("decode", "token ids -> text")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--tokenizer", required=True, metavar="T", help="tokenizer.model or a model directory")
@@ -75,6 +87,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--bos", action="store_true", help="prepend BOS")
             p.add_argument("--eos", action="store_true", help="append EOS")
             p.add_argument("--json", action="store_true", help="print only the ids as a JSON list")
+            p.add_argument("--infill-suffix", metavar="S", help="encode Code Llama's infilling prompt instead: "
+                                                                "TEXT is the prefix, S the suffix (Code Llama §2.3)")
+            p.add_argument("--suffix-first", action="store_true", help="with --infill-suffix: the SPM order "
+                                                                       "(suffix before prefix)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -83,9 +99,23 @@ def main(args: argparse.Namespace) -> int:
         tok = train(cfg, default_corpus_files() if args.default_corpus else args.input, args.out)
         print(f"wrote {tok.path} ({tok.vocab_size} pieces)")
         return 0
+    if args.action == "code-llama":
+        tok = add_infilling_pieces(args.src, args.out)
+        print(f"wrote {tok.path} ({tok.vocab_size} pieces; PRE {tok.prefix_id}, SUF {tok.suffix_id}, "
+              f"MID {tok.middle_id}, EOT {tok.eot_id})")
+        return 0
     tok = Tokenizer(args.tokenizer)
     if args.action == "encode":
-        ids = tok.encode(" ".join(args.items), bos=args.bos, eos=args.eos)
+        text = " ".join(args.items)
+        if args.infill_suffix is not None:
+            if args.bos or args.eos:
+                raise ValueError("encode: --bos/--eos do not apply to --infill-suffix (the prompt starts with BOS "
+                                 "and has no EOS)")
+            ids = infill_tokens(tok, text, args.infill_suffix, suffix_first=args.suffix_first)
+        elif args.suffix_first:
+            raise ValueError("encode: --suffix-first needs --infill-suffix")
+        else:
+            ids = tok.encode(text, bos=args.bos, eos=args.eos)
         if args.json:
             print(json.dumps(ids))
         else:

@@ -3,7 +3,7 @@
 A prepared data directory::
 
     index.json          dtype, vocabulary, tokenizer hash, shards per split, document counts,
-                        malformed lines per input file
+                        malformed lines per input file, fill-in-the-middle settings (when on)
     tokenizer.model     the tokenizer the shards were made with (so the directory is self-contained)
     train-00000.bin     raw little-endian uint16 token ids (uint32 when the vocabulary needs it)
     train-00000.json    the shard's sidecar: its content key, token and document counts
@@ -15,6 +15,17 @@ the number of workers. Documents are grouped in input order into shards of about
 ``shard_chars`` characters; each shard is tokenized by a worker process and written
 atomically with a sidecar holding a hash of its input, so re-running ``prepare`` skips
 the shards that are complete and the output is byte-identical for the same input.
+
+With ``fim_rate > 0`` (Code Llama §2.3) each document is, with that probability, turned into
+a fill-in-the-middle example by :func:`llama2.data.fim.fim_tokens` (its docstring has the
+layout; it is still framed ``BOS ... EOS``), and ``index.json`` records the settings under
+``"fim"``. The transformation is static: applied once, here, to both splits (so the
+validation loss measures the same mixture), with draws fixed by ``fim_seed``, the shard and
+the document's place in it, so every epoch sees the same cut of a document. That keeps the
+shards plain token arrays that the loader reads as before; new cuts each epoch would need the
+text at training time. A small corpus read for many epochs thus repeats its cuts; more
+documents give more cuts (``code_world_documents`` makes as many as asked, each cut afresh). ``fim_rate = 0`` (the default) gives exactly the shards and index made
+without it.
 
 The loader cuts the concatenated stream of a split into windows of ``seq_len + 1`` tokens
 (inputs and next-token labels; consecutive windows share one token), shuffles the windows
@@ -44,6 +55,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from llama2.corpus import code_corpus_files
+from llama2.data.code_world import code_documents
+from llama2.data.fim import check_infilling, check_rates, document_rng, fim_tokens
 from llama2.data.world import World
 from llama2.recipe import add_config_args, load_config, setting
 from llama2.tokenizer import Tokenizer
@@ -147,23 +161,29 @@ def in_validation(text: str, val_fraction: float) -> bool:
 
 def prepare(inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike, out: str | os.PathLike,
             val_fraction: float = 0.01, workers: int | None = None, shard_chars: int = 8_000_000,
-            progress: bool = True, log=None) -> dict:
-    """Tokenize ``inputs`` into ``out`` (see the module docstring); returns the index."""
+            progress: bool = True, log=None, fim_rate: float = 0.0, fim_spm_rate: float = 0.5,
+            fim_seed: int = 0) -> dict:
+    """Tokenize ``inputs`` into ``out`` (see the module docstring); returns the index.
+    ``fim_rate``, ``fim_spm_rate``: Code Llama's infilling transformation (off at 0)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     paths = _input_paths(inputs)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_rates(fim_rate, fim_spm_rate)
     tok = Tokenizer(tokenizer)  # validates the file before any work
+    if fim_rate > 0:
+        check_infilling(tok, f"--fim-rate {fim_rate}")
+    fim = (fim_rate, fim_spm_rate, fim_seed) if fim_rate > 0 else None
     out = Path(out)
     tok_sha = _copy_tokenizer(tok, out)
     dtype = token_dtype(tok.vocab_size)
     workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
     stats = [InputStats(str(p)) for p in paths]
-    jobs = (_job(out, split, name, texts, tok_sha, dtype)
+    jobs = (_job(out, split, name, texts, tok_sha, dtype, fim)
             for split, name, texts in _shard_documents(paths, stats, val_fraction, shard_chars))
     shards, reused = _run_jobs(jobs, workers, dtype.itemsize, progress)
     _remove_stale_shards(out, shards)
-    index = _index(tok, tok_sha, dtype, val_fraction, shards, stats)
+    index = _index(tok, tok_sha, dtype, val_fraction, shards, stats, fim)
     tmp = out / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
     os.replace(tmp, out / INDEX)
@@ -210,16 +230,18 @@ def _shard_documents(paths: Sequence[Path], stats: Sequence[InputStats], val_fra
             yield split, f"{split}-{count[split]:05d}.bin", pending[split]
 
 
-def _job(out: Path, split: str, name: str, texts: list[str], tok_sha: str,
-         dtype: np.dtype) -> tuple[str, tuple[str, list[str], str, str, str]]:
+def _job(out: Path, split: str, name: str, texts: list[str], tok_sha: str, dtype: np.dtype,
+         fim: tuple[float, float, int] | None = None) -> tuple[str, tuple]:
     """(split, the job of :func:`_encode_shard`). The key hashes all a shard's bytes depend on
-    (tokenizer, dtype, its documents), so a complete shard with the same key can be reused."""
-    h = hashlib.sha256(f"{tok_sha} {dtype.name}".encode())
+    (tokenizer, dtype, FIM settings, its documents), so a complete shard with the same key can
+    be reused."""
+    # Without FIM the key is the one made before FIM existed, so old shards are reused.
+    h = hashlib.sha256(f"{tok_sha} {dtype.name}".encode() + (f" fim {fim}".encode() if fim else b""))
     for t in texts:
         h.update(len(t).to_bytes(8, "little"))
         h.update(t.encode("utf-8"))
     tok_file = str((out / "tokenizer.model").resolve())
-    return split, (tok_file, texts, str(out / name), dtype.name, h.hexdigest())
+    return split, (tok_file, texts, str(out / name), dtype.name, h.hexdigest(), fim)
 
 
 def _run_jobs(jobs: Iterable[tuple[str, tuple]], workers: int, itemsize: int,
@@ -281,13 +303,21 @@ def _shard_done(out_file: Path, key: str, itemsize: int) -> dict | None:
 _TOKENIZERS: dict[str, Tokenizer] = {}
 
 
-def _encode_shard(job: tuple[str, list[str], str, str, str]) -> dict:
-    """Worker: tokenize one shard's documents (BOS ... EOS each) and write it atomically."""
-    tok_path, texts, out_file, dtype, key = job
+def _encode_shard(job: tuple) -> dict:
+    """Worker: tokenize one shard's documents (BOS ... EOS each, or FIM examples) and write it
+    atomically."""
+    tok_path, texts, out_file, dtype, key = job[:5]
+    fim = job[5] if len(job) > 5 else None
     tok = _TOKENIZERS.get(tok_path)
     if tok is None:
         tok = _TOKENIZERS[tok_path] = Tokenizer(tok_path)
-    arrays = [np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(texts, bos=True, eos=True)]
+    if fim is None:
+        encoded = tok.encode_batch(texts, bos=True, eos=True)
+    else:
+        rate, spm_rate, seed = fim
+        name = Path(out_file).name
+        encoded = [fim_tokens(tok, t, document_rng(seed, name, i), rate, spm_rate) for i, t in enumerate(texts)]
+    arrays = [np.asarray(ids, dtype=dtype) for ids in encoded]
     tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
     out = Path(out_file)
     tmp = out.with_name(out.name + ".tmp")
@@ -313,9 +343,11 @@ def _remove_stale_shards(out: Path, shards: dict[str, list[dict]]) -> None:
 
 
 def _index(tok: Tokenizer, tok_sha: str, dtype: np.dtype, val_fraction: float, shards: dict[str, list[dict]],
-           stats: Sequence[InputStats]) -> dict:
-    """The contents of index.json (see the module docstring)."""
-    return {
+           stats: Sequence[InputStats], fim: tuple[float, float, int] | None = None) -> dict:
+    """The contents of index.json (see the module docstring). ``"fim"``, only when the
+    infilling transformation was on (so an index made without it is the one made before it
+    existed; read it with :func:`fim_settings`): its rates, seed and sentinel ids."""
+    index = {
         "format": FORMAT, "version": 1, "dtype": dtype.name, "vocab_size": tok.vocab_size,
         "bos_id": tok.bos_id, "eos_id": tok.eos_id, "tokenizer": "tokenizer.model",
         "tokenizer_sha256": tok_sha, "val_fraction": val_fraction,
@@ -325,12 +357,25 @@ def _index(tok: Tokenizer, tok_sha: str, dtype: np.dtype, val_fraction: float, s
         "inputs": [{"path": st.path, "documents": st.documents, "malformed": st.malformed} for st in stats],
         "malformed": sum(st.malformed for st in stats),
     }
+    if fim is not None:
+        index["fim"] = {"rate": fim[0], "spm_rate": fim[1], "seed": fim[2], "static": True,
+                        "prefix_id": tok.prefix_id, "suffix_id": tok.suffix_id, "middle_id": tok.middle_id,
+                        "eot_id": tok.eot_id}
+    return index
+
+
+def fim_settings(index: dict) -> dict:
+    """The fill-in-the-middle settings a data index records; ``{"rate": 0.0}`` when off."""
+    return index.get("fim") or {"rate": 0.0}
 
 
 def _log_summary(log, out: Path, index: dict, reused: int, stats: Sequence[InputStats]) -> None:
     log(f"prepared {out}: train {index['tokens']['train']:,} tokens / {index['documents']['train']:,} docs, "
         f"val {index['tokens']['val']:,} tokens / {index['documents']['val']:,} docs, {index['dtype']}"
         + (f" ({reused} complete shard(s) reused)" if reused else ""))
+    fim = fim_settings(index)
+    if fim["rate"]:
+        log(f"fill-in-the-middle: rate {fim['rate']}, SPM share {fim['spm_rate']} (static, seed {fim['seed']})")
     for st in stats:
         if st.malformed:
             log(f"warning: {st.path}: {st.malformed} malformed line(s) skipped, e.g. {st.first_malformed[0]}")
@@ -503,14 +548,36 @@ class PrepareConfig:
     shard_chars: int = setting(8_000_000, "characters of text per shard (~2M tokens)")
     knowledge_repeats: int = setting(0, "also add the bundled assistant world's fact sheet, this many times (the "
                                         "base model's 'knowledge', what `llama2 run` does); 0: the inputs alone")
-    world_seed: int = setting(0, "seed of the bundled assistant world")
+    world_seed: int = setting(0, "seed of the bundled assistant and code worlds")
+    code_corpus: bool = setting(False, "also add the bundled code corpus (Python's standard library, "
+                                       "llama2/resources/code) for Code Llama style training")
+    code_world_documents: int = setting(0, "also add this many train-split functions of the bundled code world "
+                                           "(llama2.data.code_world); 0: none")
+    code_world_tests: bool = setting(True, "end each code world document with its test (asserts); off, a document "
+                                           "ends with the function, as an infilling task's suffix does")
+    fim_rate: float = setting(0.0, "share of documents turned into fill-in-the-middle examples (Code Llama §2.3 "
+                                   "uses 0.9; needs a tokenizer with infilling pieces); 0: off")
+    fim_spm_rate: float = setting(0.5, "share of the fill-in-the-middle examples in suffix-prefix-middle order "
+                                       "(Code Llama §2.3: 0.5)")
+    fim_seed: int = setting(0, "seed of the fill-in-the-middle draws (which documents, where they are cut)")
     progress: bool = setting(True, "show a progress bar")
 
 
 def prepare_from_config(cfg: PrepareConfig, inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike,
                    out: str | os.PathLike, log=None) -> dict:
-    """``prepare`` as ``cfg`` says, the world's fact sheet written to ``out/knowledge.txt`` first."""
+    """``prepare`` as ``cfg`` says: the world's fact sheet written to ``out/knowledge.txt`` and
+    the code world's functions to ``out/code-world.jsonl`` first, the bundled code corpus added."""
     inputs = list(inputs)
+    if cfg.code_world_documents < 0:
+        raise ValueError(f"code_world_documents must be non-negative, got {cfg.code_world_documents}")
+    if cfg.code_corpus:
+        inputs.extend(code_corpus_files())
+    if cfg.code_world_documents:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        code_world = Path(out) / "code-world.jsonl"
+        docs = code_documents(cfg.world_seed, "train", cfg.code_world_documents, tests=cfg.code_world_tests)
+        code_world.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+        inputs.append(code_world)
     if cfg.knowledge_repeats:
         Path(out).mkdir(parents=True, exist_ok=True)
         knowledge = Path(out) / "knowledge.txt"
@@ -519,7 +586,8 @@ def prepare_from_config(cfg: PrepareConfig, inputs: Sequence[str | os.PathLike],
         knowledge.write_text("\n\n".join([text] * cfg.knowledge_repeats), encoding="utf-8")
         inputs.append(knowledge)
     return prepare(inputs, tokenizer, out, val_fraction=cfg.val_fraction, workers=cfg.workers,
-                   shard_chars=cfg.shard_chars, progress=cfg.progress, log=log)
+                   shard_chars=cfg.shard_chars, progress=cfg.progress, log=log, fim_rate=cfg.fim_rate,
+                   fim_spm_rate=cfg.fim_spm_rate, fim_seed=cfg.fim_seed)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,12 @@ class ModelConfig:
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
+    # RoPE base. Longer contexts raise it: Code Llama 1e4 -> 1e6 (Code Llama §2.4), Llama 2 Long
+    # 5e5 (Xiong et al. 2023, "adjusted base frequency").
     rope_theta: float = 10000.0
+    # Linear position interpolation (Chen et al. 2023): positions are divided by this factor,
+    # L_target / L_train, so a longer sequence maps onto the angles seen in training. None = off.
+    rope_scaling: float | None = None
     max_seq_len: int = 4096  # Llama 2 context (Llama 1 had 2048)
     ffn_hidden: int | None = None  # explicit SwiGLU width (HF's intermediate_size); None = derived
 
@@ -34,6 +39,10 @@ class ModelConfig:
             problems.append(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
         if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.rope_theta <= 0:
+            problems.append(f"rope_theta={self.rope_theta} must be positive")
+        if self.rope_scaling is not None and not self.rope_scaling >= 1:
+            problems.append(f"rope_scaling={self.rope_scaling} must be >= 1 (L_target / L_train; None = off)")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 

@@ -28,9 +28,15 @@ class RMSNorm(nn.Module):
         return self.weight * xf.type_as(x)
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables for integer ``positions`` (any shape) -> ``positions.shape + (head_dim,)``."""
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float,
+                 scaling: float | None = None) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for integer ``positions`` (any shape) -> ``positions.shape + (head_dim,)``.
+
+    ``scaling``: linear position interpolation (Chen et al. 2023), position p is rotated as
+    p / scaling. Dividing the frequencies instead of the positions is the same product."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    if scaling is not None:
+        inv_freq = inv_freq / scaling
     angles = positions.float().unsqueeze(-1) * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
@@ -178,7 +184,8 @@ class Transformer(nn.Module):
             # Decoding with a cache: attend to every filled slot up to each query's own slot.
             S = int(slots[-1]) + 1
             mask = (torch.arange(S, device=tokens.device) <= slots.unsqueeze(-1)).view(1, 1, T, S)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
+                                self.config.rope_scaling)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_tables(cos, sin, h.dtype)
         if mask is not None and mask.dtype == torch.bool and not torch.is_grad_enabled():

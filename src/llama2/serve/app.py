@@ -13,6 +13,14 @@ Prompts and BOS: a string prompt is encoded with exactly one BOS in front; a pro
 token ids is used exactly as given, so it must carry its own BOS (lm-eval does, with
 ``add_bos_token=True``). Chat requests use Meta's Llama 2 chat format (``encode_chat``).
 
+Infilling (Code Llama §2.3): a completion request with a non-empty ``suffix`` asks for the text
+between its (string) ``prompt`` and the suffix. The prompt sent to the model is Code Llama's
+infilling prompt — prefix-suffix-middle, or suffix-prefix-middle when the body's extension field
+``infill_format`` is ``"spm"`` — and the completion ends at the model's ``<EOT>`` token (or EOS),
+with ``finish_reason: "stop"``; its text is the middle alone. A model whose tokenizer has no
+infilling pieces answers 400. (An empty ``suffix`` is an ordinary completion, as some clients
+send one by default.)
+
 Hardening: a request can only fail itself. Bodies are limited in size (``--max-body-bytes``,
 413) before they are read, then parsed off the event loop into strict pydantic models with
 bounds (see "limits" below), so wrong types, out-of-range numbers, invalid Unicode, deep
@@ -53,6 +61,7 @@ from llama2.generate import SamplingParams
 from llama2.guard import load_guard
 from llama2.model.lora import stack_adapters
 from llama2.model.quant import parse_quantize, quantize_model
+from llama2.tokenizer import infill_tokens
 from llama2.utils import check_device
 
 from .engine import (
@@ -168,6 +177,7 @@ class CompletionBody(_Common):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
+    infill_format: Literal["psm", "spm"] | None = None  # this server's extension: the infilling prompt's order
 
 
 class TextPart(_Body):
@@ -427,18 +437,28 @@ class OpenAIServer:
         return out
 
     # -- /v1/completions -----------------------------------------------------------------
-    def completion_prompts(self, prompt, max_tokens: int) -> list[tuple[list[int], str | None]]:
+    def completion_prompts(self, prompt, max_tokens: int, suffix: str | None = None,
+                           suffix_first: bool = False) -> list[tuple[list[int], str | None]]:
         """(token ids, the prompt's own text or None) per prompt, checked against the context;
-        strings get exactly one BOS. Tokenizes: run it in a thread."""
+        strings get exactly one BOS. With a ``suffix``, each string is the prefix of Code Llama's
+        infilling prompt (Code Llama §2.3). Tokenizes: run it in a thread."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt is an empty list", param="prompt")
         if all(isinstance(p, int) for p in prompt):
             prompt = [prompt]
+        if suffix is not None and not all(isinstance(p, str) for p in prompt):
+            raise APIError(400, "suffix needs the prompt as text (a string or a list of strings), not token ids",
+                           param="prompt")
         out = []
         for p in prompt:
-            ids = self.tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p)
+            if suffix is not None:
+                ids = infill_tokens(self.tokenizer, p, suffix, suffix_first=suffix_first)
+            elif isinstance(p, str):
+                ids = self.tokenizer.encode(p, bos=True)
+            else:
+                ids = list(p)
             self.check_prompt(ids, max_tokens, "prompt")
             out.append((ids, p if isinstance(p, str) else None))
         return out
@@ -465,16 +485,23 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         body: CompletionBody = await _read_body(request, CompletionBody)
         name, adapter = self.resolve_model(body.model)
-        if body.suffix:
-            raise APIError(400, "suffix is not supported by this server", param="suffix")
+        suffix = body.suffix or None  # "" is an ordinary completion
+        if suffix is not None:
+            self.check_infilling(body)
+        elif body.infill_format is not None:
+            raise APIError(400, "infill_format needs a non-empty suffix (it orders the infilling prompt)",
+                           param="infill_format")
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of is not supported by this server (use n)", param="best_of")
         if body.stream and body.logprobs is not None:
             raise APIError(400, "logprobs are not supported with stream=true", param="logprobs")
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
-        prompts = await run_in_threadpool(self.completion_prompts, body.prompt, max_tokens)
+        prompts = await run_in_threadpool(self.completion_prompts, body.prompt, max_tokens, suffix,
+                                          body.infill_format == "spm")
         want_logprobs = body.logprobs is not None
         params = self.sampling(body, max_tokens, want_logprobs, body.logprobs or 0)
+        if suffix is not None:  # the middle ends with <EOT> (Code Llama §2.3); EOS still ends it too
+            params = replace(params, stop_token_ids=(self.tokenizer.eot_id,))
         echo_logprobs = (body.logprobs or 0) if (body.echo and want_logprobs) else None
         requests = [
             EngineRequest(ids, _choice_params(params, j), prompt_logprobs=echo_logprobs, adapter=adapter)
@@ -499,6 +526,15 @@ class OpenAIServer:
             "id": rid, "object": "text_completion", "created": created, "model": name,
             "choices": choices, "usage": _usage(sum(len(ids) for ids, _ in prompts), results),
         })
+
+    def check_infilling(self, body: CompletionBody) -> None:
+        """A suffix needs a tokenizer with Code Llama's infilling pieces; echo would repeat the
+        infilling prompt's control pieces, not the text, so it is refused with a suffix."""
+        if not getattr(self.tokenizer, "has_infilling", False):
+            raise APIError(400, f"suffix (infilling) needs a model whose tokenizer has Code Llama's infilling "
+                                f"pieces (<PRE> <SUF> <MID> <EOT>); '{self.name}' has none", param="suffix")
+        if body.echo:
+            raise APIError(400, "echo cannot be combined with suffix", param="echo")
 
     def completion_logprobs(self, prompt: list[int], res: Result, echo: bool, echo_len: int) -> dict:
         """The legacy completions schema lm-eval reads: tokens, token_logprobs, top_logprobs, text_offset."""

@@ -96,9 +96,9 @@ class TokenLogprob:
 
 @dataclass
 class Result:
-    tokens: list[int]  # every sampled id, a final EOS included (it was sampled; its text is "")
+    tokens: list[int]  # every sampled id, a final EOS / stop token included (it was sampled; its text is "")
     text: str  # decoded, cut before the first stop string
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    finish_reason: str  # "stop" (EOS, a stop token or a stop string) or "length"
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per token, when params.logprobs
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # first is None
 
@@ -226,7 +226,7 @@ class _Row:
         self.tokens.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
-        if token == eos_id and self.params.stop_at_eos:
+        if self.params.ends(token, eos_id):  # EOS, or a stop token such as Code Llama's <EOT>
             self.finish_reason = "stop"
         else:
             self._add_text(self.detok.push(token))

@@ -13,17 +13,31 @@ and the shards are prepared into ``OUT/data`` (reused by later runs into the sam
 So ``llama2 pretrain`` with no arguments trains a ~5M-parameter model on a laptop CPU in a
 few minutes, and ``torchrun --nproc_per_node 8 -m llama2 pretrain --config
 recipes/pretrain-7b.yaml --data DIR`` is the same loop on GPUs.
+
+``--init DIR`` continues pretraining from a model directory instead of a random init: Code
+Llama's long-context fine-tuning (Code Llama §2.4: 16,384-token sequences with the RoPE base
+raised from 10⁴ to 10⁶; Llama 2 Long, Xiong et al. 2023, raises it to 500,000) or linear
+position interpolation (Chen et al. 2023, ``--model.rope-scaling``). The weights and the
+shape come from DIR; only ``--model.rope-theta``, ``--model.rope-scaling`` and
+``--model.max-seq-len`` may differ from DIR's (nothing in the weights depends on them), so
+``--seq-len`` may exceed the old context. The optimizer starts fresh; a continued run resumes
+from its own checkpoints like any other run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import filecmp
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llama2.checkpoint import load_model, load_state
+from llama2.checkpoint.meta import find_tokenizer
 from llama2.corpus import default_corpus_files
 from llama2.data.shards import (
     INDEX,
@@ -35,7 +49,7 @@ from llama2.data.shards import (
     read_index,
 )
 from llama2.model import ModelConfig, Transformer
-from llama2.recipe import add_config_args, dump_recipe, load_config, setting
+from llama2.recipe import add_config_args, dump_recipe, load_config, read_recipe, setting
 from llama2.tokenizer import Tokenizer, train_tokenizer
 from llama2.train.core import (
     TrainConfig,
@@ -57,7 +71,11 @@ class PretrainConfig(TrainConfig):
     data: str = setting("", "prepared data directory (`llama2 prepare`); empty: the embedded corpus, "
                             "prepared into OUT/data on first use", metavar="DIR")
     seq_len: int = setting(4096, "tokens per training sequence (§2.2: 4096)")
-    model: ModelConfig = setting(default_factory=ModelConfig, help="model shape (default: Llama 2 7B)")
+    model: ModelConfig = setting(default_factory=ModelConfig, help="model shape (default: Llama 2 7B; with "
+                                                                   "--init: DIR's)")
+    init: str = setting("", "continue pretraining from this model directory (Code Llama §2.4): its weights and "
+                            "shape; only --model.rope-theta, --model.rope-scaling and --model.max-seq-len may "
+                            "change; the optimizer starts fresh; empty: a random init", metavar="DIR")
     val_fraction: float = setting(0.01, "share of the embedded corpus's documents held out for validation")
 
     def __post_init__(self) -> None:
@@ -65,8 +83,64 @@ class PretrainConfig(TrainConfig):
         refuse_lora(self, "pretraining")
         if self.seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
-        if self.seq_len > self.model.max_seq_len:
+        # With --init the model's fields are DIR's, known only once it is read (check_init).
+        if self.seq_len > self.model.max_seq_len and not self.init:
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+# What continued pretraining may change (Code Llama §2.4, Chen et al. 2023): nothing in the
+# weights depends on them. Every other model field is the shape of DIR's tensors.
+LONG_CONTEXT_FIELDS = ("rope_theta", "rope_scaling", "max_seq_len")
+
+
+def init_model_config(init: str, given: dict) -> ModelConfig:
+    """The model of a run continued from ``init``: the directory's config with the
+    :data:`LONG_CONTEXT_FIELDS` among ``given`` (model fields set by a flag or a recipe file)
+    replaced; any other given field must equal the directory's (one-line ValueError)."""
+    base, _, _ = load_state(init, verify=False)  # config only: the tensor iterator is lazy
+    for name, value in given.items():
+        if name not in LONG_CONTEXT_FIELDS and value != getattr(base, name):
+            raise ValueError(f"--model.{name.replace('_', '-')}={value} differs from {init}'s {getattr(base, name)}: "
+                             f"continued pretraining keeps the model's shape (only "
+                             f"{', '.join(LONG_CONTEXT_FIELDS)} may change)")
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if k in LONG_CONTEXT_FIELDS})
+
+
+def check_init(cfg: PretrainConfig) -> ModelConfig | None:
+    """With ``--init``: DIR's config, after checking that ``cfg.model`` has its shape and that
+    ``seq_len`` fits the new context. None without ``--init``."""
+    if not cfg.init:
+        return None
+    base, _, _ = load_state(cfg.init, verify=False)
+    ours = {k: v for k, v in cfg.model.to_dict().items() if k not in LONG_CONTEXT_FIELDS}
+    theirs = {k: v for k, v in base.to_dict().items() if k not in LONG_CONTEXT_FIELDS}
+    for name in ours:
+        if ours[name] != theirs[name]:
+            raise ValueError(f"model.{name}={ours[name]} differs from {cfg.init}'s {theirs[name]}: continued "
+                             f"pretraining keeps the model's shape (only {', '.join(LONG_CONTEXT_FIELDS)} may change)")
+    if cfg.seq_len > cfg.model.max_seq_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} ({cfg.init}'s "
+                         f"context is {base.max_seq_len}); raise it with --model.max-seq-len")
+    return base
+
+
+def given_model_fields(args: argparse.Namespace, cfg: PretrainConfig) -> dict:
+    """Model fields set explicitly: by a ``--model.*`` flag or in the ``--config`` recipe file
+    (the built-in tiny recipe's shape is a default, not a request)."""
+    names = {dest.split(".", 1)[1] for dest in vars(args) if dest.startswith("cfg__model.")}
+    if getattr(args, "config", None):
+        names |= set(read_recipe(args.config).get("model") or {})
+    return {name: getattr(cfg.model, name) for name in names}
+
+
+def init_model(cfg: PretrainConfig) -> Transformer:
+    """DIR's weights in a model of ``cfg.model`` (its RoPE and context), float32 as a run from
+    scratch trains."""
+    loaded = load_model(cfg.init, dtype=torch.float32, training=True)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    return model.train()
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +170,10 @@ def default_data(cfg: PretrainConfig, log=print) -> Path:
         return data
     files = default_corpus_files()
     tok_file = data / "tokenizer.model"
-    if tok_file.is_file() and Tokenizer(tok_file).vocab_size == cfg.model.vocab_size:
+    if cfg.init:  # a continued model reads the tokens of its own tokenizer
+        data.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(init_tokenizer(cfg.init), tok_file)
+    elif tok_file.is_file() and Tokenizer(tok_file).vocab_size == cfg.model.vocab_size:
         log(f"reusing tokenizer {tok_file}")
     else:
         log(f"training a {cfg.model.vocab_size}-piece tokenizer on the embedded corpus ({len(files)} files) ...")
@@ -105,8 +182,24 @@ def default_data(cfg: PretrainConfig, log=print) -> Path:
     return data
 
 
+def init_tokenizer(init: str) -> Path:
+    file = find_tokenizer(Path(init))
+    if file is None:
+        raise FileNotFoundError(f"{init}: no tokenizer.model to prepare the embedded corpus with; pass --data")
+    return file
+
+
+def check_init_data(cfg: PretrainConfig, data: Path, index: dict) -> None:
+    """Data tokenized by another tokenizer than DIR's would train the model on wrong ids."""
+    ours, theirs = data / index["tokenizer"], find_tokenizer(Path(cfg.init))
+    if ours.is_file() and theirs is not None and not filecmp.cmp(ours, theirs, shallow=False):
+        raise ValueError(f"{data}: prepared with {ours}, not with {theirs} of the model continued from {cfg.init}")
+
+
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args, stage="pretrain")
+    if cfg.init:
+        cfg = dataclasses.replace(cfg, model=init_model_config(cfg.init, given_model_fields(args, cfg)))
     if getattr(args, "print_config", False):
         print(dump_recipe(cfg), end="")
         return 0
@@ -119,6 +212,7 @@ def run(cfg: PretrainConfig, quiet: bool = False) -> dict:
     log = log_to_stderr(quiet)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_config(cfg, world)
+    base = check_init(cfg)
     info = init_distributed(group=cfg.distributed == "fsdp")  # FSDP on one GPU needs a group too
     if cfg.data:
         data = Path(cfg.data)
@@ -131,6 +225,8 @@ def run(cfg: PretrainConfig, quiet: bool = False) -> dict:
     if index["vocab_size"] != cfg.model.vocab_size:
         raise ValueError(f"{data}: tokenizer has {index['vocab_size']} pieces but model.vocab_size="
                          f"{cfg.model.vocab_size}")
+    if cfg.init:
+        check_init_data(cfg, data, index)
     tokenizer = Tokenizer(data / index["tokenizer"]) if (data / index["tokenizer"]).is_file() else None
 
     accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch_size, info.world_size)
@@ -146,7 +242,12 @@ def run(cfg: PretrainConfig, quiet: bool = False) -> dict:
     # (a 70B model fits on no single device). Elsewhere it is initialised whole from the seed,
     # so any number of ranks starts from the same weights.
     on_meta = info.device.type == "cuda" and parallel_mode(cfg, info) == "fsdp"
-    model = Transformer.from_config(cfg.model, device="meta" if on_meta else None, seed=cfg.seed)
+    if base is not None:  # every rank reads DIR (FSDP then shards it); a resume overwrites the weights
+        model = init_model(cfg)
+        log(f"continuing from {cfg.init}: rope_theta {base.rope_theta:g} -> {cfg.model.rope_theta:g}, rope_scaling "
+            f"{base.rope_scaling} -> {cfg.model.rope_scaling}, max_seq_len {base.max_seq_len} -> {cfg.model.max_seq_len}")
+    else:
+        model = Transformer.from_config(cfg.model, device="meta" if on_meta else None, seed=cfg.seed)
     trainer = Trainer(cfg, model, lm_loss, train, evals, run_config=cfg, dist_info=info,
                       flops_per_token=transformer_flops_per_token(cfg.model, cfg.seq_len),
                       init_weights=lambda m: m.init_weights(), quiet=quiet)

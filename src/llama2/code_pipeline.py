@@ -1,0 +1,460 @@
+"""``llama2 run code``: Code Llama's recipe at tiny scale, stage after stage, with a report.
+
+tokenizer -> data -> pretrain -> data-fim -> fim -> data-long -> long -> evaluate
+
+* **tokenizer**: a SentencePiece BPE tokenizer trained on the bundled code corpus (CPython's
+  standard library), the code world's training functions and the passkey probe's text, with
+  Code Llama's 16 pieces (the infilling sentinels PRE/SUF/MID/EOT) appended (Code Llama §2.3).
+* **data**, **pretrain**: plain next-token pretraining of a tiny model on that code, plus short
+  passkey texts at the pretraining length, so the base model knows the probe's task at its own
+  length (Code Llama starts from Llama 2; here the base model is trained from scratch).
+* **data-fim**, **fim**: the same texts with the fill-in-the-middle transformation (Code Llama
+  §2.3: 90% of documents, half of them in SPM order), and pretraining continued from the base
+  model on them (``llama2 pretrain --init``).
+* **data-long**, **long**: long-context fine-tuning (Code Llama §2.4) continued from the FIM
+  model on sequences 4x the pretraining length, with the RoPE base raised from 10⁴ to 10⁶, or
+  with linear position interpolation (Chen et al. 2023) when the recipe sets
+  ``model.rope_scaling``; the texts keep FIM, and passkey texts at the new length are added.
+* **evaluate**: infilling of held-out code-world functions (PSM and SPM; exact match, and the
+  filled-in function run against its test in the sandbox with a time limit) before FIM
+  training (the base model), after it and after the extension; the passkey probe by depth
+  and length, including lengths past the training length, before the extension (the FIM
+  model) and after it. Each model's results are cached in ``STAGE/code_eval.json``.
+
+``OUT/report.md`` and ``OUT/report.html`` (llama2.code_report) show the results.
+
+Every stage writes its own folder under ``--out`` and, once finished, a ``.done.json`` marker
+with its wall time, as ``llama2 run`` does: re-running skips finished stages and an interrupted
+training stage resumes from its last checkpoint; ``--from``/``--until`` work alike.
+
+The passkey texts never get the FIM transformation: each data stage prepares the code texts
+(with FIM when the stage asks for it) and the passkey texts (always plain, left to right, the
+shape the probe asks) into two sub-folders and writes one index over both
+(:func:`merge_prepared`), so the trainer reads them as one token stream.
+
+A code recipe is a YAML file with ``pipeline: code`` and a ``stages:`` block whose stages are
+:data:`CODE_STAGE_CONFIGS`' keys, each checked against its config when the recipe is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llama2.checkpoint import load_model, load_tokenizer
+from llama2.commands import tokenizer as tokenizer_command
+from llama2.commands.tokenizer import TokenizerConfig
+from llama2.corpus import code_corpus_files
+from llama2.data.code_world import code_documents, code_tasks
+from llama2.data.shards import INDEX, PrepareConfig, prepare, prepare_from_config, read_documents, read_index
+from llama2.eval.infill import infill_eval
+from llama2.eval.passkey import (
+    FILLER,
+    HEADER,
+    KEY_LINE,
+    QUESTION,
+    passkey_documents,
+    passkey_eval,
+    read_answer,
+)
+from llama2.recipe import from_dict, read_recipe, setting, stage_settings
+from llama2.stages import (
+    CODE_INFILL_EVALUATED,
+    CODE_PASSKEY_EVALUATED,
+    CODE_STAGES,
+    StageContext,
+    run_stages,
+    write_json,
+)
+from llama2.tokenizer import Tokenizer
+from llama2.train import pretrain
+from llama2.utils import default_device
+
+__all__ = ["CODE_STAGE_CONFIGS", "CodeDataConfig", "CodeEvaluateConfig", "CodeTokenizerConfig", "merge_prepared",
+           "read_code_recipe", "run_code_pipeline"]
+
+
+# ---- the stages' configs ------------------------------------------------------------------------
+
+@dataclass
+class CodeTokenizerConfig(TokenizerConfig):
+    """The ``tokenizer`` stage of a code recipe: ``llama2 tokenizer train``'s flags, trained on the
+    code corpus, the code world and the passkey text, infilling pieces on."""
+
+    infilling: bool = setting(True, "append Code Llama's 16 pieces (PRE/SUF/MID/EOT sentinels, Code Llama §2.3) "
+                                    "after the vocab_size trained ones; the code recipe needs them")
+    code_world_documents: int = setting(2000, "code-world training functions (with their tests) the tokenizer "
+                                              "also learns from")
+    corpus_documents: int | None = setting(None, "documents of the bundled code corpus to use, from its start "
+                                                 "(none: all of it, about 2 MB of Python)")
+    seed: int = setting(0, "seed of the code world's surface (names, docstrings, test inputs)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.infilling:
+            raise ValueError("infilling must be true: the code recipe trains and asks infilling (Code Llama §2.3)")
+        for name in ("code_world_documents", "corpus_documents"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class CodeDataConfig(PrepareConfig):
+    """A data stage of a code recipe: ``llama2 prepare``'s flags for the code texts (the bundled
+    code corpus and code-world functions; ``fim_rate`` applies to them), plus plain passkey texts."""
+
+    code_world_documents: int = setting(2000, "code-world training functions (each with its test) added to the "
+                                              "code corpus")
+    corpus_documents: int | None = setting(None, "documents of the bundled code corpus to use, from its start "
+                                                 "(none: all of it, about 2 MB of Python)")
+    passkey_documents: int = setting(0, "passkey training texts (a key hidden in code-like filler, then the "
+                                        "question and the answer), never FIM-transformed; 0: none")
+    passkey_length: int = setting(256, "tokens of the longest passkey training texts: the length the next stage "
+                                       "trains at")
+    passkey_min_length: int | None = setting(None, "tokens of the shortest passkey training texts: their lengths are "
+                                                   "spread evenly from this to passkey_length, so the short ones "
+                                                   "teach the copy and the long ones the distance; none: all "
+                                                   "passkey_length")
+    seed: int = setting(0, "seed of the code world's surface and of the passkey texts")
+
+    def __post_init__(self) -> None:
+        for name in ("code_world_documents", "passkey_documents", "corpus_documents"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        shortest = self.passkey_length if self.passkey_min_length is None else self.passkey_min_length
+        if self.passkey_documents and shortest < 64:
+            raise ValueError(f"passkey texts of {shortest} tokens are too short (>= 64 tokens)")
+        if shortest > self.passkey_length:
+            raise ValueError(f"passkey_min_length {shortest} exceeds passkey_length {self.passkey_length}")
+
+    def passkey_lengths(self) -> list[int]:
+        """The length of each passkey training text: ``PASSKEY_LEVELS`` evenly spaced levels from
+        the shortest to the longest, the documents dealt out evenly among them."""
+        shortest = self.passkey_length if self.passkey_min_length is None else self.passkey_min_length
+        levels = sorted({round(shortest + (self.passkey_length - shortest) * k / (PASSKEY_LEVELS - 1))
+                         for k in range(PASSKEY_LEVELS)})
+        return [levels[i * len(levels) // self.passkey_documents] for i in range(self.passkey_documents)]
+
+
+PASSKEY_LEVELS = 8  # distinct lengths of passkey training texts (each level is one seeded batch of texts)
+
+
+@dataclass
+class CodeEvaluateConfig:
+    """The ``evaluate`` stage of a code recipe: infilling and the passkey probe."""
+
+    infill_tasks: int = setting(100, "held-out code-world functions (test split) whose middle line is infilled")
+    max_new_tokens: int = setting(32, "most tokens of a generated middle")
+    time_limit: float = setting(5.0, "seconds each filled-in function and its test may run in the sandbox")
+    single_line: bool = setting(True, "single-line infilling: the code world's middles are one line, and a "
+                                      "generated middle is cut after its first line break (a model trained on "
+                                      "middles cut at random characters need not stop at the line's end)")
+    batch_size: int = setting(16, "prompts decoded together")
+    passkey_lengths: list[int] = setting(default_factory=lambda: [256, 512, 1024, 2048],
+                                         help="prompt lengths of the passkey probe, in tokens (include some past "
+                                              "the training lengths)")
+    passkey_depths: list[float] = setting(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+                                          help="where the key sits in the filler: 0 = first line, 1 = last")
+    passkey_per_cell: int = setting(4, "passkey prompts per (length, depth) cell")
+    samples: int = setting(4, "infilled functions per model and mode kept for the report")
+    seed: int = setting(0, "seed of the code-world surfaces and the passkey prompts")
+
+    def __post_init__(self) -> None:
+        for name in ("infill_tasks", "max_new_tokens", "batch_size", "passkey_per_cell"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 seconds, got {self.time_limit}")
+        if not self.passkey_lengths or min(self.passkey_lengths) < 64:
+            raise ValueError(f"passkey_lengths must be lengths of >= 64 tokens, got {self.passkey_lengths}")
+        bad = [d for d in self.passkey_depths if not 0.0 <= d <= 1.0]
+        if not self.passkey_depths or bad:
+            raise ValueError(f"passkey_depths must be fractions in [0, 1], got {self.passkey_depths}")
+
+
+CODE_STAGE_CONFIGS: dict[str, type] = {
+    "tokenizer": CodeTokenizerConfig,
+    "data": CodeDataConfig,
+    "pretrain": pretrain.PretrainConfig,
+    "data-fim": CodeDataConfig,
+    "fim": pretrain.PretrainConfig,
+    "data-long": CodeDataConfig,
+    "long": pretrain.PretrainConfig,
+    "evaluate": CodeEvaluateConfig,
+}
+# Each training stage: (its data stage, the model it continues from or None).
+TRAINING = {"pretrain": ("data", None), "fim": ("data-fim", "pretrain"), "long": ("data-long", "fim")}
+TOP_LEVEL = {"name", "description", "seed", "stages", "estimated_seconds", "pipeline"}
+
+
+def read_code_recipe(path: str | os.PathLike) -> dict:
+    """The code recipe at ``path`` (``pipeline: code``), every stage's block checked against its
+    config, so a typo fails in one line naming the stage and the key before anything runs."""
+    recipe = read_recipe(path)
+    if recipe.get("pipeline") != "code":
+        raise ValueError(f"{path}: not a code recipe (it needs `pipeline: code`)")
+    extra = sorted(set(recipe) - TOP_LEVEL)
+    if extra:
+        raise ValueError(f"{path}: unknown field(s) {', '.join(extra)}")
+    stages = recipe.get("stages") or {}
+    if not stages:
+        raise ValueError(f"{path}: the recipe lists no stages (src/llama2/resources/recipes/code.yaml shows the shape)")
+    unknown = sorted(set(stages) - set(CODE_STAGES))
+    if unknown:
+        raise ValueError(f"{path}: unknown stage(s) {', '.join(unknown)}; the code recipe's stages are "
+                         f"{', '.join(CODE_STAGES)}")
+    missing = [s for s in CODE_STAGES if s not in stages]
+    if missing:  # each block says something a default cannot (sizes that chain, the lengths)
+        raise ValueError(f"{path}: stage(s) {', '.join(missing)} missing; a code recipe sets every stage")
+    for stage, cls in CODE_STAGE_CONFIGS.items():
+        from_dict(cls, stage_settings(recipe, stage, cls), f"{path}: stage {stage!r}")
+    for stage in TRAINING:
+        if {"init", "data", "out"} & set(stages[stage] or {}):
+            raise ValueError(f"{path}: stage {stage!r}: init, data and out are wired by the pipeline, not set")
+    return recipe
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+class Context(StageContext):
+    """The code recipe's stages need nothing beyond the run folder, the recipe and the log."""
+
+
+def _config(cls, ctx: Context, stage: str, **paths):
+    return from_dict(cls, {**stage_settings(ctx.recipe, stage, cls), **paths}, f"recipe stage {stage!r}")
+
+
+def _write_jsonl(path: Path, texts: Sequence[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _code_texts(cfg, folder: Path) -> list[Path]:
+    """The code texts of a stage: the bundled code corpus (or its first ``corpus_documents``
+    documents) and ``code_world_documents`` functions of the code world's train split."""
+    files = list(code_corpus_files())
+    if cfg.corpus_documents is not None:
+        docs = (d for f in files for d in read_documents(f))
+        files = [_write_jsonl(folder / "corpus.jsonl", list(itertools.islice(docs, cfg.corpus_documents)))]
+    if cfg.code_world_documents:
+        files.append(_write_jsonl(folder / "code_world.jsonl",
+                                  code_documents(cfg.seed, "train", cfg.code_world_documents)))
+    return files
+
+
+def stage_tokenizer(ctx: Context) -> dict:
+    """A BPE tokenizer on the code corpus, the code world and the probe's text, infilling pieces appended."""
+    cfg = _config(CodeTokenizerConfig, ctx, "tokenizer")
+    folder = ctx.folder("tokenizer")
+    inputs = _code_texts(cfg, folder)
+    # The probe's fixed lines (header, key line, filler, question), so they are a few pieces each.
+    probe = "\n".join([HEADER, KEY_LINE.format(key=12345), *FILLER, QUESTION])
+    inputs.append(_write_jsonl(folder / "passkey.jsonl", [probe] * 20))
+    tok = tokenizer_command.train(cfg, inputs, folder)
+    return {"vocab_size": tok.vocab_size}
+
+
+def merge_prepared(parts: dict[str, Path], out: Path) -> dict:
+    """One data directory over several prepared with the same tokenizer: ``out/index.json`` lists
+    every part's shards by their path under ``out`` (``code/train-00000.bin``), so the trainer
+    reads them as one token stream. Records each part's token counts under ``"parts"`` and the
+    first part's FIM settings (the part that has them)."""
+    if not parts:
+        raise ValueError("merge_prepared: no parts")
+    indexes = {name: read_index(folder) for name, folder in parts.items()}
+    first = next(iter(indexes.values()))
+    for name, index in indexes.items():
+        if (index["tokenizer_sha256"], index["dtype"]) != (first["tokenizer_sha256"], first["dtype"]):
+            raise ValueError(f"{parts[name]}: prepared with another tokenizer than {next(iter(parts.values()))}")
+    shutil.copyfile(next(iter(parts.values())) / first["tokenizer"], out / "tokenizer.model")
+    merged = {k: first[k] for k in ("format", "version", "dtype", "vocab_size", "bos_id", "eos_id",
+                                    "tokenizer_sha256", "val_fraction")}
+    merged["tokenizer"] = "tokenizer.model"
+    merged["splits"] = {s: [{**m, "file": f"{parts[name].relative_to(out).as_posix()}/{m['file']}"}
+                            for name, index in indexes.items() for m in index["splits"][s]]
+                        for s in first["splits"]}
+    merged["tokens"] = {s: sum(i["tokens"][s] for i in indexes.values()) for s in first["tokens"]}
+    merged["documents"] = {s: sum(i["documents"][s] for i in indexes.values()) for s in first["documents"]}
+    merged["inputs"] = [x for i in indexes.values() for x in i["inputs"]]
+    merged["malformed"] = sum(i["malformed"] for i in indexes.values())
+    fim = [i["fim"] for i in indexes.values() if i.get("fim")]
+    if fim:
+        merged["fim"] = fim[0]
+    merged["parts"] = {name: {"tokens": i["tokens"], "documents": i["documents"], "fim": (i.get("fim") or {}).get(
+        "rate", 0.0)} for name, i in indexes.items()}
+    tmp = out / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=1), encoding="utf-8")
+    os.replace(tmp, out / INDEX)
+    return merged
+
+
+def _data(stage: str):
+    def run(ctx: Context) -> dict:
+        cfg = _config(CodeDataConfig, ctx, stage)
+        folder = ctx.folder(stage)
+        tok_file = ctx.folder("tokenizer") / "tokenizer.model"
+        parts = {"code": folder / "code"}
+        prepare_from_config(cfg, _code_texts(cfg, folder), tok_file, parts["code"], log=ctx.log)
+        if cfg.passkey_documents:
+            tok = Tokenizer(tok_file)
+            lengths = cfg.passkey_lengths()
+            texts = [t for length in dict.fromkeys(lengths)
+                     for t in passkey_documents(length, lengths.count(length), cfg.seed, tok)]
+            parts["passkey"] = folder / "passkey"
+            prepare([_write_jsonl(folder / "passkey.jsonl", texts)], tok_file, parts["passkey"],
+                    val_fraction=cfg.val_fraction, workers=cfg.workers, progress=cfg.progress, log=ctx.log)
+        index = merge_prepared(parts, folder)
+        return {"tokens": index["tokens"], "parts": index["parts"]}
+    run.__doc__ = {
+        "data": "Token shards of the code and of passkey texts up to the pretraining length.",
+        "data-fim": "The same texts, the code turned into fill-in-the-middle examples (Code Llama §2.3).",
+        "data-long": "Code with FIM and passkey texts up to the long-context length (Code Llama §2.4).",
+    }[stage]
+    return run
+
+
+def _train(stage: str):
+    data, init = TRAINING[stage]
+
+    def run(ctx: Context) -> dict:
+        settings = stage_settings(ctx.recipe, stage, pretrain.PretrainConfig)
+        paths = {"out": str(ctx.folder(stage)), "data": str(ctx.folder(data))}
+        if init:
+            paths["init"] = ctx.model(init)
+        cfg = from_dict(pretrain.PretrainConfig, {**settings, **paths}, f"recipe stage {stage!r}")
+        if init:  # the shape is the model's it continues; the recipe may set only RoPE and the context
+            given = {k: getattr(cfg.model, k) for k in settings.get("model") or {}}
+            cfg = dataclasses.replace(cfg, model=pretrain.init_model_config(cfg.init, given))
+        return pretrain.run(cfg, quiet=ctx.quiet)
+    run.__doc__ = {
+        "pretrain": "Pretraining of a tiny model on the code (no FIM).",
+        "fim": "Continued pretraining with fill-in-the-middle (Code Llama §2.3).",
+        "long": "Long-context fine-tuning at 4x the length, RoPE base raised (Code Llama §2.4).",
+    }[stage]
+    return run
+
+
+def _file_stamp(path: Path) -> str | None:
+    return f"{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.is_file() else None
+
+
+def _trained_length(ctx: Context, stage: str) -> int:
+    return int(stage_settings(ctx.recipe, stage, pretrain.PretrainConfig).get("seq_len", 0))
+
+
+def evaluate_model(model_dir: str, infill: bool, passkey: bool, cfg: CodeEvaluateConfig) -> dict:
+    """Infilling (PSM and SPM) of held-out code-world functions and/or the passkey grid, greedy."""
+    model = load_model(model_dir, device=default_device()).eval()
+    tok = load_tokenizer(model_dir, model.config.vocab_size)
+    out: dict = {"rope_theta": model.config.rope_theta, "rope_scaling": model.config.rope_scaling,
+                 "max_seq_len": model.config.max_seq_len}
+    if infill:
+        tasks = code_tasks(cfg.seed, "test", cfg.infill_tasks)
+        out["infill"] = [infill_eval(model, tok, tasks, suffix_first=spm, max_new_tokens=cfg.max_new_tokens,
+                                     time_limit=cfg.time_limit, batch_size=cfg.batch_size, samples=cfg.samples,
+                                     single_line=cfg.single_line)
+                         for spm in (False, True)]
+    if passkey:
+        answer_tokens = 8
+        # max_seq_len sizes the KV cache only (RoPE is computed from positions), so the probe can
+        # ask past the length the model was trained at, which is what it measures.
+        model.config.max_seq_len = max(model.config.max_seq_len, max(cfg.passkey_lengths) + answer_tokens)
+        result = passkey_eval(model, tok, cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_per_cell, cfg.seed,
+                              batch_size=max(1, cfg.batch_size // 4), max_new_tokens=answer_tokens,
+                              samples=len(cfg.passkey_depths) * cfg.passkey_per_cell)
+        # Every prompt's outcome, in order (the same prompts for every model: a paired comparison).
+        result["per_prompt"] = [{"length": s["length"], "depth": s["depth"],
+                                 "right": read_answer(s["answer"]) == s["key"]} for s in result["samples"]]
+        result["samples"] = [s for s in result["samples"] if s["depth"] in (0.0, 0.5, 1.0)][:3 * len(
+            cfg.passkey_lengths)]
+        out["passkey"] = result
+    return out
+
+
+def stage_evaluate(ctx: Context) -> dict:
+    """Infilling before and after FIM, the passkey probe before and after the extension."""
+    cfg = _config(CodeEvaluateConfig, ctx, "evaluate")
+    setting_ = dataclasses.asdict(cfg)
+    results = {}
+    for stage in dict.fromkeys([*CODE_INFILL_EVALUATED, *CODE_PASSKEY_EVALUATED]):
+        infill, passkey = stage in CODE_INFILL_EVALUATED, stage in CODE_PASSKEY_EVALUATED
+        stamp = _file_stamp(Path(ctx.model(stage)) / "model.safetensors")
+        cache = ctx.folder(stage) / "code_eval.json"
+        if cache.is_file():
+            cached = json.loads(cache.read_text())
+            if cached.get("setting") == setting_ and cached.get("weights") == stamp:
+                results[stage] = cached
+                continue
+        what = " and ".join(w for w, on in (("infilling", infill), ("the passkey probe", passkey)) if on)
+        ctx.log(f"evaluating the {stage} model: {what} ...")
+        results[stage] = {"setting": setting_, "weights": stamp, "trained_length": _trained_length(ctx, stage),
+                          **evaluate_model(ctx.model(stage), infill, passkey, cfg)}
+        write_json(cache, results[stage])
+    folder = ctx.folder("evaluate")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "results.json", results)
+    summary = {}
+    for stage, r in results.items():
+        s = {}
+        for mode in r.get("infill") or []:
+            s[mode["mode"]] = {"exact": mode["exact_rate"], "passed": mode["passed_rate"]}
+        if "passkey" in r:
+            s["passkey"] = r["passkey"]["accuracy"]
+        summary[stage] = s
+    return summary
+
+
+RUNNERS: dict[str, Callable[[Context], dict]] = {
+    "tokenizer": stage_tokenizer,
+    "data": _data("data"),
+    "pretrain": _train("pretrain"),
+    "data-fim": _data("data-fim"),
+    "fim": _train("fim"),
+    "data-long": _data("data-long"),
+    "long": _train("long"),
+    "evaluate": stage_evaluate,
+}
+
+
+# ---- orchestration ------------------------------------------------------------------------------
+
+def run_code_pipeline(recipe_path: str | os.PathLike, out: str | os.PathLike = "runs/code",
+                      from_stage: str | None = None, until: str | None = None, quiet: bool = False) -> Path:
+    """Run the code recipe at ``recipe_path`` into ``out`` (module docstring); returns ``out``."""
+    recipe_path = Path(recipe_path)
+    recipe = read_code_recipe(recipe_path)
+    for name in (from_stage, until):
+        if name is not None and name not in CODE_STAGES:
+            raise ValueError(f"unknown stage {name!r} for the code recipe; its stages are {', '.join(CODE_STAGES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kept = out / "recipe.yaml"
+    if not (kept.exists() and kept.samefile(recipe_path)):
+        shutil.copyfile(recipe_path, kept)
+
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    ctx = Context(out, recipe, log, quiet)
+    run_stages(CODE_STAGES, RUNNERS, ctx, recipe.get("estimated_seconds"), from_stage, until)
+    if until is None or until == "evaluate":
+        from llama2.code_report import write_code_report
+
+        report = write_code_report(out)
+        log(f"\nreport: {report} (and {report.with_suffix('.md')})")
+        log(f"infill with the result:   llama2 generate --model {out / 'long' / 'model'} "
+            f"--prompt 'def add(a, b):' --suffix '    return result'")
+    return out

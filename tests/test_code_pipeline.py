@@ -1,0 +1,224 @@
+"""`llama2 run code`: Code Llama's recipe (pretraining, FIM, long-context fine-tuning) end to end,
+and a report with infilling before/after FIM and the passkey grid before/after the extension."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from llama2.code_pipeline import (
+    CODE_STAGE_CONFIGS,
+    CodeDataConfig,
+    CodeEvaluateConfig,
+    merge_prepared,
+    read_code_recipe,
+)
+from llama2.data.shards import TokenStream, prepare
+from llama2.pipeline import find_recipe, read_pipeline_recipe, run_pipeline
+from llama2.recipe import from_dict, stage_settings
+from llama2.stages import CODE_STAGES
+from llama2.tokenizer import Tokenizer
+from llama2.train.pretrain import PretrainConfig
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def code_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("code")
+    run_pipeline("code-smoke", out, quiet=True)
+    return out
+
+
+# -- the recipes ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["code", "code-smoke"])
+def test_built_in_code_recipes_are_found_and_valid(name):
+    recipe = read_pipeline_recipe(find_recipe(name))
+    assert recipe["pipeline"] == "code" and list(recipe["stages"]) == list(CODE_STAGES)
+    assert read_code_recipe(find_recipe(name)) == recipe
+
+
+def test_the_code_recipe_trains_long_at_four_times_the_pretraining_length_with_a_raised_rope_base():
+    recipe = read_code_recipe(find_recipe("code"))
+    stages = recipe["stages"]
+    pretrain, long = (from_dict(PretrainConfig, stage_settings(recipe, s, PretrainConfig)) for s in ("pretrain", "long"))
+    assert long.seq_len == 4 * pretrain.seq_len
+    assert (pretrain.model.rope_theta, long.model.rope_theta) == (1e4, 1e6)
+    assert stages["data-fim"]["fim_rate"] == 0.9 and stages["data-fim"]["fim_spm_rate"] == 0.5
+    assert stages["data-long"]["passkey_length"] == stages["long"]["seq_len"]
+    # the probe asks past the long-context length too
+    assert max(stages["evaluate"]["passkey_lengths"]) > stages["long"]["seq_len"]
+
+
+@pytest.mark.parametrize("stage", CODE_STAGES)
+def test_an_unknown_key_in_any_code_stage_names_the_stage_and_the_key(tmp_path, stage):
+    recipe = yaml.safe_load(find_recipe("code-smoke").read_text())
+    recipe["stages"][stage]["vocab_sise"] = 4096
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError) as e:
+        read_pipeline_recipe(bad)
+    assert f"stage '{stage}'" in str(e.value) and "'vocab_sise'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unknown_or_missing_code_stage_is_refused(tmp_path):
+    recipe = yaml.safe_load(find_recipe("code-smoke").read_text())
+    recipe["stages"]["sft"] = {}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="unknown stage.*sft"):
+        read_code_recipe(bad)
+    del recipe["stages"]["sft"], recipe["stages"]["fim"]
+    bad.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="fim missing"):
+        read_code_recipe(bad)
+
+
+def test_the_pipeline_wires_init_and_data_itself(tmp_path):
+    recipe = yaml.safe_load(find_recipe("code-smoke").read_text())
+    recipe["stages"]["fim"]["init"] = "elsewhere"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="'fim'.*wired by the pipeline"):
+        read_code_recipe(bad)
+
+
+def test_an_unknown_pipeline_kind_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pipeline: cobol\nstages:\n  tokenizer: {vocab_size: 512}\n")
+    with pytest.raises(ValueError, match="pipeline must be llama2 or code"):
+        read_pipeline_recipe(bad)
+
+
+def test_bad_evaluation_settings_fail_in_one_line():
+    with pytest.raises(ValueError, match="passkey_depths"):
+        CodeEvaluateConfig(passkey_depths=[0.5, 1.5])
+    with pytest.raises(ValueError, match="infill_tasks must be >= 1"):
+        CodeEvaluateConfig(infill_tasks=0)
+
+
+def test_passkey_training_lengths_spread_from_the_shortest_to_the_longest():
+    cfg = CodeDataConfig(passkey_documents=16, passkey_min_length=64, passkey_length=256)
+    lengths = cfg.passkey_lengths()
+    assert len(lengths) == 16 and lengths == sorted(lengths)
+    assert (lengths[0], lengths[-1]) == (64, 256) and len(set(lengths)) == 8
+    assert set(CodeDataConfig(passkey_documents=3, passkey_length=256).passkey_lengths()) == {256}
+    with pytest.raises(ValueError, match="exceeds passkey_length"):
+        CodeDataConfig(passkey_min_length=512, passkey_length=256)
+
+
+def test_every_code_stage_has_a_config():
+    assert list(CODE_STAGE_CONFIGS) == list(CODE_STAGES)
+
+
+def test_run_help_lists_the_code_recipe_and_its_stages(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(capsys, "run", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "code:" in text and "code-smoke" in text
+    assert " -> ".join(CODE_STAGES) in text
+
+
+def test_compare_is_refused_for_the_code_recipe(tmp_path, code_run):
+    with pytest.raises(ValueError, match="--compare"):
+        run_pipeline("code-smoke", tmp_path / "x", compare=code_run, quiet=True)
+
+
+# -- data ----------------------------------------------------------------------------------
+
+def test_merged_data_reads_every_part_as_one_stream(tmp_path):
+    from llama2.tokenizer import train_tokenizer
+
+    text = tmp_path / "a.txt"
+    text.write_text("\n".join(f"def f_{i}(x):\n    return x + {i}\n" for i in range(300)))
+    tok = train_tokenizer([text], tmp_path / "tok", vocab_size=300, verbose=False)
+    out = tmp_path / "merged"
+    for part in ("one", "two"):
+        prepare([text], tok.path, out / part, val_fraction=0.0, workers=1, progress=False, log=lambda m: None)
+    index = merge_prepared({"one": out / "one", "two": out / "two"}, out)
+    single = TokenStream(out / "one")
+    both = TokenStream(out)
+    assert len(both) == 2 * len(single) == index["tokens"]["train"]
+    assert np.array_equal(both.read(len(single), 2 * len(single)), single.read(0, len(single)))
+    assert set(index["parts"]) == {"one", "two"} and (out / "tokenizer.model").is_file()
+
+
+def test_passkey_texts_are_never_fim_transformed(code_run):
+    index = json.loads((code_run / "data-fim" / "index.json").read_text())
+    assert index["parts"]["code"]["fim"] == 0.9 and index["parts"]["passkey"]["fim"] == 0.0
+    tok = Tokenizer(code_run / "data-fim" / "tokenizer.model")
+    passkey, code = (TokenStream(code_run / "data-fim" / part) for part in ("passkey", "code"))
+    passkey, code = passkey.read(0, len(passkey)), code.read(0, len(code))
+    assert tok.prefix_id not in passkey and tok.prefix_id in code
+
+
+def test_the_long_data_holds_passkey_texts_at_the_long_length(code_run):
+    index = json.loads((code_run / "data-long" / "index.json").read_text())
+    docs = index["parts"]["passkey"]["documents"]
+    tokens = index["parts"]["passkey"]["tokens"]
+    per_doc = (tokens["train"] + tokens["val"]) / (docs["train"] + docs["val"])
+    length = read_code_recipe(find_recipe("code-smoke"))["stages"]["data-long"]["passkey_length"]
+    assert length - 16 <= per_doc <= length
+
+
+# -- the run -------------------------------------------------------------------------------
+
+def test_every_stage_writes_its_folder_and_done_marker(code_run):
+    for stage in CODE_STAGES:
+        done = json.loads((code_run / stage / ".done.json").read_text())
+        assert done["stage"] == stage and done["seconds"] >= 0
+    for stage in ("pretrain", "fim", "long"):
+        assert (code_run / stage / "model" / "model.safetensors").is_file()
+
+
+def test_fim_continues_the_base_model_and_long_raises_the_rope_base_and_context(code_run):
+    def config(stage):
+        return json.loads((code_run / stage / "model" / "config.json").read_text())
+
+    base, fim, long = config("pretrain"), config("fim"), config("long")
+    assert (fim.get("hidden_size"), fim.get("num_hidden_layers")) == (base.get("hidden_size"),
+                                                                      base.get("num_hidden_layers"))
+    assert fim["rope_theta"] == base["rope_theta"] == 1e4 and long["rope_theta"] == 1e6
+    assert long["max_position_embeddings"] == 4 * base["max_position_embeddings"]
+
+
+def test_report_shows_infilling_before_and_after_fim_and_the_passkey_grid(code_run):
+    md = (code_run / "report.md").read_text()
+    assert "## Infilling held-out functions" in md and "## Passkey retrieval by depth and length" in md
+    for label in ("base (before FIM)", "FIM (before the extension)", "long context (after the extension)"):
+        assert label in md
+    assert "sign test p =" in md and "past both training lengths" in md
+    assert "| depth \\ length | 128 | 512 | 1024 |" in md
+    html = (code_run / "report.html").read_text()
+    assert "<h2>Infilling held-out functions</h2>" in html and "passkey.png" in html
+    for figure in ("passkey.png", "infill.png", "losses.png"):
+        assert (code_run / "figures" / figure).stat().st_size > 0
+
+
+def test_evaluation_scores_every_model_on_the_same_tasks_and_prompts(code_run):
+    results = json.loads((code_run / "evaluate" / "results.json").read_text())
+    assert set(results) == {"pretrain", "fim", "long"}
+    names = {s: [t["name"] for t in results[s]["infill"][0]["per_task"]] for s in results}
+    assert names["pretrain"] == names["fim"] == names["long"]
+    assert [r["mode"] for r in results["fim"]["infill"]] == ["PSM", "SPM"]
+    assert "passkey" not in results["pretrain"]
+    cells = [(c["length"], c["depth"]) for c in results["fim"]["passkey"]["cells"]]
+    assert cells == [(c["length"], c["depth"]) for c in results["long"]["passkey"]["cells"]]
+    assert results["fim"]["trained_length"] == 128 and results["long"]["trained_length"] == 512
+    per_prompt = results["long"]["passkey"]["per_prompt"]
+    assert len(per_prompt) == results["long"]["passkey"]["n"]
+
+
+def test_rerunning_skips_finished_stages_and_reuses_cached_evaluations(code_run, capsys):
+    cache = code_run / "fim" / "code_eval.json"
+    before = cache.stat().st_mtime_ns
+    run_pipeline("code-smoke", code_run, from_stage="evaluate")
+    err = capsys.readouterr().err
+    assert err.count("skipped") == len(CODE_STAGES) - 1 and "evaluating" not in err
+    assert cache.stat().st_mtime_ns == before
+    run_pipeline("code-smoke", code_run)
+    assert capsys.readouterr().err.count("skipped") == len(CODE_STAGES)
+
