@@ -1,6 +1,7 @@
 """`llama2 run code`: Code Llama's recipe (pretraining, FIM, long-context fine-tuning) end to end,
 and a report with infilling before/after FIM and the passkey grid before/after the extension."""
 
+import argparse
 import json
 
 import numpy as np
@@ -125,6 +126,23 @@ def test_run_help_lists_the_code_recipe_and_its_stages(capsys):
 def test_compare_is_refused_for_the_code_recipe(tmp_path, code_run):
     with pytest.raises(ValueError, match="--compare"):
         run_pipeline("code-smoke", tmp_path / "x", compare=code_run, quiet=True)
+
+
+def test_a_run_folder_of_one_recipe_kind_is_refused_to_the_other(tmp_path, code_run):
+    """The two recipes share stage names: a Llama 2 run into a code run's folder would skip its
+    finished tokenizer, data and pretrain stages."""
+    with pytest.raises(ValueError, match="another recipe"):
+        run_pipeline("smoke", code_run, quiet=True)
+
+
+def test_the_code_recipe_runs_into_its_own_folder_by_default(monkeypatch):
+    from llama2 import pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda recipe, out, *a, **k: seen.append(out))
+    for recipe in ("code-smoke", "smoke"):
+        pipeline.main(argparse.Namespace(recipe=recipe, out=None, from_stage=None, until=None, compare=None))
+    assert seen == ["runs/code", "runs/demo"]
 
 
 # -- data ----------------------------------------------------------------------------------

@@ -386,7 +386,12 @@ RUNNERS: dict[str, Callable[[Context], dict]] = {
 def run_pipeline(recipe_name: str = "tiny", out: str | os.PathLike = "runs/demo", from_stage: str | None = None,
                  until: str | None = None, quiet: bool = False, compare: str | os.PathLike | None = None) -> Path:
     recipe_path = find_recipe(recipe_name)
-    if read_recipe(recipe_path).get("pipeline") == "code":
+    kind = read_recipe(recipe_path).get("pipeline", "llama2")
+    kept = Path(out) / "recipe.yaml"
+    if kept.is_file() and read_recipe(kept).get("pipeline", "llama2") != kind:
+        # the two recipes share stage names (tokenizer, data, pretrain, evaluate): never mix their folders
+        raise ValueError(f"{out}: holds a run of another recipe ({kept}); give this one its own --out")
+    if kind == "code":
         if compare is not None:
             raise ValueError("--compare sets a Llama 2 run beside another; the code recipe's report stands alone")
         return run_code_pipeline(recipe_path, out, from_stage, until, quiet=quiet)
@@ -426,7 +431,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "every fine-tuning stage; smoke: seconds per stage; code: Code Llama's infilling and "
                              "long-context recipe, ~13 min; code-smoke: the same in seconds) or a YAML file "
                              "(default: tiny)")
-    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default: runs/demo)")
+    parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/demo; runs/code for the code "
+                                                    "recipes)")
     any_stage = tuple(dict.fromkeys(STAGES + CODE_STAGES))
     parser.add_argument("--from", dest="from_stage", metavar="STAGE", choices=any_stage,
                         help="re-run from this stage on (its folder and the later ones are replaced)")
@@ -438,6 +444,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.out is None:
+        args.out = "runs/code" if read_recipe(find_recipe(args.recipe)).get("pipeline") == "code" else "runs/demo"
     try:
         run_pipeline(args.recipe, args.out, args.from_stage, args.until, compare=args.compare)
     except KeyboardInterrupt:
