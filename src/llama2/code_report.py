@@ -24,9 +24,8 @@ from llama2.report import (
     pct,
     read_json,
     read_metrics,
-    render_html,
-    render_markdown,
     section_time,
+    write_documents,
 )
 from llama2.stages import CODE_INFILL_EVALUATED, CODE_PASSKEY_EVALUATED, CODE_STAGES
 
@@ -331,6 +330,4 @@ def write_code_report(run: str | Path) -> Path:
     figdir.mkdir(exist_ok=True)
     blocks = (section_title(run, data) + section_verdicts(data) + section_infill(data, figdir)
               + section_passkey(data, figdir) + section_training(data, figdir) + section_time(data))
-    (run / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
-    (run / "report.html").write_text(render_html(blocks), encoding="utf-8")
-    return run / "report.html"
+    return write_documents(run, blocks)

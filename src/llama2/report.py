@@ -991,6 +991,11 @@ def write_report(run: str | Path) -> Path:
               + section_verdicts(data) + section_suite(data) + section_figures(data, figdir)
               + section_reward_models(data) + section_guard(data) + section_samples(data) + section_compare(data)
               + section_time(data))
+    return write_documents(run, blocks)
+
+
+def write_documents(run: Path, blocks: list[Block]) -> Path:
+    """``run/report.md`` and ``run/report.html`` from the same blocks; returns the HTML's path."""
     (run / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
     (run / "report.html").write_text(render_html(blocks), encoding="utf-8")
     return run / "report.html"

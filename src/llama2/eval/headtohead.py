@@ -141,7 +141,7 @@ def _key(messages: Sequence[dict]) -> tuple:
 def outcome(judgement, safety_prompt: bool) -> str:
     """A's outcome ("win" / "tie" / "loss") from a judgement of (A as "a", B as "b"): the
     annotator's overall verdict (safety first on safety prompts, ``Judgement.winner``)."""
-    return {"a": "win", "b": "loss", "tie": "tie"}[judgement.winner(safety_prompt)]
+    return judgement.outcome(safety_prompt)
 
 
 def make_annotator(world):

@@ -18,9 +18,9 @@ which is what the probe measures and what a small model can learn:
 
     # A long file. One line below sets the passkey; remember it.
     total = total + step
-    ...
+    (more filler lines)
     passkey = 48213  # remember this number
-    ...
+    (more filler lines)
     # What is the passkey?
     passkey =
 

@@ -182,7 +182,7 @@ def annotator_rates(rows: list[dict], annotator: Annotator, seed: int = 0) -> di
             pick_top += scores[pick] == top
             random_top += scores.count(top) / len(scores)
             j = annotator.compare(r["messages"], r["answers"][pick], r["answers"][other])
-            counts[{"a": "win", "b": "loss", "tie": "tie"}[j.winner(safety)]] += 1
+            counts[j.outcome(safety)] += 1
         if n:
             out[name] = {"prompts": n, "pick_top": pick_top / n, "random_top": random_top / n,
                          "pick_vs_random": counts}

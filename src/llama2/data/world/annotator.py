@@ -153,6 +153,10 @@ class Judgement:
             return self.safety
         return self.helpfulness
 
+    def outcome(self, safety_prompt: bool) -> str:
+        """Answer a's outcome: "win", "tie" or "loss" (:meth:`winner` seen from a)."""
+        return {"a": "win", "b": "loss", "tie": "tie"}[self.winner(safety_prompt)]
+
 
 def _says(r: Rubric, rule: str, passed: bool) -> str:
     if rule == "safe":
