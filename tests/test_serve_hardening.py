@@ -278,7 +278,7 @@ def cases() -> list[Case]:
 
     # Unknown paths and methods.
     for label, method, path, status in [
-        ("root", "GET", "/", 404), ("v1", "GET", "/v1", 404), ("unknown-get", "GET", "/v1/engines", 404),
+        ("post-root", "POST", "/", 405), ("v1", "GET", "/v1", 404), ("unknown-get", "GET", "/v1/engines", 404),
         ("unknown-post", "POST", "/v1/embeddings", 404), ("traversal", "GET", "/../../etc/passwd", 404),
         ("nul", "GET", "/v1/%00", 404), ("get-completions", "GET", C, 405), ("delete-completions", "DELETE", C, 405),
         ("put-tokenize", "PUT", TOK, 405), ("get-chat", "GET", CH, 405), ("post-health", "POST", "/health", 405),

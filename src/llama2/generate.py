@@ -8,10 +8,12 @@ the whole batch prefill in one forward pass).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from llama2.model import Transformer
@@ -119,6 +121,33 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generat
     return choice.squeeze(-1)
 
 
+def sampling_probs(logits: Tensor, temperature: float, top_p: float, top_k: int) -> Tensor:
+    """The distribution ``sample`` draws from, over the whole vocabulary [B, V] (float32,
+    rows summing to 1): temperature, then top-k, then the nucleus, renormalised. Greedy
+    (a temperature below ``GREEDY_BELOW``) is the one-hot of the argmax. Speculative decoding
+    needs it whole: its acceptance test compares two such distributions token by token."""
+    if temperature < GREEDY_BELOW:
+        return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
+        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def draw(probs: Tensor, generator=None) -> Tensor:
+    """One token per row of ``probs`` [B, V] (any non-negative weights), by inverse CDF."""
+    u = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+    cdf = probs.double().cumsum(dim=-1)
+    choice = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(-1), right=True)
+    return choice.clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
     width = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -131,10 +160,27 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Te
 class Generator:
     """Decodes with a model and its tokenizer; ``generate`` for batches, ``stream`` for text deltas."""
 
-    def __init__(self, model: Transformer, tokenizer=None, compile: bool = False):
+    def __init__(self, model: Transformer, tokenizer=None, compile: bool = False, draft: Transformer | None = None,
+                 draft_tokens: int = 4):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        # draft: a smaller model of the same vocabulary that proposes ``draft_tokens`` tokens at a
+        # time for this one to check in one forward pass (speculative decoding: Leviathan et al.
+        # 2023, Chen et al. 2023). Greedy output is the plain greedy output; sampled output has
+        # exactly the plain distribution. One sequence at a time: batches decode row by row.
+        if draft is not None:
+            if draft.config.vocab_size != model.config.vocab_size:
+                raise ValueError(f"the draft model's vocabulary has {draft.config.vocab_size} tokens, the model's "
+                                 f"{model.config.vocab_size}: a draft must share the model's tokenizer")
+            if draft_tokens < 1:
+                raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+            if compile:
+                raise ValueError("compile and a draft model cannot be combined yet (the verification step's "
+                                 "shapes vary); drop one")
+            draft.eval()
+        self.draft, self.draft_tokens = draft, draft_tokens
+        self.stats = {"drafted": 0, "accepted": 0, "rounds": 0}  # speculative decoding, over this object's life
         # compile=True: the one-token decode step is torch.compile'd with CUDA graphs (gpt-fast's
         # recipe). On a GPU, batch-1 decoding in eager mode waits on kernel launches, not memory;
         # a graph replays the whole step as one launch. The step then has static shapes: it
@@ -203,7 +249,107 @@ class Generator:
         # no_grad rather than inference_mode when compiled: CUDA graphs keep the cache buffers
         # across calls, and inference tensors may not be updated in place outside inference mode.
         with (torch.no_grad() if self.compile else torch.inference_mode()):
-            yield from self._steps(prompts, params, seeds)
+            if self.draft is None:
+                yield from self._steps(prompts, params, seeds)
+            elif len(prompts) != 1:
+                raise ValueError(f"speculative decoding steps one prompt at a time, got {len(prompts)}")
+            else:
+                yield from self._speculative_steps(prompts[0], params, seeds)
+
+    def _speculative_steps(self, prompt, params, seeds):
+        """Speculative decoding of one prompt: per round the draft proposes up to K tokens, the
+        model scores all of them in one forward pass, and the longest prefix that passes the
+        acceptance test is kept, plus one token from the model itself (the correction at the
+        first rejection, or a bonus token when all K pass). Token i of the draft, drawn from
+        q, is accepted with probability min(1, p(x)/q(x)); at a rejection the token is drawn
+        from max(0, p - q) renormalised, which makes every emitted token distributed exactly
+        as p (Leviathan et al. 2023, Theorem 1). Greedy: accepted while it is p's argmax.
+
+        Both caches keep their slots past the accepted prefix: those hold rejected tokens, but
+        the causal mask never reaches them before they are written again."""
+        self.check_prompt(prompt)
+        target, draft, K = self.model, self.draft, self.draft_tokens
+        n_new = min(params.max_new_tokens, self.max_seq_len - len(prompt))
+        if n_new <= 0:
+            return
+        if len(prompt) + n_new > draft.config.max_seq_len:
+            raise ContextOverflow(f"prompt + new tokens = {len(prompt) + n_new} exceed the draft model's context "
+                                  f"({draft.config.max_seq_len} tokens)")
+        gens = self._row_generators(1, params, seeds)
+        rng = gens[0] if gens else None
+        greedy = params.greedy
+        dev = self.device
+        dist = functools.partial(sampling_probs, temperature=params.temperature, top_p=params.top_p,
+                                 top_k=params.top_k)
+
+        def forward(model, tokens: list[int], start: int) -> Tensor:  # float32 logits [T, V]
+            x = torch.tensor([tokens], device=dev)
+            return model(x, slots=torch.arange(start, start + len(tokens), device=dev))[0].float()
+
+        def emit(logits_row: Tensor, token: int):
+            logprobs = torch.log_softmax(logits_row, dim=-1)
+            nxt = torch.tensor([token], device=dev)
+            return nxt, logprobs[token].view(1), logprobs.view(1, -1) if params.top_logprobs else None
+
+        def pick(logits_row: Tensor) -> int:
+            if greedy:
+                return int(logits_row.argmax())
+            return int(draw(dist(logits_row.view(1, -1)), rng)[0])
+
+        seq = list(prompt)
+        total = len(prompt) + n_new
+        target.setup_cache(1, total)
+        draft.setup_cache(1, total)
+        try:
+            last = forward(target, seq, 0)[-1]
+            t_fed, d_fed = len(seq), 0  # tokens of seq each cache holds
+            token = pick(last)
+            seq.append(token)
+            yield emit(last, token)
+            while len(seq) - len(prompt) < n_new:
+                k = min(K, n_new - (len(seq) - len(prompt)) - 1)  # never draft past the last token asked for
+                drafts, qs, feed = [], [], seq[d_fed:]
+                for _ in range(k):
+                    q_logits = forward(draft, feed, d_fed)[-1]
+                    d_fed += len(feed)
+                    q = dist(q_logits.view(1, -1))[0]
+                    t = int(q_logits.argmax()) if greedy else int(draw(q.view(1, -1), rng)[0])
+                    drafts.append(t)
+                    qs.append(q)
+                    feed = [t]
+                rows = forward(target, seq[t_fed:] + drafts, t_fed)[-(k + 1):]
+                self.stats["rounds"] += 1
+                self.stats["drafted"] += k
+                out: list[tuple[Tensor, int]] = []
+                for j, t in enumerate(drafts):
+                    if greedy:
+                        ok = int(rows[j].argmax()) == t
+                    else:
+                        p = dist(rows[j].view(1, -1))[0]
+                        u = torch.rand((), generator=rng, device=dev)
+                        ok = bool(u * qs[j][t] <= p[t]) and bool(p[t] > 0)
+                    if ok:
+                        out.append((rows[j], t))
+                        continue
+                    if greedy:
+                        fix = int(rows[j].argmax())
+                    else:
+                        residual = (p - qs[j]).clamp(min=0)
+                        fix = int(draw((residual if residual.sum() > 0 else p).view(1, -1), rng)[0])
+                    out.append((rows[j], fix))
+                    break
+                else:
+                    out.append((rows[k], pick(rows[k])))
+                self.stats["accepted"] += len(out) - 1  # the last is the model's own token
+                for row, t in out:
+                    seq.append(t)
+                    yield emit(row, t)
+                # The caches are right up to the last accepted draft; the newest token is unseen.
+                t_fed = len(seq) - 1
+                d_fed = min(d_fed, len(seq) - 1)
+        finally:
+            target.clear_cache()
+            draft.clear_cache()
 
     def _steps(self, prompts, params, seeds):
         for p in prompts:
@@ -264,6 +410,11 @@ class Generator:
         params = params or SamplingParams()
         if not prompts:
             return []
+        if self.draft is not None and len(prompts) > 1:  # speculative decoding goes one prompt at a time
+            if seeds is None and params.seed is not None:
+                seeds = [params.seed + i for i in range(len(prompts))]
+            return [self.generate([p], params, None if seeds is None else [seeds[i]])[0]
+                    for i, p in enumerate(prompts)]
         outs = [Completion([], "", "length", prompt_tokens=len(p)) for p in prompts]
         done = [False] * len(prompts)
         eos = self.tokenizer.eos_id if self.tokenizer is not None else 2

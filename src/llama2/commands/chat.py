@@ -20,8 +20,14 @@ import dataclasses
 import sys
 
 from llama2.chat_session import ChatSession
-from llama2.commands.generate import add_model_args, add_sampling_args, load_for_inference, sampling_params
-from llama2.generate import ContextOverflow, Generator
+from llama2.commands.generate import (
+    add_model_args,
+    add_sampling_args,
+    load_for_inference,
+    make_generator,
+    sampling_params,
+)
+from llama2.generate import ContextOverflow
 
 HELP = "commands: /reset forgets the conversation, /exit (or Ctrl-D) quits, /help shows this"
 
@@ -53,7 +59,7 @@ def main(args) -> int:
     params = sampling_params(args)  # validate before loading
     model, tokenizer = load_for_inference(args.model, args.dtype, args.device, args.verify, args.adapter,
                                           args.quantize)
-    gen = Generator(model, tokenizer, compile=args.compile)
+    gen = make_generator(args, model, tokenizer)
     session = ChatSession(tokenizer, gen.max_seq_len, params.max_new_tokens, args.system)
     interactive = sys.stdin.isatty()
     if interactive:

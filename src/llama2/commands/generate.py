@@ -46,7 +46,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model/--adapter/--dtype/--device/--no-verify/--compile/--quantize, shared with ``llama2 chat``."""
+    """--model/--adapter/--dtype/--device/--no-verify/--compile/--draft-model/--quantize, shared with ``llama2 chat``."""
     p.add_argument("--model", type=Path, required=True, metavar="DIR",
                    help="model directory (config.json + safetensors, or Meta's params.json + consolidated.*.pth); "
                         "a LoRA adapter directory also works: its recorded base with the adapter merged")
@@ -62,6 +62,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU): faster decoding after a first "
                         "call that compiles")
+    p.add_argument("--draft-model", type=Path, default=None, metavar="DIR",
+                   help="speculative decoding: a smaller model with the same tokenizer (e.g. a 7B for a 70B, or a "
+                        "small one for a 7B) proposes --draft-tokens tokens that --model checks in one pass; greedy "
+                        "output is unchanged, sampled output keeps its distribution, decoding gets faster when the "
+                        "draft is often right. Loaded with the same --dtype/--device")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                   help="tokens the draft proposes per round (default 4, with --draft-model)")
     p.add_argument("--quantize", default=None, metavar="int8|int4[:GROUP]",
                    help="quantize every linear layer after loading (weight-only): int8 per output channel, or "
                         "int4 with a scale and zero per GROUP inputs (32, 64 or 128; default 128). Smaller and, "
@@ -140,6 +147,26 @@ def load_for_inference(path: Path, dtype: str = "auto", device: str | None = Non
     return model, tokenizer
 
 
+def make_generator(args, model, tokenizer) -> Generator:
+    """The Generator for ``--compile`` / ``--draft-model``: the draft is loaded like the model
+    (its tokenizer checked against the model's vocabulary) and refused in one line if it
+    cannot draft for it."""
+    if args.draft_model is None:
+        if args.draft_tokens != 4:
+            raise ValueError("--draft-tokens needs --draft-model")
+        return Generator(model, tokenizer, compile=args.compile)
+    if args.draft_tokens < 1:
+        raise ValueError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    if args.compile:
+        raise ValueError("--compile cannot be combined with --draft-model yet")
+    draft, draft_tok = load_for_inference(args.draft_model, args.dtype, args.device, args.verify)
+    if draft_tok.vocab_size != tokenizer.vocab_size or any(
+            draft_tok.id_to_piece(i) != tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)):
+        raise ValueError(f"--draft-model {args.draft_model}: its tokenizer is not --model's ({draft_tok.vocab_size} "
+                         f"vs {tokenizer.vocab_size} pieces); a draft must share the model's tokenizer")
+    return Generator(model, tokenizer, draft=draft, draft_tokens=args.draft_tokens)
+
+
 def sampling_params(args, **extra):
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, **extra)
@@ -199,7 +226,7 @@ def main(args) -> int:
         tokenizer = MiddleText(tokenizer)
     else:
         ids = tokenizer.encode(text, bos=not args.no_bos)
-    gen = Generator(model, tokenizer, compile=args.compile)
+    gen = make_generator(args, model, tokenizer)
     gen.check_prompt(ids)  # empty / longer than the context: one line, before any output
     room = gen.max_seq_len - len(ids)
     if params.max_new_tokens > room:
@@ -218,4 +245,8 @@ def main(args) -> int:
         sys.stdout.write("\n")
     else:
         print(gen.generate([ids], params)[0].text)
+    if gen.draft is not None and gen.stats["drafted"]:
+        print(f"llama2 generate: speculative decoding: {gen.stats['accepted']} of {gen.stats['drafted']} drafted "
+              f"tokens accepted ({gen.stats['accepted'] / gen.stats['drafted']:.0%}) in {gen.stats['rounds']} "
+              "rounds", file=sys.stderr)
     return 0

@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server for a Llama 2 model directory (``llama2 serve``).
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /health``, ``POST /tokenize``, ``POST /detokenize`` (the last two as in vLLM).
+``GET /health``, ``POST /tokenize``, ``POST /detokenize`` (the last two as in vLLM), and
+``GET /``: a chat page (``static/chat.html``) that streams from ``/v1/chat/completions``.
 Requests are decoded together by :class:`llama2.serve.engine.Engine` (continuous batching).
 
 LoRA adapters: ``--adapter NAME=DIR`` (repeatable) serves PEFT-format adapters over the one
@@ -45,11 +46,12 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -583,9 +585,11 @@ class OpenAIServer:
         if self.guard is not None:
             unsafe, categories = await self.check_guard(messages)
             if unsafe:
-                raise APIError(400, "the conversation was flagged as unsafe by the safety classifier"
-                               + (f" ({', '.join(categories)})" if categories else ""),
-                               param="messages", code="content_filter")
+                refusal = APIError(400, "the conversation was flagged as unsafe by the safety classifier"
+                                   + (f" ({', '.join(categories)})" if categories else ""),
+                                   param="messages", code="content_filter").body()
+                refusal["error"]["guard"] = _verdict(unsafe, categories)  # this server's extension
+                return JSONResponse(refusal, status_code=400)
         params = self.sampling(body, max_tokens, body.logprobs, (body.top_logprobs or 0) if body.logprobs else 0)
         handles = self.submit([EngineRequest(prompt, _choice_params(params, j), continue_prompt=False,
                                              adapter=adapter)
@@ -597,19 +601,23 @@ class OpenAIServer:
 
         results = await self.collect(request, handles)
         contents, reasons = [r.text for r in results], [r.finish_reason for r in results]
+        verdicts: list[dict | None] = [None] * len(results)  # the guard's, per choice (extension field "guard")
         if self.guard is not None:
             for i, text in enumerate(contents):
-                unsafe, _ = await self.check_guard(messages + [{"role": "assistant", "content": text}])
+                unsafe, categories = await self.check_guard(messages + [{"role": "assistant", "content": text}])
+                verdicts[i] = _verdict(unsafe, categories)
                 if unsafe:
                     contents[i], reasons[i] = "", "content_filter"
         if body.stream:
-            return _sse(self._replay_chat(rid, created, contents, reasons, len(prompt), results, body, name))
+            return _sse(self._replay_chat(rid, created, contents, reasons, verdicts, len(prompt), results, body,
+                                          name))
         choices = []
         for i, (res, text, reason) in enumerate(zip(results, contents, reasons)):
             choices.append({
                 "index": i, "message": {"role": "assistant", "content": text},
                 "logprobs": self.chat_logprobs(res) if body.logprobs and reason != "content_filter" else None,
                 "finish_reason": reason,
+                **({"guard": verdicts[i]} if verdicts[i] is not None else {}),
             })
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": name,
@@ -646,11 +654,14 @@ class OpenAIServer:
         if body.stream_options is not None and body.stream_options.include_usage:
             yield self._usage_chunk(rid, created, name, prompt_len, [results[i] for i in sorted(results)])
 
-    async def _replay_chat(self, rid, created, contents, reasons, prompt_len, results, body,
+    async def _replay_chat(self, rid, created, contents, reasons, verdicts, prompt_len, results, body,
                            name) -> AsyncIterator[dict]:
-        for i, (text, reason) in enumerate(zip(contents, reasons)):
+        for i, (text, reason, verdict) in enumerate(zip(contents, reasons, verdicts)):
             yield self._chat_chunk(rid, created, name, i, {"role": "assistant", "content": text}, None)
-            yield self._chat_chunk(rid, created, name, i, {}, reason)
+            last = self._chat_chunk(rid, created, name, i, {}, reason)
+            if verdict is not None:  # the verdict rides on the choice's last chunk
+                last["choices"][0]["guard"] = verdict
+            yield last
         if body.stream_options is not None and body.stream_options.include_usage:
             yield self._usage_chunk(rid, created, name, prompt_len, results)
 
@@ -698,6 +709,12 @@ def _usage(prompt_tokens: int, results: Sequence[Result]) -> dict:
     completion = sum(len(r.tokens) for r in results)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion}
+
+
+def _verdict(unsafe: bool, categories: Sequence[str]) -> dict:
+    """The guard's verdict as chat responses carry it (this server's extension, for clients such
+    as the chat page): on each choice, and on a refused prompt's error object."""
+    return {"unsafe": bool(unsafe), "categories": list(categories)}
 
 
 def _chat_messages(messages: Sequence[ChatMessage]) -> list[dict]:
@@ -924,7 +941,8 @@ def create_app(
 
     ``guard``: optional object with ``check(messages) -> (unsafe, categories)``; chat requests
     flagged unsafe are refused (400, code ``content_filter``) and flagged answers are withheld
-    (``finish_reason: "content_filter"``). ``max_body_bytes``: larger request bodies get 413.
+    (``finish_reason: "content_filter"``); the verdict, ``{"unsafe", "categories"}``, rides as the
+    extension field ``guard`` on each choice (a stream's last chunk of it) and on the refusal's error. ``max_body_bytes``: larger request bodies get 413.
     ``adapters``: {name: LoRA adapter directory} served over the model, unmerged; a request's
     ``model`` field picks one by name (the model is modified in place). ``quantize``: "int8" /
     "int4" / "int4:GROUP", every linear layer quantized after loading (``model.quant``; in place).
@@ -979,6 +997,14 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:  # unknown path, method
         return APIError(exc.status_code, str(exc.detail)).response()
 
+    # The chat page (static/chat.html), with this model's sampling defaults written in.
+    page = files("llama2.serve").joinpath("static/chat.html").read_text(encoding="utf-8").replace(
+        '<script type="application/json" id="defaults">{}</script>',
+        f'<script type="application/json" id="defaults">{json.dumps(server.defaults)}</script>', 1)
+
+    async def chat_page(request: Request) -> Response:
+        return HTMLResponse(page)
+
     async def health(request: Request) -> dict:
         return {"status": "ok", "model": server.name, "running": server.engine.running,
                 "waiting": server.engine.queued}
@@ -989,6 +1015,8 @@ def create_app(
     async def model_info(request: Request) -> dict:
         return server.model_card(server.resolve_model(request.path_params["model_id"])[0])
 
+    # The page is public (it holds no data); its requests carry the key typed into it.
+    app.add_api_route("/", _endpoint(server, chat_page, authorize=False), methods=["GET"])
     app.add_api_route("/health", _endpoint(server, health, authorize=False), methods=["GET", "HEAD"])
     app.add_api_route("/v1/models", _endpoint(server, models), methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", _endpoint(server, model_info), methods=["GET"])
@@ -1081,7 +1109,8 @@ def main(args) -> int:
         name = app.state.server.name
         port = sock.getsockname()[1]
         with_adapters = f" with adapter(s) {', '.join(map(repr, adapters))}" if adapters else ""
-        print(f"serving {name!r}{with_adapters} on http://{args.host}:{port}/v1 ({device})", flush=True)
+        print(f"serving {name!r}{with_adapters} on http://{args.host}:{port}/v1 ({device}); "
+              f"chat page: http://{args.host}:{port}/", flush=True)
         if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
             print("warning: listening beyond this machine without --api-key", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
