@@ -1,20 +1,22 @@
-"""Serving throughput: N concurrent streaming clients vs the same requests one at a time.
+"""Serving throughput and latency: N concurrent streaming clients vs the same requests one at a time.
 
 Starts ``llama2 serve`` as a subprocess on a free loopback port (a random preset saved to a
-temporary directory, or ``--model DIR``) and sends ``--clients`` greedy completion requests
-of different prompts twice:
+temporary directory, or ``--model DIR``) and sends greedy completion requests of different
+prompts:
 
   * one at a time, not streamed: the peer (what a server without batching achieves), and
     each request's reference answer;
-  * all at once, streamed (server-sent events), decoded together by the batching engine.
+  * for each N in ``--clients`` (e.g. 1,8,32,64): N requests at once, streamed (server-sent
+    events), decoded together by the batching engine.
 
-It prints total generated tokens/s and p50/p99 request latency for both, the speed-up as a
-ratio, and checks that nothing was lost or garbled: every streamed text must equal the
-request's non-streamed greedy answer, token counts included.
+For each N it prints total generated tokens/s, p50/p99 request latency, time to first token
+(first streamed text) and inter-token latency (the gaps between a stream's text chunks), the
+speed-up over one at a time as a ratio, and checks that nothing was lost or garbled: every
+streamed text must equal the request's non-streamed greedy answer, token counts included.
 
-    python benchmarks/serve.py                                  # 'tiny' shape, 8 clients, CPU
-    python benchmarks/serve.py --preset 110m --clients 16 --max-tokens 64
-    python benchmarks/serve.py --model path/to/model --device cuda --clients 32
+    python benchmarks/serve.py                                  # 'tiny' shape, 1/8/32/64 clients, CPU
+    python benchmarks/serve.py --preset 110m --clients 1,8 --max-tokens 64
+    python benchmarks/serve.py --model path/to/model --device cuda --clients 1,8,32,64
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-FIXTURE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/fixtures/llama2-tokenizer/tokenizer.model"
+FIXTURE_TOKENIZER = Path(__file__).resolve().parents[1] / "tests/fixtures/llama2-tokenizer/tokenizer.model"
 
 PROMPTS = [
     "The capital of France is",
@@ -78,7 +80,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, stream: b
         data = r.json()
         return {"text": data["choices"][0]["text"], "tokens": data["usage"]["completion_tokens"],
                 "latency": time.perf_counter() - t0, "ttft": None}
-    text, tokens, ttft = [], None, None
+    text, tokens, ttft, stamps = [], None, None, []
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
@@ -91,13 +93,18 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, stream: b
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
             for choice in event["choices"]:
-                if choice["text"] and ttft is None:
-                    ttft = time.perf_counter() - t0
+                if choice["text"]:
+                    stamps.append(time.perf_counter())
+                    if ttft is None:
+                        ttft = stamps[-1] - t0
                 text.append(choice["text"])
-    return {"text": "".join(text), "tokens": tokens, "latency": time.perf_counter() - t0, "ttft": ttft}
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"text": "".join(text), "tokens": tokens, "latency": time.perf_counter() - t0, "ttft": ttft,
+            "gaps": gaps}
 
 
-async def run(base: str, bodies: list[dict]) -> dict:
+async def run(base: str, bodies: list[dict], clients: list[int]) -> dict:
+    """Every body once alone (the reference), then the first N of them at once for each N."""
     url = base + "/v1/completions"
     limits = httpx.Limits(max_connections=len(bodies) + 1)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
@@ -108,22 +115,26 @@ async def run(base: str, bodies: list[dict]) -> dict:
         alone = [await one_request(client, url, b, stream=False) for b in bodies]
         alone_wall = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        together = await asyncio.gather(*(one_request(client, url, b, stream=True) for b in bodies))
-        together_wall = time.perf_counter() - t0
+        together = {}
+        for n in clients:
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(one_request(client, url, b, stream=True) for b in bodies[:n]))
+            together[n] = (results, time.perf_counter() - t0)
         health = (await client.get(base + "/health")).json()
-    return {"alone": alone, "alone_wall": alone_wall, "together": together, "together_wall": together_wall,
-            "health": health}
+    return {"alone": alone, "alone_wall": alone_wall, "together": together, "health": health}
 
 
 def summarize(results: list[dict], wall: float) -> dict:
     tokens = sum(r["tokens"] for r in results)
     lat = [r["latency"] for r in results]
-    out = {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+    out = {"requests": len(results), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
            "p50_s": statistics.median(lat), "p99_s": percentile(lat, 99)}
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     if ttft:
-        out["ttft_p50_s"] = statistics.median(ttft)
+        out["ttft_p50_s"], out["ttft_p99_s"] = statistics.median(ttft), percentile(ttft, 99)
+    gaps = [g for r in results for g in r.get("gaps", [])]
+    if gaps:
+        out["itl_p50_s"], out["itl_p99_s"] = statistics.median(gaps), percentile(gaps, 99)
     return out
 
 
@@ -132,13 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, help="a saved model directory (default: a random --preset)")
     ap.add_argument("--preset", default="tiny", help="random model shape when no --model (vocabulary: the tokenizer's)")
     ap.add_argument("--tokenizer", type=Path, default=FIXTURE_TOKENIZER, help="tokenizer.model for a random preset")
-    ap.add_argument("--clients", type=int, default=8, help="concurrent requests (default: 8)")
+    ap.add_argument("--clients", default="1,8,32,64",
+                    help="concurrent requests, one run per comma-separated count (default: 1,8,32,64)")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default: 64)")
-    ap.add_argument("--max-batch-size", type=int, default=None, help="server batch size (default: --clients)")
+    ap.add_argument("--max-batch-size", type=int, default=None,
+                    help="server batch size (default: the largest --clients)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = ap.parse_args(argv)
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        raise SystemExit(f"--clients {args.clients!r}: expected counts like 1,8,32,64") from None
+    if not clients or min(clients) < 1:
+        raise SystemExit(f"--clients {args.clients!r}: expected counts >= 1")
+    most = max(clients)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
@@ -150,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir, name = args.model, str(args.model)
         port = free_port()
         cmd = [sys.executable, "-m", "llama2", "serve", "--model", str(model_dir), "--port", str(port),
-               "--max-batch-size", str(args.max_batch_size or args.clients), "--max-queue", str(4 * args.clients),
+               "--max-batch-size", str(args.max_batch_size or most), "--max-queue", str(4 * most),
                "--device", args.device, "--log-level", "warning"]
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         base = f"http://127.0.0.1:{port}"
@@ -168,32 +188,41 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit("the server did not come up")
                 time.sleep(0.2)
             bodies = [{"prompt": PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" ({i})"),
-                       "max_tokens": args.max_tokens, "temperature": 0} for i in range(args.clients)]
-            res = asyncio.run(run(base, bodies))
+                       "max_tokens": args.max_tokens, "temperature": 0} for i in range(most)]
+            res = asyncio.run(run(base, bodies, clients))
         finally:
             server.terminate()
             server.wait(timeout=30)
 
-    alone, together = summarize(res["alone"], res["alone_wall"]), summarize(res["together"], res["together_wall"])
-    garbled = [i for i, (a, b) in enumerate(zip(res["alone"], res["together"]))
-               if a["text"] != b["text"] or a["tokens"] != b["tokens"]]
-    result = {
-        "model": name, "device": args.device, "clients": args.clients, "max_tokens": args.max_tokens,
-        "one_at_a_time": alone, "concurrent_streaming": together,
-        "throughput_ratio": together["tok_s"] / alone["tok_s"],
-        "streamed_equals_alone": f"{args.clients - len(garbled)}/{args.clients}",
-    }
+    runs, garbled_any = [], False
+    for n in clients:
+        results, wall = res["together"][n]
+        alone = summarize(res["alone"][:n], sum(r["latency"] for r in res["alone"][:n]))
+        together = summarize(results, wall)
+        garbled = [i for i, (a, b) in enumerate(zip(res["alone"], results))
+                   if a["text"] != b["text"] or a["tokens"] != b["tokens"]]
+        garbled_any |= bool(garbled)
+        runs.append({"clients": n, "one_at_a_time": alone, "concurrent_streaming": together,
+                     "throughput_ratio": together["tok_s"] / alone["tok_s"],
+                     "streamed_equals_alone": f"{n - len(garbled)}/{n}"})
+    result = {"model": name, "device": args.device, "max_tokens": args.max_tokens,
+              "max_batch_size": args.max_batch_size or most, "runs": runs}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{name}, {args.device}, {args.clients} clients x {args.max_tokens} tokens (greedy)")
-        for label, s in (("one at a time      ", alone), ("concurrent, stream ", together)):
-            ttft = f", first token p50 {s['ttft_p50_s'] * 1000:.0f} ms" if "ttft_p50_s" in s else ""
-            print(f"  {label} {s['tok_s']:8.1f} tokens/s  latency p50 {s['p50_s']:.2f} s  "
-                  f"p99 {s['p99_s']:.2f} s  ({s['tokens']} tokens in {s['wall_s']:.2f} s{ttft})")
-        print(f"  batching speed-up (tokens/s, concurrent / one at a time): {result['throughput_ratio']:.2f}x")
-        print(f"  streamed text identical to the non-streamed greedy answer: {result['streamed_equals_alone']}")
-    return 0 if not garbled else 1
+        print(f"{name}, {args.device}, {args.max_tokens} tokens per request (greedy), server batch "
+              f"{result['max_batch_size']}; times in ms")
+        print(f"{'streams':>7} {'tok/s':>8} {'alone':>8} {'ratio':>6} {'lat p50':>8} {'lat p99':>8} "
+              f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}  same text")
+        for r in runs:
+            s_, a = r["concurrent_streaming"], r["one_at_a_time"]
+            print(f"{r['clients']:>7} {s_['tok_s']:8.1f} {a['tok_s']:8.1f} {r['throughput_ratio']:5.2f}x "
+                  f"{s_['p50_s'] * 1000:8.0f} {s_['p99_s'] * 1000:8.0f} {s_['ttft_p50_s'] * 1000:9.0f} "
+                  f"{s_['ttft_p99_s'] * 1000:9.0f} {s_.get('itl_p50_s', 0) * 1000:8.1f} "
+                  f"{s_.get('itl_p99_s', 0) * 1000:8.1f}  {r['streamed_equals_alone']}")
+        print("tok/s: all streams together; alone: the same requests one at a time, not streamed; TTFT: time to "
+              "the first streamed text; ITL: gaps between a stream's text chunks")
+    return 0 if not garbled_any else 1
 
 
 if __name__ == "__main__":

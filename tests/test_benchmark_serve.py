@@ -1,0 +1,40 @@
+"""benchmarks/serve.py on a tiny saved model (a real server subprocess, seconds): one row per
+stream count, latency percentiles, and every streamed text equal to its one-at-a-time answer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llama2.checkpoint import load_tokenizer, save_model
+
+from .conftest import load_benchmark
+from .test_checkpoint import FIXTURE, random_model, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    model = random_model(tiny(vocab_size=32000, max_seq_len=128))
+    return save_model(model, tmp_path_factory.mktemp("serve") / "model", tokenizer=load_tokenizer(FIXTURE))
+
+
+def test_rows_per_stream_count_with_latencies_and_identical_text(capsys, model_dir):
+    bench = load_benchmark("serve")
+    assert bench.main(["--model", str(model_dir), "--clients", "1,3", "--max-tokens", "6", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [r["clients"] for r in result["runs"]] == [1, 3] and result["max_batch_size"] == 3
+    for r in result["runs"]:
+        s = r["concurrent_streaming"]
+        assert r["streamed_equals_alone"] == f"{r['clients']}/{r['clients']}"
+        assert s["requests"] == r["clients"] and s["tokens"] == 6 * r["clients"]
+        assert 0 < s["ttft_p50_s"] <= s["ttft_p99_s"] <= s["p99_s"]
+        assert 0 <= s["itl_p50_s"] <= s["itl_p99_s"]
+
+
+def test_bad_stream_counts_are_refused():
+    bench = load_benchmark("serve")
+    with pytest.raises(SystemExit, match="expected counts"):
+        bench.main(["--clients", "1,x"])
