@@ -10,9 +10,10 @@ reported (prefill included, so tokens/s = new tokens / wall time).
 The sides:
 
 * ours and transformers in ``--dtype`` (float32 on CPU, bfloat16 on CUDA by default);
-* ``--quantize int8,int4:64``: ours again, loaded with ``load_model(path, quantize=SPEC)`` per
-  SPEC (int8 | int4 | int4:32|64|128): weight-only int8/int4 on PyTorch's packed kernels with
-  bfloat16 activations. Quantized greedy tokens legitimately drift from the float run after a
+* ``--quantize int8,w8a8,int4:64``: ours again, loaded with ``load_model(path, quantize=SPEC)`` per
+  SPEC (int8 | w8a8 | int4 | int4:32|64|128): weight-only int8/int4 on PyTorch's packed kernels with
+  bfloat16 activations; w8a8 (CPU) = int8 weights and activations on fbgemm's kernels, the rest of
+  the model in float32. Quantized greedy tokens legitimately drift from the float run after a
   while; the table says how many of the n agree;
 * llama.cpp, through llama-cpp-python when it is installed (``--llama-cpp``; on by default when
   ``import llama_cpp`` works, ``--no-llama-cpp`` turns it off; skipped with a note otherwise):
@@ -20,7 +21,7 @@ The sides:
   q8_0 and q4_0 (``export_gguf(quant=...)``, llama-quantize ``--pure``), run with the same
   threads. Compared at the same precision: ours float32 / llama.cpp f32 (F32 KV cache, as ours;
   its greedy tokens should equal ours), ours float16 or bfloat16 / llama.cpp f16 (llama.cpp's
-  default F16 KV cache), ours int8 / q8_0, ours int4 / q4_0 (blocks of 32: the int4 run with
+  default F16 KV cache), ours w8a8 (else int8) / q8_0, ours int4 / q4_0 (blocks of 32: the int4 run with
   the smallest group is its peer). GGUF needs a ``tokenizer.model`` with the model's
   vocabulary: ``--model DIR``'s own, or ``--tokenizer``; a random preset with the Llama 2
   vocabulary (110m, 7b, ...) uses the repository's test copy (tests/fixtures/llama2-tokenizer).
@@ -268,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             path, name = args.model, str(args.model)
         ours = load_model(path, dtype=dtype, device=args.device)
         theirs = LlamaForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
-        quantized = {s: load_model(path, dtype=qdtype, device=args.device, quantize=s) for s in specs}
+        def act_dtype(spec: str) -> torch.dtype:  # w8a8 takes float32 in; the weight-only kernels bf16
+            return torch.float32 if spec == "w8a8" else qdtype
+
+        quantized = {s: load_model(path, dtype=act_dtype(s), device=args.device, quantize=s) for s in specs}
         cfg = ours.config
         if args.prompt_len + n > cfg.max_seq_len:
             raise SystemExit(f"prompt-len + new-tokens exceeds the context ({cfg.max_seq_len})")
@@ -288,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         sides.append(("transformers", dname, lambda k: time_hf(theirs, prompt, k, args.device)))
         for s, qmodel in quantized.items():
             qgen = Generator(qmodel, compile=args.compile)
-            sides.append((f"ours {s}", f"{s}, {str(qdtype).removeprefix('torch.')} activations",
+            sides.append((f"ours {s}", f"{s}, {str(act_dtype(s)).removeprefix('torch.')} activations",
                           lambda k, qgen=qgen: time_ours(qgen, prompt, k, args.device)))
         for kind, llm in llms.items():
             sides.append((f"llama.cpp {kind}", kind, lambda k, llm=llm: time_llama_cpp(llm, prompt, k)))
@@ -315,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     int4 = sorted((s for s in specs if s.startswith("int4")), key=lambda s: int(s.split(":")[1]))
     peers = {"transformers": "ours", "llama.cpp f32": "ours" if dtype == torch.float32 else None,
              "llama.cpp f16": "ours" if dtype in (torch.float16, torch.bfloat16) else None,
-             "llama.cpp q8_0": "ours int8" if "int8" in specs else None,
+             # q8_0 rounds the activations to 8 bits too: w8a8 is its like, int8 (weight-only) the fallback
+             "llama.cpp q8_0": "ours w8a8" if "w8a8" in specs else "ours int8" if "int8" in specs else None,
              "llama.cpp q4_0": f"ours {int4[0]}" if int4 else None}
     rows = []
     for side, precision, _ in sides:
@@ -333,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "same_tokens": f"{match}/{n}", "compiled": args.compile,
         "sides": rows,
         "quantized": {s: {"tok_s": n / best[f"ours {s}"], "same_tokens": same(f"ours {s}"),
-                          "activations": str(qdtype).removeprefix("torch.")} for s in specs},
+                          "activations": str(act_dtype(s)).removeprefix("torch.")} for s in specs},
         "llama_cpp": {kind: {"tok_s": n / best[f"llama.cpp {kind}"], "same_tokens": same(f"llama.cpp {kind}")}
                       for kind in llms} or None,
         "llama_cpp_note": note,

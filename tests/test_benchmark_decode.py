@@ -40,7 +40,8 @@ def run(bench, capsys, model_dir, *args) -> dict:
 
 
 def test_quantized_side(bench, model_dir, capsys):
-    res = run(bench, capsys, model_dir, "--new-tokens", "4", "--quantize", "int8", "--no-llama-cpp")
+    res = run(bench, capsys, model_dir, "--new-tokens", "4", "--quantize", "int8,w8a8", "--no-llama-cpp")
+    assert res["quantized"]["w8a8"]["activations"] == "float32" and res["quantized"]["w8a8"]["tok_s"] > 0
     q = res["quantized"]["int8"]
     assert q["tok_s"] > 0 and math.isfinite(q["tok_s"])
     k, n = map(int, q["same_tokens"].split("/"))
@@ -49,17 +50,17 @@ def test_quantized_side(bench, model_dir, capsys):
     # the existing keys keep working
     assert res["ours_tok_s"] > 0 and res["transformers_tok_s"] > 0 and res["same_tokens"] == "4/4"
     sides = {r["side"]: r for r in res["sides"]}
-    assert set(sides) == {"ours", "transformers", "ours int8"}
+    assert set(sides) == {"ours", "transformers", "ours int8", "ours w8a8"}
     assert sides["ours int8"]["same_tokens"] == q["same_tokens"]
 
 
 def test_llama_cpp_greedy_tokens_equal_ours(bench, model_dir, capsys):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (optional llama.cpp check)")
-    res = run(bench, capsys, model_dir, "--new-tokens", "8", "--quantize", "int8,int4:32", "--llama-cpp")
+    res = run(bench, capsys, model_dir, "--new-tokens", "8", "--quantize", "int8,w8a8,int4:32", "--llama-cpp")
     assert res["llama_cpp_note"] is None
     assert set(res["llama_cpp"]) == {"f32", "f16", "q8_0", "q4_0"}
     assert all(v["tok_s"] > 0 for v in res["llama_cpp"].values())
     assert res["tokens"]["llama.cpp f32"] == res["tokens"]["ours"]
     assert res["llama_cpp"]["f32"]["same_tokens"] == "8/8"
-    assert set(res["ratios"]) == {"ours / transformers", "ours / llama.cpp f32", "ours int8 / llama.cpp q8_0",
+    assert set(res["ratios"]) == {"ours / transformers", "ours / llama.cpp f32", "ours w8a8 / llama.cpp q8_0",
                                   "ours int4:32 / llama.cpp q4_0"}

@@ -173,6 +173,31 @@ def test_rerunning_skips_finished_stages(smoke_run, capsys):
     assert err.count("skipped") == len(STAGES)
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start", ["reward-helpfulness-2", "ppo-2"])
+def test_a_two_round_run_reruns_from_any_stage_and_resumes_an_interrupted_one(smoke_run, tmp_path, capsys, start):
+    """``--from STAGE`` in the middle of round 2 keeps everything before it and redoes the rest;
+    a stage killed before it finished (no ``.done.json``) is picked up again on the next run."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = {st: (run / st / ".done.json").read_text() for st in STAGES}
+    run_pipeline("smoke", run, from_stage=start, quiet=True)
+    i = STAGES.index(start)
+    after = {st: (run / st / ".done.json").read_text() for st in STAGES}
+    assert all(after[st] == before[st] for st in STAGES[:i])  # kept
+    assert all(after[st] != before[st] for st in STAGES[i:])  # done again
+    # Interrupted: the stage's marker and model are gone, its folder stays; a plain re-run redoes it alone.
+    (run / start / ".done.json").unlink()
+    shutil.rmtree(run / start / "model")
+    capsys.readouterr()
+    run_pipeline("smoke", run)
+    err = capsys.readouterr().err
+    assert err.count("skipped") == len(STAGES) - 1 and f"{start}: finished" in err
+    assert (run / start / "model" / "model.safetensors").is_file()
+
 # -- LoRA in every stage -------------------------------------------------------------------
 
 FINE_TUNING = ("sft", "reward-helpfulness", "reward-safety", "rejection", "ppo", "reward-helpfulness-2", "reward-safety-2",

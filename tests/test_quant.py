@@ -12,6 +12,7 @@ from torch import nn
 
 from llama2 import Generator, SamplingParams, Transformer, save_model
 from llama2.model.quant import (
+    _VNNI,
     Int4Linear,
     Int8Linear,
     int4_dequantize,
@@ -50,10 +51,11 @@ def logit_errors(model: Transformer, spec: str) -> tuple[float, float, Transform
 
 def test_parse_quantize():
     assert parse_quantize("int8") == ("int8", None)
+    assert parse_quantize("w8a8") == ("w8a8", None)
     assert parse_quantize("int4") == ("int4", 128)
     assert parse_quantize("INT4:32") == ("int4", 32)
-    for bad, match in (("int3", "expected int8, int4"), ("int4:16", "group size"), ("int4:x", "group size"),
-                       ("int8:32", "expected int8"), ("", "expected")):
+    for bad, match in (("int3", "expected int8, w8a8, int4"), ("int4:16", "group size"), ("int4:x", "group size"),
+                       ("int8:32", "expected int8"), ("w8a8:32", "expected int8"), ("", "expected")):
         with pytest.raises(ValueError, match=match) as e:
             parse_quantize(bad)
         assert "\n" not in str(e.value)
@@ -76,6 +78,27 @@ def test_int8_logits_close_to_float():
     assert nn.Linear not in kinds and Int8Linear in kinds
     assert isinstance(q.tok_embeddings, nn.Embedding) and q.tok_embeddings.weight.dtype == torch.float32
     assert sum(isinstance(m, Int8Linear) for m in q.modules()) == 2 * 7 + 1  # 7 per block + the head
+
+
+def test_w8a8_quantizes_activations_too_and_stays_close_to_float():
+    """fbgemm's int8 x int8 GEMM: the product equals the int8 weights times the activations
+    rounded to 8 bits (per tensor, asymmetric), and the whole model stays near the float one."""
+    lin = nn.Linear(96, 48, bias=False)
+    x = torch.randn(3, 96)
+    m = Int8Linear.from_linear(lin, dynamic_activations=True)
+    xq = torch.quantize_per_tensor_dynamic(x, torch.quint8, not _VNNI).dequantize()  # PyTorch's own rounding
+    want = F.linear(xq, m.dequantize())
+    assert torch.allclose(m(x), want, atol=2e-3 * want.abs().max().item())
+    assert not torch.allclose(m(x), F.linear(x, m.dequantize()), atol=1e-6)  # activations were rounded
+    max_abs, rel, q = logit_errors(make_model(), "w8a8")
+    assert max_abs < 2 * INT8_MAX_ABS and rel < 2 * INT8_MAX_REL, (max_abs, rel)
+    assert all(m.dynamic_activations for m in q.modules() if isinstance(m, Int8Linear))
+
+
+def test_w8a8_is_refused_off_the_cpu():
+    with pytest.raises(ValueError, match="w8a8 runs on the CPU only"):
+        Int8Linear(torch.zeros(4, 4, dtype=torch.int8, device="meta"), torch.ones(4, device="meta"),
+                   dynamic_activations=True)
 
 
 @pytest.mark.parametrize("group", [32, 128])
@@ -143,7 +166,7 @@ def quant_model_dir(llama_tokenizer, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4:64"])
+@pytest.mark.parametrize("spec", ["int8", "w8a8", "int4:64"])
 def test_generate_cli_quantized_json(capsys, quant_model_dir, spec):
     rc, out, err = run_cli(capsys, "generate", "--model", quant_model_dir, "--quantize", spec, "--json",
                            "--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "6")

@@ -69,10 +69,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "draft is often right. Loaded with the same --dtype/--device")
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
                    help="tokens the draft proposes per round (default 4, with --draft-model)")
-    p.add_argument("--quantize", default=None, metavar="int8|int4[:GROUP]",
+    p.add_argument("--quantize", default=None, metavar="int8|w8a8|int4[:GROUP]",
                    help="quantize every linear layer after loading (weight-only): int8 per output channel, or "
                         "int4 with a scale and zero per GROUP inputs (32, 64 or 128; default 128). Smaller and, "
-                        "on CPU, faster; slightly less accurate")
+                        "on CPU, faster; slightly less accurate. w8a8 (CPU): int8 weights and int8 activations "
+                        "on fbgemm's kernels, as llama.cpp's q8_0 computes; the fastest on CPUs with VNNI")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:

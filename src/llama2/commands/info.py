@@ -42,7 +42,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences decoded at once (default 1)")
     p.add_argument("--dtype", choices=tuple(BYTES), default=None,
                    help="weight dtype (default: a directory's stored dtype; bf16 for presets)")
-    p.add_argument("--quantize", default=None, metavar="int8|int4[:GROUP]",
+    p.add_argument("--quantize", default=None, metavar="int8|w8a8|int4[:GROUP]",
                    help="weights as `llama2 generate --quantize` holds them: every linear layer weight-only "
                         "int8 (+ a float32 scale per output row) or int4 (+ a bf16 scale and zero per GROUP "
                         "inputs); embeddings and norms stay in --dtype")
@@ -145,6 +145,8 @@ def quantized_weight_bytes(cfg, spec: str, dtype: str = "bf16") -> int:
     rest = (parts["embeddings"] + parts["norms"]) * BYTES[dtype]
     if kind == "int8":
         return linear + 4 * rows + rest
+    if kind == "w8a8":  # the int8 weights and fbgemm's packed copy of them, built on first use
+        return 2 * linear + 4 * rows + rest
     return linear // 2 + (linear // group) * 2 * 2 + rest
 
 

@@ -125,7 +125,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a LoRA adapter directory (PEFT's format) whose base is --model; it is merged into "
                              "--model's weights for the suite or --task (not into the reward models, which may "
                              "be adapter directories themselves)")
-    parser.add_argument("--quantize", metavar="int8|int4[:GROUP]", default=None,
+    parser.add_argument("--quantize", metavar="int8|w8a8|int4[:GROUP]", default=None,
                         help="weight-only quantize --model after loading (as llama2 generate --quantize) to measure "
                              "what quantization costs on the suite, a --task or --perplexity")
     parser.add_argument("--dtype", default="auto", choices=("auto", "f32", "f16", "bf16"),

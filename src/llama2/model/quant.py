@@ -18,6 +18,9 @@ the device it is loaded on (:meth:`Int4Linear.from_quantized`).
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,10 +31,11 @@ INT4_INNER_K_TILES = 8  # gpt-fast's and torchao's choice (CUDA); the CPU op ign
 
 
 def parse_quantize(spec: str) -> tuple[str, int | None]:
-    """``"int8"`` -> ("int8", None); ``"int4"`` -> ("int4", 128); ``"int4:64"`` -> ("int4", 64)."""
+    """``"int8"`` -> ("int8", None); ``"w8a8"`` -> ("w8a8", None); ``"int4"`` -> ("int4", 128);
+    ``"int4:64"`` -> ("int4", 64)."""
     kind, _, group = spec.strip().lower().partition(":")
-    if kind == "int8" and not group:
-        return "int8", None
+    if kind in ("int8", "w8a8") and not group:
+        return kind, None
     if kind == "int4":
         if not group:
             return "int4", INT4_DEFAULT_GROUP
@@ -39,7 +43,7 @@ def parse_quantize(spec: str) -> tuple[str, int | None]:
             return "int4", int(group)
         raise ValueError(f"--quantize {spec!r}: the int4 group size must be one of "
                          f"{', '.join(map(str, INT4_GROUPS))} (e.g. int4:{INT4_DEFAULT_GROUP})")
-    raise ValueError(f"--quantize {spec!r}: expected int8, int4 or int4:GROUP (GROUP = "
+    raise ValueError(f"--quantize {spec!r}: expected int8, w8a8, int4 or int4:GROUP (GROUP = "
                      f"{', '.join(map(str, INT4_GROUPS))})")
 
 
@@ -53,24 +57,62 @@ def int8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
-class Int8Linear(nn.Module):
-    """A bias-free linear layer with an int8 weight [out, in] and float32 scales [out]."""
+def _cpu_has_vnni() -> bool:
+    """Whether this x86 CPU multiplies int8 with 32-bit accumulation (AVX-512 VNNI / AVX-VNNI):
+    without it fbgemm's int8 kernels saturate 16-bit sums, and need 7-bit activations."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
-    def __init__(self, weight: Tensor, scales: Tensor):
+
+_VNNI = _cpu_has_vnni()
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with an int8 weight [out, in] and float32 scales [out].
+
+    ``dynamic_activations`` (``--quantize w8a8``, CPU): the activations are quantized to int8 as
+    well, per tensor at run time, and the product is fbgemm's int8 GEMM (what
+    ``torch.ao``'s dynamic quantized Linear runs) — as llama.cpp's q8_0 does, which quantizes
+    activations to 8 bits for its dot products. Several times faster than the weight-only
+    kernel on CPUs with VNNI, at the cost of the activations' rounding."""
+
+    def __init__(self, weight: Tensor, scales: Tensor, dynamic_activations: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
+        if dynamic_activations and weight.device.type != "cpu":
+            raise ValueError(f"--quantize w8a8 runs on the CPU only (fbgemm's int8 kernels), not on "
+                             f"{weight.device.type}; use int8 there")
+        self.dynamic_activations = dynamic_activations
+        self._packed = None  # fbgemm's prepacked weight, built on first use (not saved)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        return cls(*int8_quantize(linear.weight))
+    def from_linear(cls, linear: nn.Linear, dynamic_activations: bool = False) -> Int8Linear:
+        return cls(*int8_quantize(linear.weight), dynamic_activations=dynamic_activations)
 
     def dequantize(self) -> Tensor:
         return self.weight.float() * self.scales[:, None]
 
+    def _w8a8(self, x2: Tensor) -> Tensor:
+        if self._packed is None:
+            zeros = torch.zeros(self.out_features, dtype=torch.long)
+            # PyTorch marks its quantized tensors deprecated (in favour of torchao, whose CPU int8
+            # matmul, torch._int_mm, is ~2.5x slower at one token); they work in the torch this
+            # project pins, and only the packing touches them.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                qw = torch._make_per_channel_quantized_tensor(self.weight, self.scales.double(), zeros, 0)
+                self._packed = torch.ops.quantized.linear_prepack(qw, None)
+        return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._packed, not _VNNI)
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if self.dynamic_activations:
+            return self._w8a8(x2).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if x.device.type == "cpu":
             # The CPU kernel is fast only with bfloat16 activations. Measured on a Xeon with
             # AVX-512 bf16/AMX, 1 thread, one token through 110m's w1 (768 -> 2048): float32
@@ -84,7 +126,8 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        kind = "int8 weights and activations" if self.dynamic_activations else "int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
 
 
 # -- int4, group-wise, asymmetric (gpt-fast / tinygemm) ------------------------------------------
@@ -186,7 +229,7 @@ class Int4Linear(nn.Module):
 
 # -- whole models ---------------------------------------------------------------------------------
 def quantize_model(model: nn.Module, spec: str) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` in place (``spec``: "int8", "int4", "int4:GROUP").
+    """Replace every ``nn.Linear`` of ``model`` in place (``spec``: "int8", "w8a8", "int4", "int4:GROUP").
 
     Every layer's shape is checked before any is replaced, so an unsupported model is left as it
     was. Layers are quantized one at a time and each float weight is dropped as soon as its
@@ -207,7 +250,10 @@ def quantize_model(model: nn.Module, spec: str) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, attr)
-        new = Int8Linear.from_linear(linear) if kind == "int8" else Int4Linear.from_linear(linear, group, name)
+        if kind == "int4":
+            new = Int4Linear.from_linear(linear, group, name)
+        else:
+            new = Int8Linear.from_linear(linear, dynamic_activations=kind == "w8a8")
         setattr(parent, attr, new)  # the float weight goes with the last reference to it
         del linear
     return model
@@ -220,7 +266,7 @@ def quantized_linear(weight: Tensor, spec: str, name: str = "linear") -> nn.Modu
     kind, group = parse_quantize(spec)
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     linear.weight = nn.Parameter(weight, requires_grad=False)
-    if kind == "int8":
-        return Int8Linear.from_linear(linear)
+    if kind in ("int8", "w8a8"):
+        return Int8Linear.from_linear(linear, dynamic_activations=kind == "w8a8")
     int4_check(name, weight.shape[0], weight.shape[1], group, weight.device)
     return Int4Linear.from_linear(linear, group, name)

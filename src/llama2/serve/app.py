@@ -1042,7 +1042,7 @@ def configure(parser) -> None:
                              "(repeat for several; requests for different adapters share a batch). A bare DIR is "
                              "named after its directory, or after the run for a LoRA run's RUN/model or "
                              "RUN/adapter folder. Requests naming --model's own id get the base model")
-    parser.add_argument("--quantize", default=None, metavar="int8|int4[:GROUP]",
+    parser.add_argument("--quantize", default=None, metavar="int8|w8a8|int4[:GROUP]",
                         help="quantize every linear layer after loading (weight-only): int8 per output channel, or "
                              "int4 with a scale and zero per GROUP inputs (32, 64 or 128; default 128). "
                              "Not with --adapter")
