@@ -12,9 +12,9 @@ from torch import nn
 
 from llama2 import Generator, SamplingParams, Transformer, save_model
 from llama2.model.quant import (
-    _VNNI,
     Int4Linear,
     Int8Linear,
+    cpu_has_vnni,
     int4_dequantize,
     int4_quantize,
     parse_quantize,
@@ -86,7 +86,7 @@ def test_w8a8_quantizes_activations_too_and_stays_close_to_float():
     lin = nn.Linear(96, 48, bias=False)
     x = torch.randn(3, 96)
     m = Int8Linear.from_linear(lin, dynamic_activations=True)
-    xq = torch.quantize_per_tensor_dynamic(x, torch.quint8, not _VNNI).dequantize()  # PyTorch's own rounding
+    xq = torch.quantize_per_tensor_dynamic(x, torch.quint8, not cpu_has_vnni()).dequantize()  # PyTorch's own rounding
     want = F.linear(xq, m.dequantize())
     assert torch.allclose(m(x), want, atol=2e-3 * want.abs().max().item())
     assert not torch.allclose(m(x), F.linear(x, m.dequantize()), atol=1e-6)  # activations were rounded

@@ -94,17 +94,10 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generat
     """
     if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(_tempered(logits, temperature, top_k), dim=-1)
     order = None
     if top_p < 1.0:
-        # Nucleus: keep the smallest prefix of the sorted distribution whose mass exceeds p.
-        probs, order = probs.sort(dim=-1, descending=True)
-        before = probs.cumsum(dim=-1) - probs
-        probs = probs.masked_fill(before > top_p, 0.0)
+        probs, order = _nucleus(probs, top_p)
     # Inverse-CDF sampling with one uniform per row: the row's own RNG when given one RNG per row,
     # else B draws from the one RNG (the same distribution as multinomial, one batched search).
     if isinstance(generator, (list, tuple)):
@@ -113,12 +106,34 @@ def sample(logits: Tensor, temperature: float, top_p: float, top_k: int, generat
         u = torch.stack([torch.rand((), generator=g, device=probs.device) for g in generator])
     else:
         u = torch.rand(probs.shape[0], generator=generator, device=probs.device)
-    cdf = probs.double().cumsum(dim=-1)
-    choice = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(-1), right=True)
-    choice = choice.clamp_(max=probs.shape[-1] - 1)
+    choice = _inverse_cdf(probs, u)
     if order is not None:
         choice = order.gather(-1, choice)
     return choice.squeeze(-1)
+
+
+def _tempered(logits: Tensor, temperature: float, top_k: int) -> Tensor:
+    """Logits divided by the temperature, all but the ``top_k`` largest of each row at -inf (0: all kept)."""
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
+
+
+def _nucleus(probs: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
+    """(probabilities sorted in descending order with everything past the nucleus zeroed, the sort
+    order): the smallest prefix of the sorted distribution whose mass exceeds ``top_p`` is kept."""
+    probs, order = probs.sort(dim=-1, descending=True)
+    before = probs.cumsum(dim=-1) - probs
+    return probs.masked_fill(before > top_p, 0.0), order
+
+
+def _inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """Indices [B, 1]: where each row's uniform ``u`` falls in its (unnormalised) cumulative sum."""
+    cdf = probs.double().cumsum(dim=-1)
+    choice = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(-1), right=True)
+    return choice.clamp_(max=probs.shape[-1] - 1)
 
 
 def sampling_probs(logits: Tensor, temperature: float, top_p: float, top_k: int) -> Tensor:
@@ -128,24 +143,17 @@ def sampling_probs(logits: Tensor, temperature: float, top_p: float, top_k: int)
     needs it whole: its acceptance test compares two such distributions token by token."""
     if temperature < GREEDY_BELOW:
         return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(_tempered(logits.float(), temperature, top_k), dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
-        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+        kept, order = _nucleus(probs, top_p)
+        probs = torch.zeros_like(probs).scatter(-1, order, kept)
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def draw(probs: Tensor, generator=None) -> Tensor:
     """One token per row of ``probs`` [B, V] (any non-negative weights), by inverse CDF."""
     u = torch.rand(probs.shape[0], generator=generator, device=probs.device)
-    cdf = probs.double().cumsum(dim=-1)
-    choice = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(-1), right=True)
-    return choice.clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+    return _inverse_cdf(probs, u).squeeze(-1)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
@@ -312,10 +320,12 @@ class Generator:
                 for _ in range(k):
                     q_logits = forward(draft, feed, d_fed)[-1]
                     d_fed += len(feed)
-                    q = dist(q_logits.view(1, -1))[0]
-                    t = int(q_logits.argmax()) if greedy else int(draw(q.view(1, -1), rng)[0])
+                    if greedy:  # the acceptance test only compares argmaxes
+                        t = int(q_logits.argmax())
+                    else:
+                        qs.append(dist(q_logits.view(1, -1))[0])
+                        t = int(draw(qs[-1].view(1, -1), rng)[0])
                     drafts.append(t)
-                    qs.append(q)
                     feed = [t]
                 rows = forward(target, seq[t_fed:] + drafts, t_fed)[-(k + 1):]
                 self.stats["rounds"] += 1

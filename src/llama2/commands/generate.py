@@ -67,7 +67,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "small one for a 7B) proposes --draft-tokens tokens that --model checks in one pass; greedy "
                         "output is unchanged, sampled output keeps its distribution, decoding gets faster when the "
                         "draft is often right. Loaded with the same --dtype/--device")
-    p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
                    help="tokens the draft proposes per round (default 4, with --draft-model)")
     p.add_argument("--quantize", default=None, metavar="int8|w8a8|int4[:GROUP]",
                    help="quantize every linear layer after loading (weight-only): int8 per output channel, or "
@@ -153,11 +153,12 @@ def make_generator(args, model, tokenizer) -> Generator:
     (its tokenizer checked against the model's vocabulary) and refused in one line if it
     cannot draft for it."""
     if args.draft_model is None:
-        if args.draft_tokens != 4:
+        if args.draft_tokens is not None:
             raise ValueError("--draft-tokens needs --draft-model")
         return Generator(model, tokenizer, compile=args.compile)
-    if args.draft_tokens < 1:
-        raise ValueError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    k = 4 if args.draft_tokens is None else args.draft_tokens
+    if k < 1:
+        raise ValueError(f"--draft-tokens must be >= 1, got {k}")
     if args.compile:
         raise ValueError("--compile cannot be combined with --draft-model yet")
     draft, draft_tok = load_for_inference(args.draft_model, args.dtype, args.device, args.verify)
@@ -165,7 +166,7 @@ def make_generator(args, model, tokenizer) -> Generator:
             draft_tok.id_to_piece(i) != tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)):
         raise ValueError(f"--draft-model {args.draft_model}: its tokenizer is not --model's ({draft_tok.vocab_size} "
                          f"vs {tokenizer.vocab_size} pieces); a draft must share the model's tokenizer")
-    return Generator(model, tokenizer, draft=draft, draft_tokens=args.draft_tokens)
+    return Generator(model, tokenizer, draft=draft, draft_tokens=k)
 
 
 def sampling_params(args, **extra):

@@ -1,4 +1,5 @@
-"""Weight-only quantized inference: int8 and int4 linear layers on PyTorch's packed kernels.
+"""Quantized inference: int8 and int4 linear layers on PyTorch's packed kernels (weight-only),
+and int8 weights with int8 activations on fbgemm's (``w8a8``, CPU; :class:`Int8Linear`).
 
 ``quantize_model(model, "int8")`` swaps every ``nn.Linear`` (attention wq/wk/wv/wo, feed-forward
 w1/w2/w3 and the output head; embeddings and norms stay) for an :class:`Int8Linear`: one int8
@@ -18,6 +19,7 @@ the device it is loaded on (:meth:`Int4Linear.from_quantized`).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -57,7 +59,8 @@ def int8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scales
 
 
-def _cpu_has_vnni() -> bool:
+@functools.cache
+def cpu_has_vnni() -> bool:
     """Whether this x86 CPU multiplies int8 with 32-bit accumulation (AVX-512 VNNI / AVX-VNNI):
     without it fbgemm's int8 kernels saturate 16-bit sums, and need 7-bit activations."""
     try:
@@ -65,9 +68,6 @@ def _cpu_has_vnni() -> bool:
     except OSError:
         return False
     return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-_VNNI = _cpu_has_vnni()
 
 
 class Int8Linear(nn.Module):
@@ -107,7 +107,7 @@ class Int8Linear(nn.Module):
                 warnings.simplefilter("ignore", UserWarning)
                 qw = torch._make_per_channel_quantized_tensor(self.weight, self.scales.double(), zeros, 0)
                 self._packed = torch.ops.quantized.linear_prepack(qw, None)
-        return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._packed, not _VNNI)
+        return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._packed, not cpu_has_vnni())
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
