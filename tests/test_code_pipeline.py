@@ -99,6 +99,8 @@ def test_bad_evaluation_settings_fail_in_one_line():
         CodeEvaluateConfig(passkey_depths=[0.5, 1.5])
     with pytest.raises(ValueError, match="infill_tasks must be >= 1"):
         CodeEvaluateConfig(infill_tasks=0)
+    with pytest.raises(ValueError, match="position_edges must rise from 0"):
+        CodeEvaluateConfig(position_edges=[64, 128])
 
 
 def test_passkey_training_lengths_spread_from_the_shortest_to_the_longest():
@@ -164,6 +166,30 @@ def test_merged_data_reads_every_part_as_one_stream(tmp_path):
     assert set(index["parts"]) == {"one", "two"} and (out / "tokenizer.model").is_file()
 
 
+def test_code_world_functions_are_added_once_with_or_without_their_tests(code_run):
+    smoke = read_code_recipe(find_recipe("code-smoke"))["stages"]
+    for stage, with_tests in (("data", True), ("data-fim", False)):
+        index = json.loads((code_run / stage / "code" / "index.json").read_text())
+        inputs = {p["path"].rsplit("/", 1)[-1]: p["documents"] for p in index["inputs"]}
+        assert inputs == {"corpus.jsonl": 40, "code_world.jsonl": smoke[stage]["code_world_documents"]}
+        docs = [json.loads(line)["text"] for line in (code_run / stage / "code_world.jsonl").open()]
+        assert all(("\nassert " in d) == with_tests for d in docs)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("world_seed", 3, "world_seed 3 has no effect in a code recipe"),
+    ("code_corpus", True, "always has the bundled code corpus"),
+])
+def test_prepare_fields_a_code_recipe_cannot_use_are_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        CodeDataConfig(**{field: value})
+
+
+def test_the_fim_stages_cut_at_line_starts(code_run):
+    for stage in ("data-fim", "data-long"):
+        assert json.loads((code_run / stage / "code" / "index.json").read_text())["fim"]["unit"] == "line"
+
+
 def test_passkey_texts_are_never_fim_transformed(code_run):
     index = json.loads((code_run / "data-fim" / "index.json").read_text())
     assert index["parts"]["code"]["fim"] == 0.9 and index["parts"]["passkey"]["fim"] == 0.0
@@ -212,7 +238,9 @@ def test_report_shows_infilling_before_and_after_fim_and_the_passkey_grid(code_r
     assert "| depth \\ length | 128 | 512 | 1024 |" in md
     html = (code_run / "report.html").read_text()
     assert "<h2>Infilling held-out functions</h2>" in html and "passkey.png" in html
-    for figure in ("passkey.png", "infill.png", "losses.png"):
+    assert "## Loss by position on held-out code" in md and "| model | trained at | RoPE θ | 0-128 | 128-512 |" in md
+    assert "Loss (nats per token) on held-out code by position, past the pretraining length (128)" in md
+    for figure in ("passkey.png", "infill.png", "losses.png", "positions.png"):
         assert (code_run / "figures" / figure).stat().st_size > 0
 
 
@@ -226,6 +254,8 @@ def test_evaluation_scores_every_model_on_the_same_tasks_and_prompts(code_run):
     cells = [(c["length"], c["depth"]) for c in results["fim"]["passkey"]["cells"]]
     assert cells == [(c["length"], c["depth"]) for c in results["long"]["passkey"]["cells"]]
     assert results["fim"]["trained_length"] == 128 and results["long"]["trained_length"] == 512
+    assert "positions" not in results["pretrain"]
+    assert results["fim"]["positions"]["edges"] == results["long"]["positions"]["edges"] == [0, 128, 512]
     per_prompt = results["long"]["passkey"]["per_prompt"]
     assert len(per_prompt) == results["long"]["passkey"]["n"]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llama2.corpus import code_corpus_files, iter_documents
-from llama2.data.fim import fim_tokens, split_points
+from llama2.data.fim import fim_tokens, line_split_points, split_points
 from llama2.data.shards import TokenStream, fim_settings, prepare, read_documents
 from llama2.tokenizer import Tokenizer, infill_tokens, train_tokenizer
 
@@ -148,7 +148,7 @@ def test_prepare_with_fim_rate_records_it_and_writes_fim_documents(code, tmp_pat
     index = prepare([code["jsonl"]], code["tok"].path, out, val_fraction=0.0, workers=1, log=lambda m: None,
                     fim_rate=1.0, fim_spm_rate=0.5, fim_seed=3)
     tok = code["tok"]
-    assert fim_settings(index) == {"rate": 1.0, "spm_rate": 0.5, "seed": 3, "static": True,
+    assert fim_settings(index) == {"rate": 1.0, "spm_rate": 0.5, "seed": 3, "unit": "char", "static": True,
                                    "prefix_id": tok.prefix_id, "suffix_id": tok.suffix_id,
                                    "middle_id": tok.middle_id, "eot_id": tok.eot_id}
     assert json.loads((out / "index.json").read_text())["fim"]["rate"] == 1.0
@@ -219,3 +219,40 @@ def test_turning_fim_on_re_encodes_shards_made_without_it(code, tmp_path):
     index = prepare([code["jsonl"]], tok.path, tmp_path, val_fraction=0.0, workers=1, log=lambda m: None, fim_rate=1.0)
     ids = TokenStream(tmp_path, "train").read(0, index["tokens"]["train"])
     assert (ids == tok.prefix_id).sum() == index["documents"]["train"]
+
+
+def test_line_cuts_fall_at_line_starts_so_every_middle_is_whole_lines():
+    text = "a = 1\nb = 2\n\nc = 3\nd = 4"
+    starts = {0, 6, 12, 13, 19, len(text)}
+    seen = set()
+    for seed in range(400):
+        i, j = line_split_points(text, random.Random(seed))
+        assert i < j and {i, j} <= starts  # never an empty middle
+        seen |= {i, j}
+    assert seen == starts  # every line start (and the end) is drawn
+    assert line_split_points("", random.Random(0)) == (0, 0)
+
+
+def test_line_unit_fim_documents_decode_to_whole_line_pieces(code):
+    tok = code["tok"]
+    for seed in range(20):
+        ids = fim_tokens(tok, DOC, random.Random(seed), fim_rate=1.0, spm_rate=0.0, unit="line")
+        middle = continuation(tok, ids[ids.index(tok.middle_id) + 1:ids.index(tok.eot_id)])
+        prefix = tok.decode(ids[ids.index(tok.prefix_id) + 1:ids.index(tok.suffix_id)])
+        assert prefix in ("", DOC) or prefix.endswith("\n")
+        assert middle and (middle.endswith("\n") or DOC.endswith(middle))
+        assert middle in DOC
+
+
+def test_an_unknown_fim_unit_is_refused(code):
+    with pytest.raises(ValueError, match="fim_unit must be one of char, line, got 'word'"):
+        fim_tokens(code["tok"], DOC, random.Random(0), fim_rate=1.0, unit="word")
+
+
+def test_prepare_records_the_fim_unit(code, tmp_path):
+    index = prepare([code["jsonl"]], code["tok"].path, tmp_path / "d", workers=1, progress=False, log=lambda m: None,
+                    fim_rate=0.9, fim_unit="line")
+    assert fim_settings(index)["unit"] == "line"
+    char = prepare([code["jsonl"]], code["tok"].path, tmp_path / "c", workers=1, progress=False, log=lambda m: None,
+                   fim_rate=0.9)
+    assert fim_settings(char)["unit"] == "char"

@@ -17,7 +17,7 @@ import torch
 
 from llama2 import Transformer, save_model
 from llama2.checkpoint import load_model, load_tokenizer
-from llama2.eval.perplexity import perplexity, read_text
+from llama2.eval.perplexity import loss_by_position, perplexity, read_text
 
 from .conftest import run_cli, tiny_config
 
@@ -233,3 +233,40 @@ def test_cli_perplexity_in_bfloat16(model_dir, llama_tokenizer, text, tmp_path, 
     plain = perplexity(load_model(model_dir), llama_tokenizer, text, ctx=CTX, max_chunks=2)["perplexity"]
     assert result["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
     assert result["perplexity"] != plain and result["perplexity"] == pytest.approx(plain, rel=0.02)
+
+
+# -- loss by position (Code Llama §3.3, Figure 4a) ------------------------------------------------
+
+def test_loss_by_position_is_each_buckets_mean_of_the_per_token_loss():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=64, max_seq_len=32)).eval()
+    chunks = [[random.Random(k).randrange(3, 64) for _ in range(40)] for k in range(3)]
+    r = loss_by_position(model, chunks, [0, 4, 10, 32], bos_id=1)
+    x = torch.tensor([c[:32] for c in chunks])
+    x[:, 0] = 1
+    with torch.no_grad():
+        nll = -torch.log_softmax(model(x[:, :-1]), -1).gather(-1, x[:, 1:, None])[..., 0].double()
+    # the token at position p (1..31) is predicted at p - 1: buckets [1, 4), [4, 10), [10, 32)
+    expected = [nll[:, 0:3].mean(), nll[:, 3:9].mean(), nll[:, 9:31].mean()]
+    assert r["nll"] == pytest.approx([float(e) for e in expected], rel=1e-6)
+    assert r["tokens"] == [9, 18, 66] and r["chunks"] == 3
+    assert r["perplexity"] == pytest.approx([math.exp(v) for v in r["nll"]])
+
+
+def test_loss_by_position_reads_past_the_models_context():
+    model = Transformer(tiny_config(vocab_size=64, max_seq_len=16)).eval()
+    r = loss_by_position(model, [list(range(3, 51))], [0, 16, 48])
+    assert r["tokens"] == [15, 32] and all(math.isfinite(v) for v in r["nll"])
+
+
+@pytest.mark.parametrize("edges", [[0], [0, 8, 8], [-1, 8]])
+def test_loss_by_position_refuses_bad_edges(edges):
+    model = Transformer(tiny_config(vocab_size=64, max_seq_len=16)).eval()
+    with pytest.raises(ValueError, match="edges must be increasing"):
+        loss_by_position(model, [list(range(3, 40))], edges)
+
+
+def test_loss_by_position_needs_a_chunk_as_long_as_the_last_edge():
+    model = Transformer(tiny_config(vocab_size=64, max_seq_len=16)).eval()
+    with pytest.raises(ValueError, match="no chunk of at least 64 tokens"):
+        loss_by_position(model, [list(range(3, 40))], [0, 64])

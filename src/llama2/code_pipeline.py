@@ -8,18 +8,20 @@ tokenizer -> data -> pretrain -> data-fim -> fim -> data-long -> long -> evaluat
 * **data**, **pretrain**: plain next-token pretraining of a tiny model on that code, plus short
   passkey texts at the pretraining length, so the base model knows the probe's task at its own
   length (Code Llama starts from Llama 2; here the base model is trained from scratch).
-* **data-fim**, **fim**: the same texts with the fill-in-the-middle transformation (Code Llama
-  §2.3: 90% of documents, half of them in SPM order), and pretraining continued from the base
-  model on them (``llama2 pretrain --init``).
+* **data-fim**, **fim**: the code with the fill-in-the-middle transformation (Code Llama §2.3:
+  90% of documents, half of them in SPM order; the tiny recipe cuts at line starts,
+  ``fim_unit: line``, and gives the code world's functions without their tests), and pretraining
+  continued from the base model on it (``llama2 pretrain --init``).
 * **data-long**, **long**: long-context fine-tuning (Code Llama §2.4) continued from the FIM
   model on sequences 4x the pretraining length, with the RoPE base raised from 10⁴ to 10⁶, or
   with linear position interpolation (Chen et al. 2023) when the recipe sets
   ``model.rope_scaling``; the texts keep FIM, and passkey texts at the new length are added.
 * **evaluate**: infilling of held-out code-world functions (PSM and SPM; exact match, and the
   filled-in function run against its test in the sandbox with a time limit) before FIM
-  training (the base model), after it and after the extension; the passkey probe by depth
-  and length, including lengths past the training length, before the extension (the FIM
-  model) and after it. Each model's results are cached in ``STAGE/code_eval.json``.
+  training (the base model), after it and after the extension; the loss by position on
+  held-out code (Code Llama §3.3, Figure 4a) and the passkey probe by depth and length,
+  including lengths past the training length, before the extension (the FIM model) and after
+  it. Each model's results are cached in ``STAGE/code_eval.json``.
 
 ``OUT/report.md`` and ``OUT/report.html`` (llama2.code_report) show the results.
 
@@ -53,7 +55,15 @@ from llama2.commands import tokenizer as tokenizer_command
 from llama2.commands.tokenizer import TokenizerConfig
 from llama2.corpus import code_corpus_files
 from llama2.data.code_world import code_documents, code_tasks
-from llama2.data.shards import INDEX, PrepareConfig, prepare, prepare_from_config, read_documents, read_index
+from llama2.data.shards import (
+    INDEX,
+    PrepareConfig,
+    TokenStream,
+    prepare,
+    prepare_from_config,
+    read_documents,
+    read_index,
+)
 from llama2.eval.infill import infill_eval
 from llama2.eval.passkey import (
     FILLER,
@@ -64,6 +74,7 @@ from llama2.eval.passkey import (
     passkey_eval,
     read_answer,
 )
+from llama2.eval.perplexity import loss_by_position
 from llama2.recipe import from_dict, read_recipe, setting, stage_settings
 from llama2.stages import (
     CODE_INFILL_EVALUATED,
@@ -128,6 +139,12 @@ class CodeDataConfig(PrepareConfig):
         for name in ("code_world_documents", "passkey_documents", "corpus_documents"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.world_seed != 0:
+            raise ValueError(f"world_seed {self.world_seed} has no effect in a code recipe: the code world's surface "
+                             "follows seed")
+        if self.code_corpus:
+            raise ValueError("code_corpus: a code recipe's data always has the bundled code corpus (limit it with "
+                             "corpus_documents)")
         shortest = self.passkey_length if self.passkey_min_length is None else self.passkey_min_length
         if self.passkey_documents and shortest < 64:
             raise ValueError(f"passkey texts of {shortest} tokens are too short (>= 64 tokens)")
@@ -163,6 +180,11 @@ class CodeEvaluateConfig:
     passkey_depths: list[float] = setting(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
                                           help="where the key sits in the filler: 0 = first line, 1 = last")
     passkey_per_cell: int = setting(4, "passkey prompts per (length, depth) cell")
+    position_edges: list[int] = setting(default_factory=lambda: [0, 64, 128, 256, 512, 1024, 2048],
+                                        help="buckets of token positions for the loss by position on held-out code "
+                                             "(Code Llama §3.3, Figure 4a), read in windows of the last edge's length")
+    position_windows: int = setting(16, "held-out code windows the loss by position averages over (fewer when the "
+                                        "held-out code is shorter)")
     samples: int = setting(4, "infilled functions per model and mode kept for the report")
     seed: int = setting(0, "seed of the code-world surfaces and the passkey prompts")
 
@@ -174,6 +196,11 @@ class CodeEvaluateConfig:
             raise ValueError(f"time_limit must be > 0 seconds, got {self.time_limit}")
         if not self.passkey_lengths or min(self.passkey_lengths) < 64:
             raise ValueError(f"passkey_lengths must be lengths of >= 64 tokens, got {self.passkey_lengths}")
+        edges = self.position_edges
+        if len(edges) < 2 or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"position_edges must rise from 0, at least two of them, got {edges}")
+        if self.position_windows < 1:
+            raise ValueError(f"position_windows must be >= 1, got {self.position_windows}")
         bad = [d for d in self.passkey_depths if not 0.0 <= d <= 1.0]
         if not self.passkey_depths or bad:
             raise ValueError(f"passkey_depths must be fractions in [0, 1], got {self.passkey_depths}")
@@ -243,14 +270,16 @@ def _write_jsonl(path: Path, texts: Sequence[str]) -> Path:
 
 def _code_texts(cfg, folder: Path) -> list[Path]:
     """The code texts of a stage: the bundled code corpus (or its first ``corpus_documents``
-    documents) and ``code_world_documents`` functions of the code world's train split."""
+    documents) and ``code_world_documents`` functions of the code world's train split, each
+    followed by its test unless the stage sets ``code_world_tests: false``."""
     files = list(code_corpus_files())
     if cfg.corpus_documents is not None:
         docs = (d for f in files for d in read_documents(f))
         files = [_write_jsonl(folder / "corpus.jsonl", list(itertools.islice(docs, cfg.corpus_documents)))]
     if cfg.code_world_documents:
         files.append(_write_jsonl(folder / "code_world.jsonl",
-                                  code_documents(cfg.seed, "train", cfg.code_world_documents)))
+                                  code_documents(cfg.seed, "train", cfg.code_world_documents,
+                                                 tests=getattr(cfg, "code_world_tests", True))))
     return files
 
 
@@ -306,7 +335,10 @@ def _data(stage: str):
         folder = ctx.folder(stage)
         tok_file = ctx.folder("tokenizer") / "tokenizer.model"
         parts = {"code": folder / "code"}
-        prepare_from_config(cfg, _code_texts(cfg, folder), tok_file, parts["code"], log=ctx.log)
+        # The code world's functions come from _code_texts (seeded by the stage's seed), so
+        # prepare_from_config must not add its own copy of them.
+        prepare_from_config(dataclasses.replace(cfg, code_world_documents=0), _code_texts(cfg, folder), tok_file,
+                            parts["code"], log=ctx.log)
         if cfg.passkey_documents:
             tok = Tokenizer(tok_file)
             lengths = cfg.passkey_lengths()
@@ -354,8 +386,19 @@ def _trained_length(ctx: Context, stage: str) -> int:
     return int(stage_settings(ctx.recipe, stage, pretrain.PretrainConfig).get("seq_len", 0))
 
 
-def evaluate_model(model_dir: str, infill: bool, passkey: bool, cfg: CodeEvaluateConfig) -> dict:
-    """Infilling (PSM and SPM) of held-out code-world functions and/or the passkey grid, greedy."""
+def held_out_windows(data_dir: Path, cfg: CodeEvaluateConfig) -> list[list[int]]:
+    """Up to ``position_windows`` windows of ``position_edges[-1]`` tokens of the held-out code
+    (the validation split of a data stage's plain code), one after the other."""
+    stream = TokenStream(data_dir, "val")
+    length = cfg.position_edges[-1]
+    n = min(cfg.position_windows, len(stream) // length)
+    return [stream.read(k * length, (k + 1) * length).tolist() for k in range(n)]
+
+
+def evaluate_model(model_dir: str, infill: bool, passkey: bool, cfg: CodeEvaluateConfig,
+                   windows: Sequence[Sequence[int]] = ()) -> dict:
+    """Infilling (PSM and SPM) of held-out code-world functions and/or the passkey grid, greedy;
+    with ``windows``, the loss by position over them too."""
     model = load_model(model_dir, device=default_device()).eval()
     tok = load_tokenizer(model_dir, model.config.vocab_size)
     out: dict = {"rope_theta": model.config.rope_theta, "rope_scaling": model.config.rope_scaling,
@@ -380,6 +423,8 @@ def evaluate_model(model_dir: str, infill: bool, passkey: bool, cfg: CodeEvaluat
         result["samples"] = [s for s in result["samples"] if s["depth"] in (0.0, 0.5, 1.0)][:3 * len(
             cfg.passkey_lengths)]
         out["passkey"] = result
+    if windows:
+        out["positions"] = loss_by_position(model, windows, cfg.position_edges, tok.bos_id)
     return out
 
 
@@ -388,6 +433,10 @@ def stage_evaluate(ctx: Context) -> dict:
     cfg = _config(CodeEvaluateConfig, ctx, "evaluate")
     setting_ = dataclasses.asdict(cfg)
     results = {}
+    # The loss by position reads the plain (never FIM-transformed) held-out code of the first data stage.
+    windows = held_out_windows(ctx.folder("data") / "code", cfg)
+    if not windows:
+        ctx.log(f"the held-out code is shorter than {cfg.position_edges[-1]} tokens: no loss by position")
     for stage in dict.fromkeys([*CODE_INFILL_EVALUATED, *CODE_PASSKEY_EVALUATED]):
         infill, passkey = stage in CODE_INFILL_EVALUATED, stage in CODE_PASSKEY_EVALUATED
         stamp = _file_stamp(Path(ctx.model(stage)) / "model.safetensors")
@@ -400,7 +449,7 @@ def stage_evaluate(ctx: Context) -> dict:
         what = " and ".join(w for w, on in (("infilling", infill), ("the passkey probe", passkey)) if on)
         ctx.log(f"evaluating the {stage} model: {what} ...")
         results[stage] = {"setting": setting_, "weights": stamp, "trained_length": _trained_length(ctx, stage),
-                          **evaluate_model(ctx.model(stage), infill, passkey, cfg)}
+                          **evaluate_model(ctx.model(stage), infill, passkey, cfg, windows if passkey else ())}
         write_json(cache, results[stage])
     folder = ctx.folder("evaluate")
     folder.mkdir(parents=True, exist_ok=True)

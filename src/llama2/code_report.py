@@ -1,5 +1,6 @@
 """The report of ``llama2 run code``: infilling before and after fill-in-the-middle training (Code
-Llama §2.3), and the passkey probe by depth and length before and after long-context fine-tuning
+Llama §2.3), the loss by position on held-out code (Code Llama §3.3, Figure 4a) and the passkey
+probe by depth and length before and after long-context fine-tuning
 (Code Llama §2.4; the shape of the key-retrieval figures of position interpolation, Chen et al.
 2023, and Llama 2 Long, Xiong et al. 2023), as Markdown and HTML with PNG figures beside them.
 Every number shown is read from the run's own files (evaluate/results.json, metrics.jsonl,
@@ -128,6 +129,25 @@ def passkey_verdicts(results: dict) -> list[str]:
     return lines
 
 
+def _bucket_labels(edges: list[int]) -> list[str]:
+    return [f"{a:,}-{b:,}" for a, b in zip(edges, edges[1:])]
+
+
+def position_verdicts(results: dict) -> list[str]:
+    """Plain sentences: the loss by position of the model before and after the extension, bucket
+    by bucket past the shorter training length."""
+    a, b = (results.get(s, {}).get("positions") for s in CODE_PASSKEY_EVALUATED)
+    if not a or not b or a["edges"] != b["edges"]:
+        return []
+    trained = results[CODE_PASSKEY_EVALUATED[0]].get("trained_length") or 0
+    parts = [f"{label}: {x:.2f} -> {y:.2f}" for label, lo, x, y in
+             zip(_bucket_labels(a["edges"]), a["edges"], a["nll"], b["nll"]) if lo >= trained]
+    if not parts:
+        return []
+    return [f"Loss (nats per token) on held-out code by position, past the pretraining length ({trained}), before "
+            f"-> after the extension, over {b['chunks']} windows: " + "; ".join(parts) + "."]
+
+
 # ---- figures ----------------------------------------------------------------------------------------
 
 def _plt():
@@ -180,6 +200,33 @@ def figure_passkey(results: dict, path: Path) -> bool:
     return True
 
 
+def figure_positions(results: dict, path: Path) -> bool:
+    """Loss by position, one line per model, each model's training length marked."""
+    lines = [(s, results[s]) for s in CODE_PASSKEY_EVALUATED if (results.get(s) or {}).get("positions")]
+    if not lines:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for stage, r in lines:
+        edges = r["positions"]["edges"]
+        mids = [(a * b) ** 0.5 if a else b / 2 for a, b in zip(edges, edges[1:])]  # the middle on a log axis
+        line, = ax.plot(mids, r["positions"]["nll"], marker="o", label=MODEL_LABELS[stage])
+        if r.get("trained_length"):
+            ax.axvline(r["trained_length"], color=line.get_color(), ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    edges = lines[0][1]["positions"]["edges"][1:]
+    ax.set_xticks(edges, [f"{e:,}" for e in edges], fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("position in the window (tokens; dashed: training length)")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend(fontsize=8)
+    ax.set_title("Loss on held-out code by position")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def figure_infill(results: dict, path: Path) -> bool:
     """Exact match and pass rate per model and mode."""
     rows = [(s, m) for s in CODE_INFILL_EVALUATED for m in ("PSM", "SPM") if _infill_mode(results.get(s), m)]
@@ -225,7 +272,7 @@ def section_title(run: Path, data: dict) -> list[Block]:
 
 
 def section_verdicts(data: dict) -> list[Block]:
-    lines = infill_verdicts(data["results"]) + passkey_verdicts(data["results"])
+    lines = infill_verdicts(data["results"]) + position_verdicts(data["results"]) + passkey_verdicts(data["results"])
     if not lines:
         return []
     return [Heading(2, "What improved and what did not"),
@@ -302,6 +349,32 @@ def section_passkey(data: dict, figdir: Path) -> list[Block]:
     return out
 
 
+def section_positions(data: dict, figdir: Path) -> list[Block]:
+    results = data["results"]
+    models = [s for s in CODE_PASSKEY_EVALUATED if (results.get(s) or {}).get("positions")]
+    if not models:
+        return []
+    edges = results[models[0]]["positions"]["edges"]
+    out: list[Block] = [
+        Heading(2, "Loss by position on held-out code"),
+        Paragraph([f"Windows of {edges[-1]:,} tokens of held-out code (the validation split of the plain code "
+                   "data), each read whole; the loss of each token counted by its position in the window (Code "
+                   "Llama §3.3, Figure 4a). A model used past the length it was trained at meets relative "
+                   "distances it never saw, and its loss rises there; a context that works keeps the loss flat "
+                   "or falling."])]
+    if figure_positions(results, figdir / "positions.png"):
+        out.append(Image("positions.png", "Loss by position, before and after the extension"))
+    rows = []
+    for stage in models:
+        r = results[stage]
+        if r["positions"]["edges"] != edges:
+            continue
+        rows.append([MODEL_LABELS[stage], str(r.get("trained_length")), f"{r.get('rope_theta', 0):,.0f}"]
+                    + [f"{v:.2f}" for v in r["positions"]["nll"]])
+    out.append(Table(["model", "trained at", "RoPE θ"] + _bucket_labels(edges), rows))
+    return out
+
+
 def section_training(data: dict, figdir: Path) -> list[Block]:
     out: list[Block] = []
     rows = []
@@ -329,5 +402,6 @@ def write_code_report(run: str | Path) -> Path:
     figdir = run / "figures"
     figdir.mkdir(exist_ok=True)
     blocks = (section_title(run, data) + section_verdicts(data) + section_infill(data, figdir)
-              + section_passkey(data, figdir) + section_training(data, figdir) + section_time(data))
+              + section_positions(data, figdir) + section_passkey(data, figdir) + section_training(data, figdir)
+              + section_time(data))
     return write_documents(run, blocks)

@@ -18,8 +18,8 @@ the shards that are complete and the output is byte-identical for the same input
 
 With ``fim_rate > 0`` (Code Llama §2.3) each document is, with that probability, turned into
 a fill-in-the-middle example by :func:`llama2.data.fim.fim_tokens` (its docstring has the
-layout; it is still framed ``BOS ... EOS``), and ``index.json`` records the settings under
-``"fim"``. The transformation is static: applied once, here, to both splits (so the
+layout; it is still framed ``BOS ... EOS``; ``fim_unit`` says whether the cuts fall anywhere or
+at line starts), and ``index.json`` records the settings under ``"fim"``. The transformation is static: applied once, here, to both splits (so the
 validation loss measures the same mixture), with draws fixed by ``fim_seed``, the shard and
 the document's place in it, so every epoch sees the same cut of a document. That keeps the
 shards plain token arrays that the loader reads as before; new cuts each epoch would need the
@@ -162,18 +162,20 @@ def in_validation(text: str, val_fraction: float) -> bool:
 def prepare(inputs: Sequence[str | os.PathLike], tokenizer: str | os.PathLike, out: str | os.PathLike,
             val_fraction: float = 0.01, workers: int | None = None, shard_chars: int = 8_000_000,
             progress: bool = True, log=None, fim_rate: float = 0.0, fim_spm_rate: float = 0.5,
-            fim_seed: int = 0) -> dict:
+            fim_seed: int = 0, fim_unit: str = "char") -> dict:
     """Tokenize ``inputs`` into ``out`` (see the module docstring); returns the index.
-    ``fim_rate``, ``fim_spm_rate``: Code Llama's infilling transformation (off at 0)."""
+    ``fim_rate``, ``fim_spm_rate``, ``fim_unit``: Code Llama's infilling transformation (off at 0)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     paths = _input_paths(inputs)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    check_rates(fim_rate, fim_spm_rate)
+    check_rates(fim_rate, fim_spm_rate, fim_unit)
     tok = Tokenizer(tokenizer)  # validates the file before any work
     if fim_rate > 0:
         check_infilling(tok, f"--fim-rate {fim_rate}")
-    fim = (fim_rate, fim_spm_rate, fim_seed) if fim_rate > 0 else None
+    # The unit joins the tuple (and so the shards' cache key) only when it is not the default,
+    # so shards made before it existed are reused.
+    fim = ((fim_rate, fim_spm_rate, fim_seed) + (() if fim_unit == "char" else (fim_unit,))) if fim_rate > 0 else None
     out = Path(out)
     tok_sha = _copy_tokenizer(tok, out)
     dtype = token_dtype(tok.vocab_size)
@@ -314,9 +316,9 @@ def _encode_shard(job: tuple) -> dict:
     if fim is None:
         encoded = tok.encode_batch(texts, bos=True, eos=True)
     else:
-        rate, spm_rate, seed = fim
+        rate, spm_rate, seed, *unit = fim
         name = Path(out_file).name
-        encoded = [fim_tokens(tok, t, document_rng(seed, name, i), rate, spm_rate) for i, t in enumerate(texts)]
+        encoded = [fim_tokens(tok, t, document_rng(seed, name, i), rate, spm_rate, *unit) for i, t in enumerate(texts)]
     arrays = [np.asarray(ids, dtype=dtype) for ids in encoded]
     tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
     out = Path(out_file)
@@ -343,7 +345,7 @@ def _remove_stale_shards(out: Path, shards: dict[str, list[dict]]) -> None:
 
 
 def _index(tok: Tokenizer, tok_sha: str, dtype: np.dtype, val_fraction: float, shards: dict[str, list[dict]],
-           stats: Sequence[InputStats], fim: tuple[float, float, int] | None = None) -> dict:
+           stats: Sequence[InputStats], fim: tuple | None = None) -> dict:
     """The contents of index.json (see the module docstring). ``"fim"``, only when the
     infilling transformation was on (so an index made without it is the one made before it
     existed; read it with :func:`fim_settings`): its rates, seed and sentinel ids."""
@@ -358,7 +360,8 @@ def _index(tok: Tokenizer, tok_sha: str, dtype: np.dtype, val_fraction: float, s
         "malformed": sum(st.malformed for st in stats),
     }
     if fim is not None:
-        index["fim"] = {"rate": fim[0], "spm_rate": fim[1], "seed": fim[2], "static": True,
+        index["fim"] = {"rate": fim[0], "spm_rate": fim[1], "seed": fim[2], "unit": (fim[3:] or ("char",))[0],
+                        "static": True,
                         "prefix_id": tok.prefix_id, "suffix_id": tok.suffix_id, "middle_id": tok.middle_id,
                         "eot_id": tok.eot_id}
     return index
@@ -375,7 +378,8 @@ def _log_summary(log, out: Path, index: dict, reused: int, stats: Sequence[Input
         + (f" ({reused} complete shard(s) reused)" if reused else ""))
     fim = fim_settings(index)
     if fim["rate"]:
-        log(f"fill-in-the-middle: rate {fim['rate']}, SPM share {fim['spm_rate']} (static, seed {fim['seed']})")
+        log(f"fill-in-the-middle: rate {fim['rate']}, SPM share {fim['spm_rate']}, cut at {fim.get('unit', 'char')} "
+            f"boundaries (static, seed {fim['seed']})")
     for st in stats:
         if st.malformed:
             log(f"warning: {st.path}: {st.malformed} malformed line(s) skipped, e.g. {st.first_malformed[0]}")
@@ -560,6 +564,8 @@ class PrepareConfig:
     fim_spm_rate: float = setting(0.5, "share of the fill-in-the-middle examples in suffix-prefix-middle order "
                                        "(Code Llama §2.3: 0.5)")
     fim_seed: int = setting(0, "seed of the fill-in-the-middle draws (which documents, where they are cut)")
+    fim_unit: str = setting("char", "where the fill-in-the-middle cuts fall: char (anywhere, Code Llama §2.3) or "
+                                    "line (at line starts: every middle is whole lines)", choices=("char", "line"))
     progress: bool = setting(True, "show a progress bar")
 
 
@@ -587,7 +593,7 @@ def prepare_from_config(cfg: PrepareConfig, inputs: Sequence[str | os.PathLike],
         inputs.append(knowledge)
     return prepare(inputs, tokenizer, out, val_fraction=cfg.val_fraction, workers=cfg.workers,
                    shard_chars=cfg.shard_chars, progress=cfg.progress, log=log, fim_rate=cfg.fim_rate,
-                   fim_spm_rate=cfg.fim_spm_rate, fim_seed=cfg.fim_seed)
+                   fim_spm_rate=cfg.fim_spm_rate, fim_seed=cfg.fim_seed, fim_unit=cfg.fim_unit)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -90,3 +91,39 @@ def perplexity(model, tokenizer, text: str, ctx: int = 512, max_chunks: int | No
     sem = math.sqrt(var / (count - 1)) if var > 0 and count > 1 else 0.0
     return {"perplexity": ppl, "stderr": ppl * sem, "nll": mean, "chunks": len(chunks), "tokens": count,
             "ctx": ctx, "text_tokens": len(tokens)}
+
+
+@torch.inference_mode()
+def loss_by_position(model, chunks: Sequence[Sequence[int]], edges: Sequence[int], bos_id: int | None = None) -> dict:
+    """Mean next-token loss by position in the window, the curve that shows how far a model's
+    context reaches (Code Llama §3.3, Figure 4a: perplexity by context length; Chen et al. 2023).
+
+    Each chunk (token ids, at least ``edges[-1]`` long, first token replaced by ``bos_id`` when
+    given) is read whole from position 0; the loss of predicting the token at position ``p``
+    counts towards bucket ``k`` when ``edges[k] <= p < edges[k + 1]``. A model used past the
+    length it was trained at sees relative distances it never saw, and its loss there rises.
+    Returns ``edges``, ``nll`` (mean per bucket), ``perplexity`` (its exp), ``tokens`` (scored
+    per bucket) and ``chunks``."""
+    edges = [int(e) for e in edges]
+    if len(edges) < 2 or edges[0] < 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"edges must be increasing positions >= 0, at least two; got {edges}")
+    length = edges[-1]
+    chunks = [list(c[:length]) for c in chunks if len(c) >= length]
+    if not chunks:
+        raise ValueError(f"no chunk of at least {length} tokens to score")
+    device = next(model.parameters()).device
+    sums = torch.zeros(len(edges) - 1, dtype=torch.float64)
+    counts = torch.zeros(len(edges) - 1, dtype=torch.long)
+    # The token at position p (1 <= p < length) is predicted from positions 0..p-1.
+    bucket = torch.bucketize(torch.arange(1, length), torch.tensor(edges[1:]), right=True)
+    for chunk in chunks:
+        x = torch.tensor([chunk], dtype=torch.long, device=device)
+        if bos_id is not None:
+            x[0, 0] = bos_id
+        logp = torch.log_softmax(model(x[:, :-1]).float(), dim=-1)[0]
+        nll = -logp.gather(-1, x[0, 1:].unsqueeze(-1)).squeeze(-1).double().cpu()
+        sums.index_add_(0, bucket, nll)
+        counts.index_add_(0, bucket, torch.ones_like(bucket))
+    nll = (sums / counts.clamp(min=1)).tolist()
+    return {"edges": edges, "nll": nll, "perplexity": [math.exp(v) for v in nll], "tokens": counts.tolist(),
+            "chunks": len(chunks)}
