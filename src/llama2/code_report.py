@@ -25,6 +25,7 @@ from llama2.report import (
     pct,
     read_json,
     read_metrics,
+    save_figure,
     section_time,
     write_documents,
 )
@@ -221,10 +222,7 @@ def figure_positions(results: dict, path: Path) -> bool:
     ax.set_ylabel("loss (nats per token)")
     ax.legend(fontsize=8)
     ax.set_title("Loss on held-out code by position")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def figure_infill(results: dict, path: Path) -> bool:
@@ -244,10 +242,7 @@ def figure_infill(results: dict, path: Path) -> bool:
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8)
     ax.set_title("Infilling of held-out functions before and after FIM training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 # ---- the sections -----------------------------------------------------------------------------------

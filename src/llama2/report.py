@@ -106,6 +106,15 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path, rect=None) -> bool:
+    """Lay a figure out (``rect``: the part of the canvas it may use), write it as a PNG and
+    free it; True, for the ``figure_*`` functions to return."""
+    fig.tight_layout(**({"rect": rect} if rect else {}))
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return True
+
+
 def figure_losses(data: dict, path: Path) -> bool:
     curves = {s: m for s, m in data["metrics"].items() if any("loss" in r for r in m)}
     if not curves:
@@ -130,10 +139,7 @@ def figure_losses(data: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("loss")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def figure_reward_accuracy(data: dict, path: Path) -> bool:
@@ -154,10 +160,7 @@ def figure_reward_accuracy(data: dict, path: Path) -> bool:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ax.set_title("Reward-model accuracy by rating (Table 8 shape)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def figure_reward_vs_k(data: dict, path: Path) -> bool:
@@ -176,10 +179,7 @@ def figure_reward_vs_k(data: dict, path: Path) -> bool:
     ax.set_title("Rejection sampling: reward vs K (Figure 7 shape)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def _ppo_series(rows: list[dict]) -> tuple[str | None, str | None]:
@@ -206,10 +206,7 @@ def figure_ppo(data: dict, path: Path) -> bool:
                  "s--", color="C3", label="KL to reference")
         ax2.set_ylabel("KL to the reference", color="C3")
     ax.set_title("PPO: reward and KL per iteration")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def figure_gatt(data: dict, path: Path) -> bool:
@@ -227,10 +224,7 @@ def figure_gatt(data: dict, path: Path) -> bool:
     ax.set_title("System-instruction adherence by turn (Table 30 shape)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def figure_stages(data: dict, path: Path) -> bool:
@@ -252,10 +246,7 @@ def figure_stages(data: dict, path: Path) -> bool:
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7)
     ax.set_title("Assistant-world suite after each stage")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def _h2h_stages(h: dict | None) -> list[tuple[str, dict]]:
@@ -326,10 +317,7 @@ def figure_headtohead(data: dict, path: Path) -> bool:
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7, frameon=False)
     against = STAGE_LABELS.get(h.get("against", "sft"), h.get("against", "sft"))
     fig.suptitle(f"Win / tie / loss against {against} (Figure 1 shape)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.3 / height, 1, 1))  # room for the legend below
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path, rect=(0, 0.3 / height, 1, 1))  # room for the legend below
 
 
 def figure_helpful_harmless(data: dict, path: Path) -> bool:
@@ -368,10 +356,7 @@ def figure_helpful_harmless(data: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Helpfulness and harmlessness per stage (Figure 11 shape)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 # ---- text -------------------------------------------------------------------------------------
