@@ -177,12 +177,22 @@ def test_code_world_functions_are_added_once_with_or_without_their_tests(code_ru
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("world_seed", 3, "world_seed 3 has no effect in a code recipe"),
+    ("world_seed", 3, "world_seed 3 differs from seed 0: in a code recipe the code world's surface follows seed"),
     ("code_corpus", True, "always has the bundled code corpus"),
 ])
 def test_prepare_fields_a_code_recipe_cannot_use_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         CodeDataConfig(**{field: value})
+
+
+def test_a_code_recipe_with_another_seed_is_valid(tmp_path):
+    recipe = yaml.safe_load(find_recipe("code").read_text())
+    recipe["seed"] = 1
+    path = tmp_path / "code-seed1.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    settings = stage_settings(read_code_recipe(path), "data", CodeDataConfig)
+    cfg = from_dict(CodeDataConfig, settings, "data")
+    assert cfg.seed == cfg.world_seed == 1
 
 
 def test_the_fim_stages_cut_at_line_starts(code_run):

@@ -139,9 +139,9 @@ class CodeDataConfig(PrepareConfig):
         for name in ("code_world_documents", "passkey_documents", "corpus_documents"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.world_seed != 0:
-            raise ValueError(f"world_seed {self.world_seed} has no effect in a code recipe: the code world's surface "
-                             "follows seed")
+        if self.world_seed != self.seed:  # (a recipe's top-level seed sets both)
+            raise ValueError(f"world_seed {self.world_seed} differs from seed {self.seed}: in a code recipe the code "
+                             "world's surface follows seed")
         if self.code_corpus:
             raise ValueError("code_corpus: a code recipe's data always has the bundled code corpus (limit it with "
                              "corpus_documents)")
