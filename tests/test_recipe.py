@@ -190,3 +190,11 @@ def test_tokenizer_data_and_evaluate_default_to_their_commands():
     cfg = evaluate.EvaluateConfig()
     assert (cfg.max_items, cfg.max_new_tokens, cfg.gatt_dialogues, cfg.reward_prompts) == (100, 64, 30, 100)
     assert tokenizer.TokenizerConfig().vocab_size == 32000  # Llama 2's (§2.1)
+
+
+def test_a_value_outside_a_fields_choices_is_refused_when_the_recipe_is_read():
+    from llama2.data.shards import PrepareConfig
+
+    with pytest.raises(ValueError, match="recipe.yaml: field fim_unit must be one of char, line, got 'lines'"):
+        from_dict(PrepareConfig, {"fim_unit": "lines"}, "recipe.yaml")
+    assert from_dict(PrepareConfig, {"fim_unit": "line"}, "recipe.yaml").fim_unit == "line"

@@ -162,6 +162,10 @@ def from_dict(cls, data: Mapping, source: str = "config", prefix: str = ""):
             kwargs[key] = from_dict(base, value, source, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{source}: field {prefix}{key}")
+            choices = fields[key].metadata.get("choices")
+            if choices is not None and kwargs[key] not in choices:
+                raise ValueError(f"{source}: field {prefix}{key} must be one of {', '.join(map(str, choices))}, "
+                                 f"got {kwargs[key]!r}")
     try:
         return cls(**kwargs)
     except ValueError as e:  # a config's own validation (__post_init__)
