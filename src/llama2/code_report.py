@@ -215,8 +215,8 @@ def figure_positions(results: dict, path: Path) -> bool:
         if r.get("trained_length"):
             ax.axvline(r["trained_length"], color=line.get_color(), ls="--", lw=1)
     ax.set_xscale("log", base=2)
-    edges = lines[0][1]["positions"]["edges"][1:]
-    ax.set_xticks(edges, [f"{e:,}" for e in edges], fontsize=8)
+    ticks = lines[0][1]["positions"]["edges"][1:]
+    ax.set_xticks(ticks, [f"{e:,}" for e in ticks], fontsize=8)
     ax.minorticks_off()
     ax.set_xlabel("position in the window (tokens; dashed: training length)")
     ax.set_ylabel("loss (nats per token)")

@@ -46,6 +46,7 @@ FIM.
 from __future__ import annotations
 
 import random
+import re
 
 from llama2.tokenizer import Tokenizer, infill_tokens
 
@@ -87,7 +88,7 @@ def line_split_points(text: str, rng: random.Random) -> tuple[int, int]:
     (or its end), drawn uniformly, so the prefix ends with a line break and the middle is one
     or more whole lines. Different, because with whole lines as the unit equal cuts would be
     frequent (one in five for a four-line function) and teach the model to end at once."""
-    starts = [0, *(m + 1 for m in range(len(text)) if text[m] == "\n" and m + 1 < len(text)), len(text)]
+    starts = sorted({0, len(text), *(m.end() for m in re.finditer("\n", text))})
     if len(starts) < 2:  # an empty text: nothing to cut
         return 0, 0
     a, b = rng.sample(starts, 2)

@@ -233,7 +233,7 @@ def _shard_documents(paths: Sequence[Path], stats: Sequence[InputStats], val_fra
 
 
 def _job(out: Path, split: str, name: str, texts: list[str], tok_sha: str, dtype: np.dtype,
-         fim: tuple[float, float, int] | None = None) -> tuple[str, tuple]:
+         fim: tuple | None = None) -> tuple[str, tuple]:
     """(split, the job of :func:`_encode_shard`). The key hashes all a shard's bytes depend on
     (tokenizer, dtype, FIM settings, its documents), so a complete shard with the same key can
     be reused."""
