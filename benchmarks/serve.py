@@ -14,15 +14,24 @@ For each N it prints total generated tokens/s, p50/p99 request latency, time to 
 speed-up over one at a time as a ratio, and checks that nothing was lost or garbled: every
 streamed text must equal the request's non-streamed greedy answer, token counts included.
 
+``--long-prompt L``: a stall test of chunked prefill. ``--stall-streams`` streams decode; once
+each has its first text, a prompt of L tokens arrives. Measured on this server (prefill
+``--prefill-chunk`` tokens per step) and on a second one with ``--prefill-chunk 0`` (whole
+prompts in one forward, the peer): the running streams' longest gap between two texts, their
+p99 gap, and the long request's time to first token. The ratio is the peer's longest gap over
+ours (> 1: chunking shortened the stall).
+
     python benchmarks/serve.py                                  # 'tiny' shape, 1/8/32/64 clients, CPU
     python benchmarks/serve.py --preset 110m --clients 1,8 --max-tokens 64
     python benchmarks/serve.py --model path/to/model --device cuda --clients 1,8,32,64
+    python benchmarks/serve.py --preset 110m --clients 1 --long-prompt 960 --prefill-chunk 128
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -72,7 +81,9 @@ def save_random_model(preset: str, tokenizer: Path, out: Path, seed: int) -> Non
     save_model(Transformer.from_config(cfg, seed=seed), out, tokenizer=tok)
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict, stream: bool) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, stream: bool, started=None) -> dict:
+    """One completion; streamed: its text chunks' times too. ``started`` (a list) gets an entry at
+    the stream's first text."""
     t0 = time.perf_counter()
     if not stream:
         r = await client.post(url, json=body)
@@ -97,6 +108,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, stream: b
                     stamps.append(time.perf_counter())
                     if ttft is None:
                         ttft = stamps[-1] - t0
+                        if started is not None:
+                            started.append(ttft)
                 text.append(choice["text"])
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"text": "".join(text), "tokens": tokens, "latency": time.perf_counter() - t0, "ttft": ttft,
@@ -124,6 +137,54 @@ async def run(base: str, bodies: list[dict], clients: list[int]) -> dict:
     return {"alone": alone, "alone_wall": alone_wall, "together": together, "health": health}
 
 
+async def stall(base: str, bodies: list[dict], long_prompt: list[int]) -> dict:
+    """The streams of ``bodies`` decode; once all have their first text, ``long_prompt`` arrives."""
+    url = base + "/v1/completions"
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=len(bodies) + 2)) as client:
+        await one_request(client, url, {"prompt": long_prompt, "max_tokens": 1, "temperature": 0}, stream=False)
+        started: list[float] = []
+        streams = [asyncio.create_task(one_request(client, url, b, stream=True, started=started)) for b in bodies]
+        while len(started) < len(bodies):
+            await asyncio.sleep(0.002)
+        long = await one_request(client, url, {"prompt": long_prompt, "max_tokens": 4, "temperature": 0},
+                                 stream=True)
+        results = await asyncio.gather(*streams)
+    gaps = [g for r in results for g in r["gaps"]]
+    return {"streams": len(bodies), "long_prompt_tokens": len(long_prompt), "max_gap_s": max(gaps),
+            "itl_p99_s": percentile(gaps, 99), "itl_p50_s": statistics.median(gaps), "long_ttft_s": long["ttft"],
+            "stream_texts": [r["text"] for r in results]}
+
+
+@contextlib.contextmanager
+def serving(model_dir: Path, args, batch: int, queue: int, prefill_chunk: int | None):
+    """``llama2 serve`` in a subprocess on a free port; yields its base URL once /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama2", "serve", "--model", str(model_dir), "--port", str(port),
+           "--max-batch-size", str(batch), "--max-queue", str(queue),
+           "--device", args.device, "--log-level", "warning"]
+    if prefill_chunk is not None:
+        cmd += ["--prefill-chunk", str(prefill_chunk)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited with status {server.returncode}")
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the server did not come up")
+            time.sleep(0.2)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def summarize(results: list[dict], wall: float) -> dict:
     tokens = sum(r["tokens"] for r in results)
     lat = [r["latency"] for r in results]
@@ -149,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=None,
                     help="server batch size (default: the largest --clients)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                    help="the server's --prefill-chunk (default: the server's default)")
+    ap.add_argument("--long-prompt", type=int, default=0, metavar="L",
+                    help="also run the stall test with an L-token prompt, against a whole-prompt server (0: off)")
+    ap.add_argument("--stall-streams", type=int, default=4, help="streams decoding in the stall test (default: 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = ap.parse_args(argv)
@@ -159,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     if not clients or min(clients) < 1:
         raise SystemExit(f"--clients {args.clients!r}: expected counts >= 1")
     most = max(clients)
+    if args.long_prompt < 0 or args.stall_streams < 1:
+        raise SystemExit("--long-prompt must be >= 0 and --stall-streams >= 1")
+    if args.long_prompt:  # the stall test's streams need their one-at-a-time answers too
+        most = max(most, args.stall_streams)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
@@ -168,31 +238,18 @@ def main(argv: list[str] | None = None) -> int:
             save_random_model(args.preset, args.tokenizer, model_dir, args.seed)
         else:
             model_dir, name = args.model, str(args.model)
-        port = free_port()
-        cmd = [sys.executable, "-m", "llama2", "serve", "--model", str(model_dir), "--port", str(port),
-               "--max-batch-size", str(args.max_batch_size or most), "--max-queue", str(4 * most),
-               "--device", args.device, "--log-level", "warning"]
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None:
-                    raise SystemExit(f"the server exited with status {server.returncode}")
-                try:
-                    if httpx.get(base + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("the server did not come up")
-                time.sleep(0.2)
-            bodies = [{"prompt": PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" ({i})"),
-                       "max_tokens": args.max_tokens, "temperature": 0} for i in range(most)]
+        bodies = [{"prompt": PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" ({i})"),
+                   "max_tokens": args.max_tokens, "temperature": 0} for i in range(most)]
+        batch = args.max_batch_size or (max(most, args.stall_streams + 1) if args.long_prompt else most)
+        with serving(model_dir, args, batch, 4 * most, args.prefill_chunk) as base:
             res = asyncio.run(run(base, bodies, clients))
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+            if args.long_prompt:
+                long_prompt = [1] + [(7 * i) % 1000 + 100 for i in range(args.long_prompt - 1)]
+                stall_bodies = bodies[: args.stall_streams]
+                ours = asyncio.run(stall(base, stall_bodies, long_prompt))
+        if args.long_prompt:
+            with serving(model_dir, args, batch, 4 * most, 0) as base:
+                whole = asyncio.run(stall(base, stall_bodies, long_prompt))
 
     runs, garbled_any = [], False
     for n in clients:
@@ -206,7 +263,14 @@ def main(argv: list[str] | None = None) -> int:
                      "throughput_ratio": together["tok_s"] / alone["tok_s"],
                      "streamed_equals_alone": f"{n - len(garbled)}/{n}"})
     result = {"model": name, "device": args.device, "max_tokens": args.max_tokens,
-              "max_batch_size": args.max_batch_size or most, "runs": runs}
+              "max_batch_size": batch, "runs": runs}
+    if args.long_prompt:
+        alone_texts = [a["text"] for a in res["alone"][: args.stall_streams]]
+        same = sum(a == b == c for a, b, c in zip(alone_texts, ours.pop("stream_texts"), whole.pop("stream_texts")))
+        garbled_any |= same != args.stall_streams
+        result["stall"] = {"prefill_chunk": args.prefill_chunk, "chunked": ours, "whole_prompt": whole,
+                           "max_gap_ratio": whole["max_gap_s"] / ours["max_gap_s"],
+                           "streamed_equals_alone": f"{same}/{args.stall_streams}"}
     if args.json:
         print(json.dumps(result))
     else:
@@ -222,6 +286,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s_.get('itl_p99_s', 0) * 1000:8.1f}  {r['streamed_equals_alone']}")
         print("tok/s: all streams together; alone: the same requests one at a time, not streamed; TTFT: time to "
               "the first streamed text; ITL: gaps between a stream's text chunks")
+        if args.long_prompt:
+            st = result["stall"]
+            chunk = "the server's default" if args.prefill_chunk is None else args.prefill_chunk
+            print(f"\nstall: {args.stall_streams} streams decoding when a {args.long_prompt}-token prompt arrives "
+                  f"(ms)")
+            print(f"{'prefill':>22} {'longest gap':>12} {'ITL p99':>8} {'ITL p50':>8} {'long TTFT':>10}")
+            for label, r in ((f"chunks ({chunk})", st["chunked"]), ("whole (peer)", st["whole_prompt"])):
+                print(f"{label:>22} {r['max_gap_s'] * 1000:12.0f} {r['itl_p99_s'] * 1000:8.1f} "
+                      f"{r['itl_p50_s'] * 1000:8.1f} {r['long_ttft_s'] * 1000:10.0f}")
+            print(f"longest gap, whole / chunked: {st['max_gap_ratio']:.2f}x; streamed text equal to alone: "
+                  f"{st['streamed_equals_alone']}")
     return 0 if not garbled_any else 1
 
 

@@ -38,3 +38,17 @@ def test_bad_stream_counts_are_refused():
     bench = load_benchmark("serve")
     with pytest.raises(SystemExit, match="expected counts"):
         bench.main(["--clients", "1,x"])
+
+
+def test_stall_test_compares_chunked_with_whole_prompt_prefill(capsys, model_dir):
+    bench = load_benchmark("serve")
+    argv = ["--model", str(model_dir), "--clients", "1", "--max-tokens", "12", "--json",
+            "--long-prompt", "100", "--prefill-chunk", "16", "--stall-streams", "2"]
+    assert bench.main(argv) == 0
+    stall = json.loads(capsys.readouterr().out)["stall"]
+    assert stall["prefill_chunk"] == 16 and stall["streamed_equals_alone"] == "2/2"
+    for side in ("chunked", "whole_prompt"):
+        r = stall[side]
+        assert r["long_prompt_tokens"] == 100 and r["streams"] == 2
+        assert 0 < r["itl_p50_s"] <= r["itl_p99_s"] <= r["max_gap_s"] and r["long_ttft_s"] > 0
+    assert stall["max_gap_ratio"] == stall["whole_prompt"]["max_gap_s"] / stall["chunked"]["max_gap_s"]

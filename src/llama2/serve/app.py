@@ -67,6 +67,7 @@ from llama2.tokenizer import infill_tokens
 from llama2.utils import check_device
 
 from .engine import (
+    DEFAULT_PREFILL_CHUNK,
     TEXT_CONTEXT_TOKENS,
     Engine,
     EngineError,
@@ -289,7 +290,7 @@ class OpenAIServer:
 
     def __init__(self, model, tokenizer, *, name: str, aliases: Sequence[str] = (), api_key: str | None = None,
                  max_batch_size: int = 8, max_queue: int = 64, guard=None, defaults: dict | None = None,
-                 adapters: Sequence[str] = ()):
+                 adapters: Sequence[str] = (), prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         self.tokenizer = tokenizer
         self.name = name
         self.aliases = {name, *aliases}
@@ -300,7 +301,8 @@ class OpenAIServer:
         self.max_seq_len = model.config.max_seq_len
         self.vocab_size = model.config.vocab_size
         self.defaults = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P, **(defaults or {})}
-        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
+                             prefill_chunk=prefill_chunk)
         self.created = int(time.time())
         self._token_strings: dict[int, str] = {}
 
@@ -936,6 +938,7 @@ def create_app(
     verify: bool = True,
     adapters: dict[str, str | os.PathLike] | None = None,
     quantize: str | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ) -> FastAPI:
     """The FastAPI app for a model directory or a ``(Transformer, Tokenizer)`` pair.
 
@@ -946,6 +949,8 @@ def create_app(
     ``adapters``: {name: LoRA adapter directory} served over the model, unmerged; a request's
     ``model`` field picks one by name (the model is modified in place). ``quantize``: "int8" /
     "int4" / "int4:GROUP", every linear layer quantized after loading (``model.quant``; in place).
+    ``prefill_chunk``: prompt tokens prefilled per engine step while other streams decode (None:
+    whole prompts at once; see ``llama2.serve.engine``).
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
@@ -979,7 +984,7 @@ def create_app(
 
     server = OpenAIServer(model, tokenizer, name=name, aliases=aliases, api_key=api_key,
                           max_batch_size=max_batch_size, max_queue=max_queue, guard=guard, defaults=defaults,
-                          adapters=list(adapters))
+                          adapters=list(adapters), prefill_chunk=prefill_chunk)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -1047,6 +1052,9 @@ def configure(parser) -> None:
                              "int4 with a scale and zero per GROUP inputs (32, 64 or 128; default 128). "
                              "Not with --adapter")
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together (default: 8)")
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                        help="prefill a long prompt N tokens per step while other streams decode, so it does not "
+                             f"stall them (default: {DEFAULT_PREFILL_CHUNK}; 0 = whole prompts in one forward)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="sequences allowed to wait for a free slot before answering 503 (default: 64)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
@@ -1087,7 +1095,7 @@ def main(args) -> int:
     # Every argument is checked before the model loads; a bad one is one line (the CLI prints
     # ValueErrors without a traceback) and exit status 1.
     for flag, value, least in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 0),
-                               ("--max-body-bytes", args.max_body_bytes, 1)):
+                               ("--max-body-bytes", args.max_body_bytes, 1), ("--prefill-chunk", args.prefill_chunk, 0)):
         if value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     device = check_device(args.device)
@@ -1105,7 +1113,8 @@ def main(args) -> int:
         app = create_app(args.model, api_key=args.api_key, max_batch_size=args.max_batch_size,
                          max_queue=args.max_queue, guard=guard, model_name=args.model_name,
                          device=device, dtype=dtype, max_body_bytes=args.max_body_bytes,
-                         verify=args.verify, adapters=adapters, quantize=args.quantize)
+                         verify=args.verify, adapters=adapters, quantize=args.quantize,
+                         prefill_chunk=args.prefill_chunk or None)
         name = app.state.server.name
         port = sock.getsockname()[1]
         with_adapters = f" with adapter(s) {', '.join(map(repr, adapters))}" if adapters else ""

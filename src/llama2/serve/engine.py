@@ -11,6 +11,12 @@ everything left of it, so each row decodes as if it were alone.
   prefilled together into the slots just left of the cursor, ``[cursor - len, cursor)``,
   and from then on they decode in lock-step with the others. (When the cursor is closer
   to the left edge than a prompt is long, the whole table first shifts right.)
+* **Chunked prefill.** A prompt longer than ``prefill_chunk`` tokens that arrives while
+  others decode is prefilled ``prefill_chunk`` tokens per step, with a decode step of the
+  running rows after each chunk, so a long prompt does not freeze the running streams
+  (vLLM's and Sarathi's chunked prefill). Until its last chunk it is staged in the free rows
+  just past the running ones, at slots ``[0, len)``; then it is moved to its place left of
+  the cursor and joins. With nothing running the whole prompt goes in one forward.
 * **Leave.** A sequence that finishes or whose client went away is dropped at the next
   step boundary: the last row moves into its place, so the running rows are always
   ``0 .. n-1`` and every forward pass covers exactly them.
@@ -58,6 +64,10 @@ log = logging.getLogger("llama2.serve")
 # of a sequence's first piece, so "Paris" after "capital is" must be decoded in context to
 # come out as " Paris". A few tokens also cover a UTF-8 character split over byte pieces.
 TEXT_CONTEXT_TOKENS = 5
+
+# Prompt tokens prefilled per step while other streams decode (vLLM's chunked-prefill budget is
+# of this order): a step then costs at most about one chunk's forward, however long the prompt.
+DEFAULT_PREFILL_CHUNK = 512
 
 
 class QueueFull(RuntimeError):
@@ -281,14 +291,32 @@ class _CacheView(nn.Module):
         return self.k, self.v
 
 
+@dataclass
+class _Prefill:
+    """Joiners being prefilled: their left-padded prompts, where they are staged (cache rows
+    ``base..``, slots ``offset + [0, width)``) and how many columns are done."""
+
+    rows: list[_Row]
+    tokens: Tensor  # [k, width], left-padded
+    lens: list[int]
+    base: int
+    offset: int
+    done: int = 0
+    echo: dict[int, list[Tensor]] = field(default_factory=dict)  # row j -> its prompt logits, chunk by chunk
+
+
 class Engine:
     """Decodes many requests at once with one model; see the module docstring for the layout."""
 
-    def __init__(self, model: Transformer, tokenizer, max_batch_size: int = 8, max_queue: int = 64):
+    def __init__(self, model: Transformer, tokenizer, max_batch_size: int = 8, max_queue: int = 64,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 (or None: whole prompts), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id
@@ -306,6 +334,7 @@ class Engine:
         self.adapters = max((m.A.shape[0] - 1 for m in model.modules() if isinstance(m, MultiLoRALinear)), default=0)
 
         self.rows: list[_Row] = []  # engine thread only; rows[i] lives in cache row i
+        self.pending: _Prefill | None = None  # joiners whose prompts are being prefilled chunk by chunk
         self.cursor = 0  # the slot the next decode step writes
         self.waiting: collections.deque[Handle] = collections.deque()  # guarded by _cv
         self.vocab_size = cfg.vocab_size
@@ -361,15 +390,20 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        for handle in [r.handle for r in self.rows] + list(self.waiting):
+        for handle in self._handles() + list(self.waiting):
             handle._emit(ShuttingDown("the server is shutting down"))
         self.rows.clear()
+        self.pending = None
         self.waiting.clear()
+
+    def _handles(self) -> list[Handle]:
+        """The handles of every running or prefilling row."""
+        return [r.handle for r in self.rows + (self.pending.rows if self.pending else [])]
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self.rows and not self.waiting:
+                while not self._stopping and not self.rows and not self.pending and not self.waiting:
                     self._cv.wait()
                 if self._stopping:
                     return
@@ -385,18 +419,22 @@ class Engine:
         joiners: list[Handle] = []
         try:
             self._release()
-            joiners = self._take_waiting()
-            if joiners:
-                self._prefill(joiners)
+            if self.pending is None:
+                joiners = self._take_waiting()
+                if joiners:
+                    self._begin_prefill(joiners)
+            if self.pending is not None:
+                self._prefill_chunk()
                 self._release()
             if self.rows:
                 self._decode()
         except Exception as e:  # a failed step must not kill the server
-            log.exception("engine step failed; failing the %d requests in the batch",
-                          len(self.rows) + len(joiners))
-            for handle in [r.handle for r in self.rows] + joiners:
+            handles = self._handles() + joiners
+            log.exception("engine step failed; failing the %d requests in the batch", len(handles))
+            for handle in handles:
                 handle._emit(_failure(e))  # (a handle already finished ignores it)
             self.rows.clear()
+            self.pending = None
 
     def _take_waiting(self) -> list[Handle]:
         with self._cv:
@@ -466,11 +504,12 @@ class Engine:
             self.rows.pop()
 
     # -- the model -------------------------------------------------------------------------
-    def _prefill(self, joiners: list[Handle]) -> None:
-        """Run the new prompts in one left-padded forward, into rows n.. at [cursor - len, cursor).
+    def _begin_prefill(self, joiners: list[Handle]) -> None:
+        """Set up the joiners' rows and decide where their prompts are prefilled.
 
-        A request that cannot be set up fails alone; a failed forward fails only these joiners
-        (the running rows' cache rows are not touched by it).
+        A request that cannot be set up fails here, alone. Prompts that fit in one chunk, or
+        that arrive while nothing decodes, go straight to their place left of the cursor, in
+        rows n..; longer ones are staged in those rows at slots [0, width) and moved at the end.
         """
         rows = []
         for handle in joiners:
@@ -486,51 +525,93 @@ class Engine:
             return
         lens = [len(r.handle.request.prompt) for r in rows]
         width = max(lens)
+        if not self.rows or self.prefill_chunk is None or width <= self.prefill_chunk:
+            if not self.rows:
+                self.cursor = width  # a fresh timeline
+            elif self.cursor < width:
+                self._shift(width - self.cursor)
+            offset = self.cursor - width
+        else:
+            offset = 0
+        tokens = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        for j, row in enumerate(rows):
+            tokens[j, width - lens[j]:] = torch.tensor(row.handle.request.prompt, dtype=torch.long)
+        self.pending = _Prefill(rows, tokens, lens, base=len(self.rows), offset=offset)
+
+    def _prefill_chunk(self) -> None:
+        """Prefill the next chunk of the pending prompts (all of it when nothing else decodes);
+        after the last one, the rows join the batch and sample their first token.
+
+        A failed forward fails only these joiners (the running rows' cache rows are not touched).
+        """
+        p = self.pending
+        if all(r.done() for r in p.rows):  # every joiner was cancelled meanwhile
+            self.pending = None
+            return
+        k, width, dev = len(p.rows), p.tokens.shape[1], self.device
+        a = p.done
+        b = width if not self.rows or self.prefill_chunk is None else min(width, a + self.prefill_chunk)
+        try:
+            # Slots offset + [a, b); a row's keys start at its first real token, causally; a
+            # padding query may see itself so that no softmax row is empty (its output is unused).
+            slots = torch.arange(p.offset + a, p.offset + b, device=dev)
+            keys = torch.arange(p.offset + b, device=dev).view(1, 1, 1, -1)
+            query = slots.view(1, 1, -1, 1)
+            pads = torch.tensor([width - n_ for n_ in p.lens], device=dev)
+            starts = (p.offset + pads).view(k, 1, 1, 1)
+            mask = ((keys >= starts) & (keys <= query)) | (keys == query)
+            positions = (torch.arange(a, b, device=dev).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+            self._attach(p.base, p.base + k)
+            self._select(p.rows)
+            try:
+                h = self.model.hidden_states(p.tokens[:, a:b], positions=positions, slots=slots, mask=mask)
+            finally:
+                self._detach()
+                self._unselect()
+            for j, row in enumerate(p.rows):
+                # Echo: the prompt's own log-probs need every real position's logits; projecting
+                # all positions to the vocabulary is the costliest part of a long prefill, so
+                # only these rows do it.
+                if row.handle.request.prompt_logprobs is not None:
+                    first = max(a, width - p.lens[j])
+                    if first < b:
+                        p.echo.setdefault(j, []).append(self.model.output(h[j, first - a:]).float())
+            p.done = b
+            self.stats["prefill_chunks"] += 1
+            if b < width:
+                return
+            logits = self.model.output(h[:, -1]).float()
+        except Exception as e:
+            log.exception("prefill failed; failing the %d requests joining in it", k)
+            for row in p.rows:
+                row.fail(e)
+            self.pending = None
+            return
+        self.pending = None
+        self._join(p, logits)
+
+    def _join(self, p: _Prefill, logits: Tensor) -> None:
+        """The prefilled rows take rows n.. at [cursor - width, cursor) and sample their first token."""
+        width, n = p.tokens.shape[1], len(self.rows)
         if not self.rows:
             self.cursor = width  # a fresh timeline
         elif self.cursor < width:
             self._shift(width - self.cursor)
-        c, n, k, dev = self.cursor, len(self.rows), len(rows), self.device
-
-        try:
-            tokens = torch.zeros((k, width), dtype=torch.long, device=dev)
-            for j, row in enumerate(rows):
-                tokens[j, width - lens[j] :] = torch.tensor(row.handle.request.prompt, dtype=torch.long)
-            pads = torch.tensor([width - n_ for n_ in lens], device=dev)
-            slots = torch.arange(c - width, c, device=dev)
-            keys = torch.arange(c, device=dev).view(1, 1, 1, c)
-            query = slots.view(1, 1, width, 1)
-            starts = (c - torch.tensor(lens, device=dev)).view(k, 1, 1, 1)
-            # Own keys only (from the row's start), causally; a padding query may see itself so
-            # that no softmax row is empty (its output is never used).
-            mask = ((keys >= starts) & (keys <= query)) | (keys == query)
-            positions = (torch.arange(width, device=dev).unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
-            self._attach(n, n + k)
-            self._select(rows)
-            try:
-                h = self.model.hidden_states(tokens, positions=positions, slots=slots, mask=mask)
-            finally:
-                self._detach()
-                self._unselect()
-            # Only the last position's logits are needed to continue, unless the prompt's own
-            # log-probs were asked for (echo): projecting every position to the vocabulary is
-            # the costliest part of a long prefill.
-            logits = self.model.output(h[:, -1]).float()
-        except Exception as e:
-            log.exception("prefill failed; failing the %d requests joining in it", k)
-            for row in rows:
-                row.fail(e)
-            return
+        c = self.cursor
+        if (p.base, p.offset) != (n, c - width):
+            # Staged elsewhere (or rows left meanwhile): move each joiner's slots into place. Row
+            # n + j <= base + j, so in this order no joiner is overwritten before it is moved.
+            for j in range(len(p.rows)):
+                for buf in self.keys + self.values:
+                    buf[n + j, :, c - width: c] = buf[p.base + j, :, p.offset: p.offset + width].clone()
         self.stats["prefills"] += 1
-
-        for j, row in enumerate(rows):
-            row.start = c - lens[j]
+        for j, row in enumerate(p.rows):
+            row.start = c - p.lens[j]
             self.rows.append(row)
             try:
                 want = row.handle.request.prompt_logprobs
                 if want is not None:
-                    own = self.model.output(h[j, width - lens[j] :]).float()
-                    row.prompt_logprobs = _prompt_logprobs(own, row.handle.request.prompt, want)
+                    row.prompt_logprobs = _prompt_logprobs(torch.cat(p.echo[j]), row.handle.request.prompt, want)
                 if row.max_new <= 0:
                     row.finish_reason = "length"
                     row._emit_ready()
