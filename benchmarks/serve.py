@@ -25,6 +25,7 @@ ours (> 1: chunking shortened the stall).
     python benchmarks/serve.py --preset 110m --clients 1,8 --max-tokens 64
     python benchmarks/serve.py --model path/to/model --device cuda --clients 1,8,32,64
     python benchmarks/serve.py --preset 110m --clients 1 --long-prompt 960 --prefill-chunk 128
+    python benchmarks/serve.py --model BIG --draft-model SMALL --clients 1,8
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ def serving(model_dir: Path, args, batch: int, queue: int, prefill_chunk: int | 
            "--device", args.device, "--log-level", "warning"]
     if prefill_chunk is not None:
         cmd += ["--prefill-chunk", str(prefill_chunk)]
+    if args.draft_model is not None:
+        cmd += ["--draft-model", str(args.draft_model), "--draft-tokens", str(args.draft_tokens)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -212,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                     help="the server's --prefill-chunk (default: the server's default)")
+    ap.add_argument("--draft-model", type=Path, default=None, metavar="DIR",
+                    help="serve with this draft model (speculative decoding for a stream decoding alone: the "
+                         "one-at-a-time requests and the 1-stream run); /health's acceptance is reported")
+    ap.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="with --draft-model (default: 4)")
     ap.add_argument("--long-prompt", type=int, default=0, metavar="L",
                     help="also run the stall test with an L-token prompt, against a whole-prompt server (0: off)")
     ap.add_argument("--stall-streams", type=int, default=4, help="streams decoding in the stall test (default: 4)")
@@ -264,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                      "streamed_equals_alone": f"{n - len(garbled)}/{n}"})
     result = {"model": name, "device": args.device, "max_tokens": args.max_tokens,
               "max_batch_size": batch, "runs": runs}
+    if "speculative" in res["health"]:
+        result["speculative"] = {**res["health"]["speculative"], "draft_tokens": args.draft_tokens}
     if args.long_prompt:
         alone_texts = [a["text"] for a in res["alone"][: args.stall_streams]]
         same = sum(a == b == c for a, b, c in zip(alone_texts, ours.pop("stream_texts"), whole.pop("stream_texts")))
@@ -286,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s_.get('itl_p99_s', 0) * 1000:8.1f}  {r['streamed_equals_alone']}")
         print("tok/s: all streams together; alone: the same requests one at a time, not streamed; TTFT: time to "
               "the first streamed text; ITL: gaps between a stream's text chunks")
+        if "speculative" in result:
+            sp = result["speculative"]
+            print(f"speculative decoding (K = {sp['draft_tokens']}): {sp['accepted']} of {sp['drafted']} drafted "
+                  f"tokens accepted")
         if args.long_prompt:
             st = result["stall"]
             chunk = "the server's default" if args.prefill_chunk is None else args.prefill_chunk

@@ -52,3 +52,15 @@ def test_stall_test_compares_chunked_with_whole_prompt_prefill(capsys, model_dir
         assert r["long_prompt_tokens"] == 100 and r["streams"] == 2
         assert 0 < r["itl_p50_s"] <= r["itl_p99_s"] <= r["max_gap_s"] and r["long_ttft_s"] > 0
     assert stall["max_gap_ratio"] == stall["whole_prompt"]["max_gap_s"] / stall["chunked"]["max_gap_s"]
+
+
+def test_a_draft_model_is_passed_to_the_server_and_its_acceptance_reported(capsys, model_dir):
+    bench = load_benchmark("serve")
+    argv = ["--model", str(model_dir), "--clients", "1,2", "--max-tokens", "8", "--json",
+            "--draft-model", str(model_dir), "--draft-tokens", "3"]
+    assert bench.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    # The model drafting for itself: every streamed text still equals its answer, drafts are accepted.
+    assert all(r["streamed_equals_alone"] == f"{r['clients']}/{r['clients']}" for r in result["runs"])
+    sp = result["speculative"]
+    assert sp["draft_tokens"] == 3 and 0 < sp["accepted"] <= sp["drafted"]

@@ -156,6 +156,57 @@ def draw(probs: Tensor, generator=None) -> Tensor:
     return _inverse_cdf(probs, u).squeeze(-1)
 
 
+def propose(forward_draft, feed: list[int], fed: int, k: int, greedy: bool, dist, rng=None
+            ) -> tuple[list[int], list[Tensor], int]:
+    """Speculative decoding's draft: ``k`` tokens proposed one at a time after feeding ``feed``
+    at position ``fed`` (``forward_draft(tokens, start)`` -> float logits [T, V], writing the
+    draft's cache). Returns the tokens, the distributions q they were drawn from (empty when
+    greedy: only argmaxes are compared) and how many tokens the draft's cache now holds."""
+    drafts, qs = [], []
+    for _ in range(k):
+        q_logits = forward_draft(feed, fed)[-1]
+        fed += len(feed)
+        if greedy:
+            t = int(q_logits.argmax())
+        else:
+            qs.append(dist(q_logits.view(1, -1))[0])
+            t = int(draw(qs[-1].view(1, -1), rng)[0])
+        drafts.append(t)
+        feed = [t]
+    return drafts, qs, fed
+
+
+def verify(rows: Tensor, drafts: list[int], qs: list[Tensor], greedy: bool, dist, rng=None) -> list[tuple[Tensor, int]]:
+    """The model's verdict on ``drafts``: ``rows`` [k + 1, V] are its logits at each draft
+    position and after the last. Returns (logits, token) for the accepted drafts plus one token
+    of the model's own: the correction at the first rejection, or a bonus after all k.
+
+    Draft token x ~ q is kept with probability min(1, p(x)/q(x)); at a rejection the token is
+    drawn from max(0, p - q) renormalised, which makes every token distributed exactly as p
+    (Leviathan et al. 2023, Theorem 1). Greedy: kept while it is p's argmax."""
+    out: list[tuple[Tensor, int]] = []
+    for j, t in enumerate(drafts):
+        if greedy:
+            ok = int(rows[j].argmax()) == t
+        else:
+            p = dist(rows[j].view(1, -1))[0]
+            u = torch.rand((), generator=rng, device=rows.device)
+            ok = bool(u * qs[j][t] <= p[t]) and bool(p[t] > 0)
+        if ok:
+            out.append((rows[j], t))
+            continue
+        if greedy:
+            fix = int(rows[j].argmax())
+        else:
+            residual = (p - qs[j]).clamp(min=0)
+            fix = int(draw((residual if residual.sum() > 0 else p).view(1, -1), rng)[0])
+        out.append((rows[j], fix))
+        return out
+    last = rows[len(drafts)]
+    out.append((last, int(last.argmax()) if greedy else int(draw(dist(last.view(1, -1)), rng)[0])))
+    return out
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
     width = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -265,13 +316,9 @@ class Generator:
                 yield from self._speculative_steps(prompts[0], params, seeds)
 
     def _speculative_steps(self, prompt, params, seeds):
-        """Speculative decoding of one prompt: per round the draft proposes up to K tokens, the
-        model scores all of them in one forward pass, and the longest prefix that passes the
-        acceptance test is kept, plus one token from the model itself (the correction at the
-        first rejection, or a bonus token when all K pass). Token i of the draft, drawn from
-        q, is accepted with probability min(1, p(x)/q(x)); at a rejection the token is drawn
-        from max(0, p - q) renormalised, which makes every emitted token distributed exactly
-        as p (Leviathan et al. 2023, Theorem 1). Greedy: accepted while it is p's argmax.
+        """Speculative decoding of one prompt: per round the draft proposes up to K tokens
+        (``propose``), the model scores all of them in one forward pass, and the longest prefix
+        that passes the acceptance test is kept, plus one token from the model itself (``verify``).
 
         Both caches keep their slots past the accepted prefix: those hold rejected tokens, but
         the causal mask never reaches them before they are written again."""
@@ -316,40 +363,11 @@ class Generator:
             yield emit(last, token)
             while len(seq) - len(prompt) < n_new:
                 k = min(K, n_new - (len(seq) - len(prompt)) - 1)  # never draft past the last token asked for
-                drafts, qs, feed = [], [], seq[d_fed:]
-                for _ in range(k):
-                    q_logits = forward(draft, feed, d_fed)[-1]
-                    d_fed += len(feed)
-                    if greedy:  # the acceptance test only compares argmaxes
-                        t = int(q_logits.argmax())
-                    else:
-                        qs.append(dist(q_logits.view(1, -1))[0])
-                        t = int(draw(qs[-1].view(1, -1), rng)[0])
-                    drafts.append(t)
-                    feed = [t]
+                drafts, qs, d_fed = propose(functools.partial(forward, draft), seq[d_fed:], d_fed, k, greedy, dist, rng)
                 rows = forward(target, seq[t_fed:] + drafts, t_fed)[-(k + 1):]
                 self.stats["rounds"] += 1
                 self.stats["drafted"] += k
-                out: list[tuple[Tensor, int]] = []
-                for j, t in enumerate(drafts):
-                    if greedy:
-                        ok = int(rows[j].argmax()) == t
-                    else:
-                        p = dist(rows[j].view(1, -1))[0]
-                        u = torch.rand((), generator=rng, device=dev)
-                        ok = bool(u * qs[j][t] <= p[t]) and bool(p[t] > 0)
-                    if ok:
-                        out.append((rows[j], t))
-                        continue
-                    if greedy:
-                        fix = int(rows[j].argmax())
-                    else:
-                        residual = (p - qs[j]).clamp(min=0)
-                        fix = int(draw((residual if residual.sum() > 0 else p).view(1, -1), rng)[0])
-                    out.append((rows[j], fix))
-                    break
-                else:
-                    out.append((rows[k], pick(rows[k])))
+                out = verify(rows, drafts, qs, greedy, dist, rng)
                 self.stats["accepted"] += len(out) - 1  # the last is the model's own token
                 for row, t in out:
                     seq.append(t)

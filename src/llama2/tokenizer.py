@@ -117,6 +117,12 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
+    def same_pieces(self, other: Tokenizer) -> bool:
+        """Whether ``other`` has the very same pieces at the same ids (a draft model for
+        speculative decoding must: its token ids are the model's)."""
+        return self.vocab_size == other.vocab_size and all(
+            self.id_to_piece(i) == other.id_to_piece(i) for i in range(self.vocab_size))
+
     def __len__(self) -> int:
         return self.vocab_size
 

@@ -162,8 +162,7 @@ def make_generator(args, model, tokenizer) -> Generator:
     if args.compile:
         raise ValueError("--compile cannot be combined with --draft-model yet")
     draft, draft_tok = load_for_inference(args.draft_model, args.dtype, args.device, args.verify)
-    if draft_tok.vocab_size != tokenizer.vocab_size or any(
-            draft_tok.id_to_piece(i) != tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)):
+    if not draft_tok.same_pieces(tokenizer):
         raise ValueError(f"--draft-model {args.draft_model}: its tokenizer is not --model's ({draft_tok.vocab_size} "
                          f"vs {tokenizer.vocab_size} pieces); a draft must share the model's tokenizer")
     return Generator(model, tokenizer, draft=draft, draft_tokens=k)

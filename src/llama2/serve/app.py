@@ -290,7 +290,8 @@ class OpenAIServer:
 
     def __init__(self, model, tokenizer, *, name: str, aliases: Sequence[str] = (), api_key: str | None = None,
                  max_batch_size: int = 8, max_queue: int = 64, guard=None, defaults: dict | None = None,
-                 adapters: Sequence[str] = (), prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+                 adapters: Sequence[str] = (), prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+                 draft=None, draft_tokens: int = 4):
         self.tokenizer = tokenizer
         self.name = name
         self.aliases = {name, *aliases}
@@ -302,7 +303,7 @@ class OpenAIServer:
         self.vocab_size = model.config.vocab_size
         self.defaults = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P, **(defaults or {})}
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                             prefill_chunk=prefill_chunk)
+                             prefill_chunk=prefill_chunk, draft=draft, draft_tokens=draft_tokens)
         self.created = int(time.time())
         self._token_strings: dict[int, str] = {}
 
@@ -939,6 +940,8 @@ def create_app(
     adapters: dict[str, str | os.PathLike] | None = None,
     quantize: str | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    draft=None,
+    draft_tokens: int = 4,
 ) -> FastAPI:
     """The FastAPI app for a model directory or a ``(Transformer, Tokenizer)`` pair.
 
@@ -950,7 +953,9 @@ def create_app(
     ``model`` field picks one by name (the model is modified in place). ``quantize``: "int8" /
     "int4" / "int4:GROUP", every linear layer quantized after loading (``model.quant``; in place).
     ``prefill_chunk``: prompt tokens prefilled per engine step while other streams decode (None:
-    whole prompts at once; see ``llama2.serve.engine``).
+    whole prompts at once; see ``llama2.serve.engine``). ``draft``: a model directory or a
+    ``(Transformer, Tokenizer)`` pair with the model's tokenizer, drafting ``draft_tokens`` tokens
+    per round for a stream that decodes alone (speculative decoding).
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
@@ -981,10 +986,13 @@ def create_app(
                          "give the adapter another (--adapter NAME=DIR)")
     if adapters:
         stack_onto(model, adapters, layers)
+    if draft is not None:
+        draft = _load_draft(draft, tokenizer, device=device, dtype=dtype, verify=verify)
 
     server = OpenAIServer(model, tokenizer, name=name, aliases=aliases, api_key=api_key,
                           max_batch_size=max_batch_size, max_queue=max_queue, guard=guard, defaults=defaults,
-                          adapters=list(adapters), prefill_chunk=prefill_chunk)
+                          adapters=list(adapters), prefill_chunk=prefill_chunk, draft=draft,
+                          draft_tokens=draft_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -1011,8 +1019,11 @@ def create_app(
         return HTMLResponse(page)
 
     async def health(request: Request) -> dict:
-        return {"status": "ok", "model": server.name, "running": server.engine.running,
-                "waiting": server.engine.queued}
+        out = {"status": "ok", "model": server.name, "running": server.engine.running,
+               "waiting": server.engine.queued}
+        if server.engine.draft is not None:
+            out["speculative"] = {k: server.engine.stats[k] for k in ("drafted", "accepted")}
+        return out
 
     async def models(request: Request) -> dict:
         return {"object": "list", "data": server.model_cards()}
@@ -1030,6 +1041,22 @@ def create_app(
     app.add_api_route("/tokenize", _endpoint(server, server.tokenize), methods=["POST"])
     app.add_api_route("/detokenize", _endpoint(server, server.detokenize), methods=["POST"])
     return app
+
+
+def _load_draft(draft, tokenizer, *, device, dtype, verify: bool):
+    """The draft model of ``--draft-model``: loaded like the model, refused in one line unless its
+    tokenizer is the model's (its token ids must mean the same)."""
+    if isinstance(draft, tuple):
+        draft, draft_tok = draft
+        where = "the draft model"
+    else:
+        where = f"--draft-model {draft}"
+        draft_tok = load_tokenizer(Path(draft))
+        draft = load_model(Path(draft), dtype=dtype, device=device or "cpu", verify=verify)
+    if not draft_tok.same_pieces(tokenizer):
+        raise ValueError(f"{where}: its tokenizer is not the model's ({draft_tok.vocab_size} vs "
+                         f"{tokenizer.vocab_size} pieces); a draft must share the model's tokenizer")
+    return draft
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -1055,6 +1082,13 @@ def configure(parser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
                         help="prefill a long prompt N tokens per step while other streams decode, so it does not "
                              f"stall them (default: {DEFAULT_PREFILL_CHUNK}; 0 = whole prompts in one forward)")
+    parser.add_argument("--draft-model", default=None, metavar="DIR",
+                        help="speculative decoding: a smaller model with the same tokenizer drafts --draft-tokens "
+                             "tokens per round for a stream that decodes alone, which --model checks in one pass "
+                             "(greedy text unchanged, sampled text keeps its distribution). Batched streams decode "
+                             "as usual")
+    parser.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                        help="tokens the draft proposes per round (default 4, with --draft-model)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="sequences allowed to wait for a free slot before answering 503 (default: 64)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
@@ -1098,6 +1132,11 @@ def main(args) -> int:
                                ("--max-body-bytes", args.max_body_bytes, 1), ("--prefill-chunk", args.prefill_chunk, 0)):
         if value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
+    if args.draft_tokens is not None and args.draft_model is None:
+        raise ValueError("--draft-tokens needs --draft-model")
+    draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
+    if draft_tokens < 1:
+        raise ValueError(f"--draft-tokens must be >= 1, got {draft_tokens}")
     device = check_device(args.device)
     dtype = parse_dtype(args.dtype)
     adapters = parse_adapters(args.adapter)
@@ -1114,7 +1153,8 @@ def main(args) -> int:
                          max_queue=args.max_queue, guard=guard, model_name=args.model_name,
                          device=device, dtype=dtype, max_body_bytes=args.max_body_bytes,
                          verify=args.verify, adapters=adapters, quantize=args.quantize,
-                         prefill_chunk=args.prefill_chunk or None)
+                         prefill_chunk=args.prefill_chunk or None, draft=args.draft_model,
+                         draft_tokens=draft_tokens)
         name = app.state.server.name
         port = sock.getsockname()[1]
         with_adapters = f" with adapter(s) {', '.join(map(repr, adapters))}" if adapters else ""

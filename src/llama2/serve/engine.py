@@ -25,6 +25,12 @@ everything left of it, so each row decodes as if it were alone.
   sequence needs more than ``max_seq_len`` slots, so a full timeline can always be
   compacted (see ``_make_room``).
 
+**Speculative decoding.** With a ``draft`` model, a stream that decodes alone (nothing else
+running or waiting) is decoded in rounds: the draft proposes ``draft_tokens`` tokens, the model
+checks them in one forward at the cursor and keeps the accepted ones plus one of its own
+(``llama2.generate.propose`` / ``verify``, as ``Generator`` does). The draft keeps its own cache
+of that one stream and catches up on whatever was decoded while it was batched.
+
 The engine runs in one background thread (``start``); requests are submitted from the
 asyncio event loop (``submit``) and their text comes back through a ``Handle``. A bounded
 waiting queue turns overload into ``QueueFull`` (the server answers 503).
@@ -46,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -54,7 +61,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from llama2.generate import SamplingParams, sample, truncate_at_stop
+from llama2.generate import SamplingParams, propose, sample, sampling_probs, truncate_at_stop, verify
 from llama2.model import Transformer
 from llama2.model.lora import MultiLoRALinear, select_adapters
 
@@ -309,7 +316,8 @@ class Engine:
     """Decodes many requests at once with one model; see the module docstring for the layout."""
 
     def __init__(self, model: Transformer, tokenizer, max_batch_size: int = 8, max_queue: int = 64,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, draft: Transformer | None = None,
+                 draft_tokens: int = 4):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_queue < 0:
@@ -317,6 +325,18 @@ class Engine:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 (or None: whole prompts), got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        if draft is not None:
+            if draft.config.vocab_size != model.config.vocab_size:
+                raise ValueError(f"the draft model's vocabulary has {draft.config.vocab_size} tokens, the model's "
+                                 f"{model.config.vocab_size}: a draft must share the model's tokenizer")
+            if draft_tokens < 1:
+                raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+            if draft is model:  # it keeps a cache of its own, which the engine's would replace
+                raise ValueError("the draft must be a model object of its own (load it separately)")
+            draft.eval().setup_cache(1)  # one sequence: its own slots, slot = position
+        self.draft, self.draft_tokens = draft, draft_tokens
+        self._drafted_for: _Row | None = None  # the row whose tokens the draft's cache holds ...
+        self._draft_fed = 0  # ... this many of them
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id
@@ -426,7 +446,9 @@ class Engine:
             if self.pending is not None:
                 self._prefill_chunk()
                 self._release()
-            if self.rows:
+            if self._alone():
+                self._speculate()
+            elif self.rows:
                 self._decode()
         except Exception as e:  # a failed step must not kill the server
             handles = self._handles() + joiners
@@ -641,6 +663,66 @@ class Engine:
         self.stats["row_steps"] += n
         self._sample(self.rows, logits[:, -1])
 
+    def _alone(self) -> bool:
+        """Whether this step speculates: a draft model is loaded and one stream decodes alone.
+        Batched streams already share each weight read, which is what a draft saves; one stream
+        alone is where decoding is slowest per token and the draft pays (vLLM turns speculation
+        off at large batches for the same reason)."""
+        if self.draft is None or len(self.rows) != 1 or self.pending is not None or self.waiting:
+            return False
+        row = self.rows[0]
+        k = min(self.draft_tokens, row.max_new - len(row.tokens) - 1)
+        length = len(row.handle.request.prompt) + len(row.tokens) + k
+        return k >= 1 and not row.done() and length <= self.draft.config.max_seq_len
+
+    def _speculate(self) -> None:
+        """One round of speculative decoding for the one running row (``generate.propose`` /
+        ``verify``): the draft proposes up to ``draft_tokens`` tokens, the model checks them in
+        one forward at the cursor, and the accepted ones plus the model's own token are emitted.
+        The greedy text is the plain greedy text; sampled text keeps the model's distribution."""
+        row = self.rows[0]
+        p = row.params
+        k = min(self.draft_tokens, row.max_new - len(row.tokens) - 1)
+        if self.cursor + k + 1 > self.capacity:
+            self._shift(-row.start)  # the row then starts at 0: it fits, as it fits the context
+        if self._drafted_for is not row:
+            self._drafted_for, self._draft_fed = row, 0  # another row's tokens: feed this one's from 0
+        seq = row.handle.request.prompt + row.tokens
+        dev, rng = self.device, row.generator
+        dist = functools.partial(sampling_probs, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+
+        def forward_draft(tokens: list[int], start: int) -> Tensor:
+            x = torch.tensor([tokens], device=dev)
+            return self.draft(x, slots=torch.arange(start, start + len(tokens), device=dev))[0].float()
+
+        # A failure from here on fails the row (the step's handler): its cache can't be trusted.
+        drafts, qs, self._draft_fed = propose(forward_draft, seq[self._draft_fed:], self._draft_fed, k,
+                                              p.greedy, dist, rng)
+        c = self.cursor
+        slots = torch.arange(c, c + k + 1, device=dev)
+        keys = torch.arange(c + k + 1, device=dev).view(1, 1, 1, -1)
+        mask = (keys >= row.start) & (keys <= slots.view(1, 1, -1, 1))
+        self._attach(0, 1)
+        self._select(self.rows)
+        try:
+            logits = self.model(torch.tensor([[row.last] + drafts], device=dev),
+                                positions=(slots - row.start).view(1, -1), slots=slots, mask=mask)[0]
+        finally:
+            self._detach()
+            self._unselect()
+        out = verify(logits, drafts, qs, p.greedy, dist, rng)
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += 1
+        self.stats["drafted"] += k
+        self.stats["accepted"] += len(out) - 1
+        # The model's cache is right up to the last accepted draft; the newest token is unseen.
+        self.cursor += len(out)
+        self._draft_fed = min(self._draft_fed, len(seq) + len(out) - 1)
+        for token_logits, token in out:
+            if row.done():
+                break
+            self._take(row, token_logits, token)
+
     def _sample(self, rows: list[_Row], logits: Tensor) -> None:
         """Pick each row's next token with its own sampling parameters; a row that fails here
         fails alone (the others' tokens do not depend on it)."""
@@ -660,6 +742,11 @@ class Engine:
             token = greedy
         else:
             token = int(sample(logits.unsqueeze(0), p.temperature, p.top_p, p.top_k, row.generator)[0])
+        self._take(row, logits, token)
+
+    def _take(self, row: _Row, logits: Tensor, token: int) -> None:
+        """Give ``row`` its next token, sampled from ``logits``."""
+        p = row.params
         lp = None
         if p.logprobs:
             # Log-probs of the model's own distribution (before temperature / top-p), as
