@@ -10,6 +10,8 @@ reported (prefill included, so tokens/s = new tokens / wall time).
 The sides:
 
 * ours and transformers in ``--dtype`` (float32 on CPU, bfloat16 on CUDA by default);
+* ``--bf16``: ours again with bfloat16 weights, the peer of llama.cpp's f16 (with ``--compile`` on a
+  CPU the weights are frozen into the graph and packed for oneDNN: ``generate.compile_options``);
 * ``--quantize int8,w8a8,int4:64``: ours again, loaded with ``load_model(path, quantize=SPEC)`` per
   SPEC (int8 | w8a8 | int4 | int4:32|64|128): weight-only int8/int4 on PyTorch's packed kernels with
   bfloat16 activations; w8a8 (CPU) = int8 weights and activations on fbgemm's kernels, the rest of
@@ -20,7 +22,7 @@ The sides:
   the same directory exported to GGUF as f32 and f16 (``llama2.checkpoint.convert``) and as
   q8_0 and q4_0 (``export_gguf(quant=...)``, llama-quantize ``--pure``), run with the same
   threads. Compared at the same precision: ours float32 / llama.cpp f32 (F32 KV cache, as ours;
-  its greedy tokens should equal ours), ours float16 or bfloat16 / llama.cpp f16 (llama.cpp's
+  its greedy tokens should equal ours), ours bfloat16 (``--bf16``; else ours in ``--dtype`` float16 or bfloat16) / llama.cpp f16 (llama.cpp's
   default F16 KV cache), ours w8a8 (else int8) / q8_0, ours int4 / q4_0 (blocks of 32: the int4 run with
   the smallest group is its peer). GGUF needs a ``tokenizer.model`` with the model's
   vocabulary: ``--model DIR``'s own, or ``--tokenizer``; a random preset with the Llama 2
@@ -35,6 +37,7 @@ why), ``ratios`` and each side's ``tokens``.
     python benchmarks/decode.py                                   # 110m preset, CPU, float32
     python benchmarks/decode.py --threads 2 --quantize int8,int4:64   # + quantized ours, + llama.cpp
     python benchmarks/decode.py --threads 2 --quantize int8 --no-llama-cpp --json
+    python benchmarks/decode.py --threads 2 --compile --bf16 --quantize w8a8   # every CPU precision
     python benchmarks/decode.py --device cuda --dtype bfloat16 --preset 7b
 """
 
@@ -221,9 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for EVERY side: torch's, and llama.cpp's n_threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pause", type=float, default=0.5, metavar="S",
+                    help="seconds of idle before each timed run, so no side's spinning threads slow the next "
+                         "(default: 0.5)")
     ap.add_argument("--compile", action="store_true",
                     help="our Generator with its compiled decode step (CUDA graphs on a GPU); transformers "
                          "stays eager")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also time ours with bfloat16 weights, llama.cpp f16's peer (with --compile on a CPU: "
+                         "the weights frozen into the graph and packed for oneDNN's bf16 kernels)")
     ap.add_argument("--quantize", default=None, metavar="SPEC[,SPEC...]",
                     help="also time ours loaded with load_model(quantize=SPEC) for each SPEC: int8, int4, "
                          "int4:32|64|128 (weight-only, bfloat16 activations)")
@@ -245,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     specs = list(dict.fromkeys(specs))  # a spec twice is timed once
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        # Every compiled side compiles the same function (Generator._last_logits) for its own model:
+        # past dynamo's default of 8 graphs per function the later sides would silently run eager.
+        torch._dynamo.config.recompile_limit = 64
     threads = torch.get_num_threads()
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -273,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             return torch.float32 if spec == "w8a8" else qdtype
 
         quantized = {s: load_model(path, dtype=act_dtype(s), device=args.device, quantize=s) for s in specs}
+        half = load_model(path, dtype=torch.bfloat16, device=args.device) if args.bf16 else None
         cfg = ours.config
         if args.prompt_len + n > cfg.max_seq_len:
             raise SystemExit(f"prompt-len + new-tokens exceeds the context ({cfg.max_seq_len})")
@@ -290,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         gen = Generator(ours, compile=args.compile)
         sides.append(("ours", dname, lambda k: time_ours(gen, prompt, k, args.device)))
         sides.append(("transformers", dname, lambda k: time_hf(theirs, prompt, k, args.device)))
+        if half is not None:
+            hgen = Generator(half, compile=args.compile)
+            sides.append(("ours bfloat16", "bfloat16", lambda k: time_ours(hgen, prompt, k, args.device)))
         for s, qmodel in quantized.items():
-            qgen = Generator(qmodel, compile=args.compile)
+            qgen = Generator(qmodel, compile=args.compile and s != "w8a8")  # (w8a8 does not compile)
             sides.append((f"ours {s}", f"{s}, {str(act_dtype(s)).removeprefix('torch.')} activations",
                           lambda k, qgen=qgen: time_ours(qgen, prompt, k, args.device)))
         for kind, llm in llms.items():
@@ -308,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         best_floor = float("inf")
         for _ in range(args.repeats):  # alternate, so a busy spell on the machine hits every side
             for side, _, run in sides:
+                # A pause first: OpenMP threads (torch's, and llama.cpp's own runtime) spin a while
+                # after their last parallel region, and would compete with the next side's.
+                time.sleep(args.pause)
                 t, tokens[side] = run(n)
                 best[side] = min(best[side], t)
             best_floor = min(best_floor, time_floor(ours, n, args.device))
@@ -318,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     # each side's same-precision peer among ours, for the ratio ours / peer (> 1: ours is faster)
     int4 = sorted((s for s in specs if s.startswith("int4")), key=lambda s: int(s.split(":")[1]))
     peers = {"transformers": "ours", "llama.cpp f32": "ours" if dtype == torch.float32 else None,
-             "llama.cpp f16": "ours" if dtype in (torch.float16, torch.bfloat16) else None,
+             "llama.cpp f16": "ours bfloat16" if half is not None else
+                              "ours" if dtype in (torch.float16, torch.bfloat16) else None,
              # q8_0 rounds the activations to 8 bits too: w8a8 is its like, int8 (weight-only) the fallback
              "llama.cpp q8_0": "ours w8a8" if "w8a8" in specs else "ours int8" if "int8" in specs else None,
              "llama.cpp q4_0": f"ours {int4[0]}" if int4 else None}

@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory):
 
 def run(bench, capsys, model_dir, *args) -> dict:
     assert bench.main(["--model", str(model_dir), *args, "--threads", "1", "--prompt-len", "8", "--repeats", "1",
-                       "--json"]) == 0
+                       "--pause", "0", "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -56,11 +56,21 @@ def test_quantized_side(bench, model_dir, capsys):
 
 def test_llama_cpp_greedy_tokens_equal_ours(bench, model_dir, capsys):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (optional llama.cpp check)")
-    res = run(bench, capsys, model_dir, "--new-tokens", "8", "--quantize", "int8,w8a8,int4:32", "--llama-cpp")
+    res = run(bench, capsys, model_dir, "--new-tokens", "8", "--quantize", "int8,w8a8,int4:32", "--llama-cpp",
+              "--bf16")
     assert res["llama_cpp_note"] is None
     assert set(res["llama_cpp"]) == {"f32", "f16", "q8_0", "q4_0"}
     assert all(v["tok_s"] > 0 for v in res["llama_cpp"].values())
     assert res["tokens"]["llama.cpp f32"] == res["tokens"]["ours"]
     assert res["llama_cpp"]["f32"]["same_tokens"] == "8/8"
-    assert set(res["ratios"]) == {"ours / transformers", "ours / llama.cpp f32", "ours w8a8 / llama.cpp q8_0",
-                                  "ours int4:32 / llama.cpp q4_0"}
+    assert set(res["ratios"]) == {"ours / transformers", "ours / llama.cpp f32", "ours bfloat16 / llama.cpp f16",
+                                  "ours w8a8 / llama.cpp q8_0", "ours int4:32 / llama.cpp q4_0"}
+
+
+def test_bf16_side_is_ours_with_bfloat16_weights(bench, model_dir, capsys):
+    res = run(bench, capsys, model_dir, "--new-tokens", "4", "--bf16", "--no-llama-cpp")
+    sides = {r["side"]: r for r in res["sides"]}
+    assert set(sides) == {"ours", "transformers", "ours bfloat16"}
+    assert sides["ours bfloat16"]["precision"] == "bfloat16" and sides["ours bfloat16"]["tok_s"] > 0
+    k, n = map(int, sides["ours bfloat16"]["same_tokens"].split("/"))
+    assert n == 4 and 0 <= k <= 4

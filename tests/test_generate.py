@@ -13,6 +13,7 @@ from llama2 import Generator, ModelConfig, SamplingParams, Transformer, save_mod
 from llama2.generate import ContextOverflow, prompt_logprobs, sample
 
 from .conftest import FIXTURE_TOKENIZER as FIXTURE
+from .conftest import tiny_config
 
 # Tiny models gain nothing from threads, and a busy machine makes them much slower.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -339,4 +340,32 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_reuses_its_cache(model)
         assert [o.tokens for o in compiled.generate(prompts, params)] == expected
         cache = model.layers[0].attention.cache  # kept for the next call: its graph reads it
         assert cache is not None and cache.k.shape[2] == min(256, model.config.max_seq_len)
+    model.clear_cache()
+
+
+def test_the_compiled_step_freezes_16_bit_weights_on_cpu_only():
+    from llama2.generate import compile_options, freezes_weights
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert freezes_weights(cpu, torch.bfloat16) and freezes_weights(cpu, torch.float16)
+    assert not freezes_weights(cpu, torch.float32) and not freezes_weights(cpu, torch.bfloat16, quantized=True)
+    assert not freezes_weights(cuda, torch.bfloat16)
+    assert compile_options(cuda) == {"mode": "reduce-overhead"} and compile_options(cpu) == {}
+
+
+@pytest.mark.slow
+def test_compiled_bfloat16_decoding_on_cpu_gives_the_eager_tokens():
+    # The frozen graph runs oneDNN's packed bf16 kernels (compile_options): other roundings than
+    # eager bf16's, so the log-probs agree to bf16's precision and the greedy tokens exactly
+    # (a model with peaked logits, so no near-tie decides a token).
+    model = Transformer.from_config(tiny_config(max_seq_len=128), seed=0).eval().bfloat16()
+    with torch.no_grad():
+        model.output.weight.mul_(8)
+    eager, compiled = Generator(model), Generator(model, compile=True)
+    params = SamplingParams(temperature=0, max_new_tokens=20, stop_at_eos=False, logprobs=True)
+    prompts = [[1, 5, 9, 33], [1, 7, 8, 100, 200, 3]]
+    a, b = eager.generate(prompts, params), compiled.generate(prompts, params)
+    assert [o.tokens for o in b] == [o.tokens for o in a]
+    for x, y in zip(a, b):
+        assert y.logprobs == pytest.approx(x.logprobs, abs=0.1)
     model.clear_cache()

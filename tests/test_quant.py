@@ -95,6 +95,20 @@ def test_w8a8_quantizes_activations_too_and_stays_close_to_float():
     assert all(m.dynamic_activations for m in q.modules() if isinstance(m, Int8Linear))
 
 
+def test_w8a8_with_a_compiled_decode_step_is_refused_in_one_line(capsys, tmp_path):
+    model = quantize_model(make_model(), "w8a8")
+    with pytest.raises(ValueError, match="compile cannot be combined with w8a8"):
+        Generator(model, compile=True)
+    from llama2 import Tokenizer
+
+    from .conftest import FIXTURE_TOKENIZER
+
+    path = save_model(Transformer.from_config(tiny_config(vocab_size=32000), seed=0), tmp_path / "m",
+                      tokenizer=Tokenizer(FIXTURE_TOKENIZER))
+    rc, _, err = run_cli(capsys, "generate", "--model", path, "--prompt", "Hi", "--quantize", "w8a8", "--compile")
+    assert rc != 0 and "compile cannot be combined with w8a8" in err and len(err.strip().splitlines()) == 1
+
+
 def test_w8a8_is_refused_off_the_cpu():
     with pytest.raises(ValueError, match="w8a8 runs on the CPU only"):
         Int8Linear(torch.zeros(4, 4, dtype=torch.int8, device="meta"), torch.ones(4, device="meta"),

@@ -84,6 +84,9 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
+        # The CPU kernel's scales, in its activations' dtype: a buffer rather than a cast in
+        # forward, which torch.compile's lowering of the kernel cannot take as an input.
+        self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)
         if dynamic_activations and weight.device.type != "cpu":
             raise ValueError(f"--quantize w8a8 runs on the CPU only (fbgemm's int8 kernels), not on "
                              f"{weight.device.type}; use int8 there")
@@ -119,8 +122,8 @@ class Int8Linear(nn.Module):
             # F.linear 273 us; the int8 op on float32 input 1215 us (4.5x slower), on bfloat16
             # input 107 us (133 us with the casts). (4096x4096: 2.8-5.6 ms, 14-18 ms, 1.1-1.3 ms.)
             # So cast in and out; the scales must have the input's dtype.
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight,
-                                                   self.scales.to(torch.bfloat16)).to(x.dtype)
+            scales = self.scales_bf16.to(torch.bfloat16)  # (a no-op unless a .to(dtype) moved it)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, scales).to(x.dtype)
         else:  # CUDA etc. (untested here): gpt-fast's form, fused by torch.compile
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
