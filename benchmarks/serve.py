@@ -117,13 +117,16 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, stream: b
             "gaps": gaps}
 
 
-async def run(base: str, bodies: list[dict], clients: list[int]) -> dict:
-    """Every body once alone (the reference), then the first N of them at once for each N."""
+async def run(base: str, bodies: list[dict], clients: list[int], warm_rounds: bool = False) -> dict:
+    """Every body once alone (the reference), then the first N of them at once for each N.
+    ``warm_rounds``: each N is run once untimed first (a compiled server builds its graphs then)."""
     url = base + "/v1/completions"
     limits = httpx.Limits(max_connections=len(bodies) + 1)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         await one_request(client, url, {**bodies[0], "max_tokens": 4}, stream=False)  # warm-up
         await one_request(client, url, {**bodies[0], "max_tokens": 4}, stream=True)
+        for n in clients if warm_rounds else ():
+            await asyncio.gather(*(one_request(client, url, b, stream=True) for b in bodies[:n]))
 
         t0 = time.perf_counter()
         alone = [await one_request(client, url, b, stream=False) for b in bodies]
@@ -165,6 +168,8 @@ def serving(model_dir: Path, args, batch: int, queue: int, prefill_chunk: int | 
            "--device", args.device, "--log-level", "warning"]
     if prefill_chunk is not None:
         cmd += ["--prefill-chunk", str(prefill_chunk)]
+    if args.compile:
+        cmd += ["--compile"]
     if args.draft_model is not None:
         cmd += ["--draft-model", str(args.draft_model), "--draft-tokens", str(args.draft_tokens)]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -215,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                     help="the server's --prefill-chunk (default: the server's default)")
+    ap.add_argument("--compile", action="store_true",
+                    help="serve with --compile; each stream count then runs once untimed first, so the "
+                         "graphs of its batch buckets are compiled before the timed run")
     ap.add_argument("--draft-model", type=Path, default=None, metavar="DIR",
                     help="serve with this draft model (speculative decoding for a stream decoding alone: the "
                          "one-at-a-time requests and the 1-stream run); /health's acceptance is reported")
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                    "max_tokens": args.max_tokens, "temperature": 0} for i in range(most)]
         batch = args.max_batch_size or (max(most, args.stall_streams + 1) if args.long_prompt else most)
         with serving(model_dir, args, batch, 4 * most, args.prefill_chunk) as base:
-            res = asyncio.run(run(base, bodies, clients))
+            res = asyncio.run(run(base, bodies, clients, warm_rounds=args.compile))
             if args.long_prompt:
                 long_prompt = [1] + [(7 * i) % 1000 + 100 for i in range(args.long_prompt - 1)]
                 stall_bodies = bodies[: args.stall_streams]
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append({"clients": n, "one_at_a_time": alone, "concurrent_streaming": together,
                      "throughput_ratio": together["tok_s"] / alone["tok_s"],
                      "streamed_equals_alone": f"{n - len(garbled)}/{n}"})
-    result = {"model": name, "device": args.device, "max_tokens": args.max_tokens,
+    result = {"model": name, "device": args.device, "max_tokens": args.max_tokens, "compiled": args.compile,
               "max_batch_size": batch, "runs": runs}
     if "speculative" in res["health"]:
         result["speculative"] = {**res["health"]["speculative"], "draft_tokens": args.draft_tokens}
@@ -284,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         print(f"{name}, {args.device}, {args.max_tokens} tokens per request (greedy), server batch "
-              f"{result['max_batch_size']}; times in ms")
+              f"{result['max_batch_size']}{', compiled' if args.compile else ''}; times in ms")
         print(f"{'streams':>7} {'tok/s':>8} {'alone':>8} {'ratio':>6} {'lat p50':>8} {'lat p99':>8} "
               f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}  same text")
         for r in runs:

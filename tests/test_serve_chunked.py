@@ -176,3 +176,54 @@ def test_serve_refuses_a_negative_prefill_chunk_in_one_line(capsys, tmp_path):
     code = main(["serve", "--model", str(tmp_path), "--prefill-chunk", "-1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "--prefill-chunk" in err[0]
+
+
+# ---- the compiled decode step (Engine(compile=True), llama2 serve --compile) -------------------
+
+@pytest.mark.slow
+def test_the_compiled_engine_gives_the_eager_engines_tokens(model):
+    tm, tok = model
+    # Three streams join at once (bucket 4: one padding row), two end together, the last decodes
+    # alone (bucket 1): two graphs.
+    requests = [_greedy(_prompt(12, 0), 10), _greedy(_prompt(30, 1), 10), _greedy(_prompt(20, 2), 30)]
+    alone = [_alone(tm, tok, r).tokens for r in requests]
+    engine = Engine(tm, tok, max_batch_size=4, compile=True)
+
+    async def run():
+        handles = engine.submit(requests)
+        while engine.running or engine.queued or not handles[0].finished:
+            engine.step()
+            await asyncio.sleep(0)
+        return [(await h.result()).tokens for h in handles]
+
+    assert asyncio.run(run()) == alone
+    assert engine.stats["compiled_steps"] == engine.stats["steps"] > 0 and engine.stats["max_rows"] == 3
+    assert engine.buckets == [1, 2, 4]
+
+
+def test_compile_is_refused_with_stacked_adapters_or_w8a8(model):
+    from llama2.model.lora import stack_adapters
+    from llama2.model.quant import quantize_model
+
+    tm, tok = model
+    stacked = Transformer.from_config(tiny_config(vocab_size=32000), seed=0)
+    A, B = torch.zeros(2, 64), torch.zeros(64, 2)
+    stack_adapters(stacked, [{"layers.0.attention.wq": (A, B, 1.0)}])
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        Engine(stacked, tok, compile=True)
+    with pytest.raises(ValueError, match="w8a8"):
+        Engine(quantize_model(Transformer.from_config(tiny_config(vocab_size=32000), seed=0), "w8a8"), tok,
+               compile=True)
+
+
+def test_serve_compile_with_w8a8_is_refused_in_one_line(capsys, model, tmp_path):
+    from llama2 import save_model
+    from llama2.serve.app import create_app
+
+    from .conftest import run_cli
+
+    tm, tok = model
+    path = save_model(tm, tmp_path / "m", tokenizer=tok)
+    assert create_app(path, compile=True).state.server.engine.compile
+    rc, _, err = run_cli(capsys, "serve", "--model", path, "--port", "0", "--compile", "--quantize", "w8a8")
+    assert rc != 0 and "compile cannot be combined with w8a8" in err and len(err.strip().splitlines()) == 1

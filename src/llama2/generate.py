@@ -234,6 +234,31 @@ def freezes_weights(device: torch.device, dtype: torch.dtype, quantized: bool = 
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not quantized
 
 
+def check_compilable(model: Transformer) -> None:
+    """Refuse, in one line, a model whose decode step torch.compile cannot take."""
+    if any(getattr(m, "dynamic_activations", False) for m in model.modules()):
+        # fbgemm's prepacked weights are opaque to torch.compile (it stops with a graph break)
+        raise ValueError("compile cannot be combined with w8a8 (fbgemm's int8 kernels); use int8 or drop one")
+
+
+def compile_decode_step(fn, model: Transformer):
+    """``torch.compile`` of a decode step ``fn`` that runs ``model``: static shapes, CUDA graphs on
+    a GPU, and on a CPU with 16-bit weights inductor's freezing (``freezes_weights``)."""
+    ref = model.tok_embeddings.weight
+    step = torch.compile(fn, fullgraph=True, dynamic=False, **compile_options(ref.device))
+    quantized = any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+    if not freezes_weights(ref.device, ref.dtype, quantized):
+        return step
+
+    # (inductor reads this from its global config when a graph is compiled, which happens at a
+    # call; torch.compile's ``options`` did not reach ``freezing``)
+    def frozen(*args, **kwargs):
+        with torch._inductor.config.patch(FROZEN_CPU_INDUCTOR):
+            return step(*args, **kwargs)
+
+    return frozen
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
     width = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -266,9 +291,8 @@ class Generator:
                                  "shapes vary); drop one")
             draft.eval()
         self.draft, self.draft_tokens = draft, draft_tokens
-        if compile and any(getattr(m, "dynamic_activations", False) for m in model.modules()):
-            # fbgemm's prepacked weights are opaque to torch.compile (it stops with a graph break)
-            raise ValueError("compile cannot be combined with w8a8 (fbgemm's int8 kernels); use int8 or drop one")
+        if compile:
+            check_compilable(model)
         self.stats = {"drafted": 0, "accepted": 0, "rounds": 0}  # speculative decoding, over this object's life
         # compile=True: the one-token decode step is torch.compile'd with CUDA graphs (gpt-fast's
         # recipe). On a GPU, batch-1 decoding in eager mode waits on kernel launches, not memory;
@@ -318,18 +342,7 @@ class Generator:
 
     def _compiled_step(self):
         if self._step is None:
-            step = torch.compile(self._last_logits, fullgraph=True, dynamic=False, **compile_options(self.device))
-            quantized = any(isinstance(m, (Int8Linear, Int4Linear)) for m in self.model.modules())
-            if freezes_weights(self.device, self.model.tok_embeddings.weight.dtype, quantized):
-                # (inductor reads these from its global config when a graph is compiled, which
-                # happens at a call; torch.compile's ``options`` did not reach ``freezing``)
-                def frozen(*args, **kwargs):
-                    with torch._inductor.config.patch(FROZEN_CPU_INDUCTOR):
-                        return step(*args, **kwargs)
-
-                self._step = frozen
-            else:
-                self._step = step
+            self._step = compile_decode_step(self._last_logits, self.model)
         return self._step
 
     def _setup_cache(self, B: int, total: int) -> None:

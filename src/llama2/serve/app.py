@@ -291,7 +291,7 @@ class OpenAIServer:
     def __init__(self, model, tokenizer, *, name: str, aliases: Sequence[str] = (), api_key: str | None = None,
                  max_batch_size: int = 8, max_queue: int = 64, guard=None, defaults: dict | None = None,
                  adapters: Sequence[str] = (), prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
-                 draft=None, draft_tokens: int = 4):
+                 draft=None, draft_tokens: int = 4, compile: bool = False):
         self.tokenizer = tokenizer
         self.name = name
         self.aliases = {name, *aliases}
@@ -303,7 +303,7 @@ class OpenAIServer:
         self.vocab_size = model.config.vocab_size
         self.defaults = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P, **(defaults or {})}
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                             prefill_chunk=prefill_chunk, draft=draft, draft_tokens=draft_tokens)
+                             prefill_chunk=prefill_chunk, draft=draft, draft_tokens=draft_tokens, compile=compile)
         self.created = int(time.time())
         self._token_strings: dict[int, str] = {}
 
@@ -942,6 +942,7 @@ def create_app(
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     draft=None,
     draft_tokens: int = 4,
+    compile: bool = False,
 ) -> FastAPI:
     """The FastAPI app for a model directory or a ``(Transformer, Tokenizer)`` pair.
 
@@ -955,7 +956,8 @@ def create_app(
     ``prefill_chunk``: prompt tokens prefilled per engine step while other streams decode (None:
     whole prompts at once; see ``llama2.serve.engine``). ``draft``: a model directory or a
     ``(Transformer, Tokenizer)`` pair with the model's tokenizer, drafting ``draft_tokens`` tokens
-    per round for a stream that decodes alone (speculative decoding).
+    per round for a stream that decodes alone (speculative decoding). ``compile``: the engine's
+    decode step is torch.compile'd (see ``llama2.serve.engine``).
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
@@ -992,7 +994,7 @@ def create_app(
     server = OpenAIServer(model, tokenizer, name=name, aliases=aliases, api_key=api_key,
                           max_batch_size=max_batch_size, max_queue=max_queue, guard=guard, defaults=defaults,
                           adapters=list(adapters), prefill_chunk=prefill_chunk, draft=draft,
-                          draft_tokens=draft_tokens)
+                          draft_tokens=draft_tokens, compile=compile)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -1089,6 +1091,10 @@ def configure(parser) -> None:
                              "as usual")
     parser.add_argument("--draft-tokens", type=int, default=None, metavar="K",
                         help="tokens the draft proposes per round (default 4, with --draft-model)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the batched decode step (CUDA graphs on a GPU), one graph per batch "
+                             "size bucket (1, 2, 4, ... --max-batch-size), each compiled when first needed. Not "
+                             "with --adapter or --quantize w8a8")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="sequences allowed to wait for a free slot before answering 503 (default: 64)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
@@ -1154,7 +1160,7 @@ def main(args) -> int:
                          device=device, dtype=dtype, max_body_bytes=args.max_body_bytes,
                          verify=args.verify, adapters=adapters, quantize=args.quantize,
                          prefill_chunk=args.prefill_chunk or None, draft=args.draft_model,
-                         draft_tokens=draft_tokens)
+                         draft_tokens=draft_tokens, compile=args.compile)
         name = app.state.server.name
         port = sock.getsockname()[1]
         with_adapters = f" with adapter(s) {', '.join(map(repr, adapters))}" if adapters else ""

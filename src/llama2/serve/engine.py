@@ -61,7 +61,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from llama2.generate import SamplingParams, propose, sample, sampling_probs, truncate_at_stop, verify
+from llama2.generate import (
+    SamplingParams,
+    check_compilable,
+    compile_decode_step,
+    propose,
+    sample,
+    sampling_probs,
+    truncate_at_stop,
+    verify,
+)
 from llama2.model import Transformer
 from llama2.model.lora import MultiLoRALinear, select_adapters
 
@@ -317,7 +326,7 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer, max_batch_size: int = 8, max_queue: int = 64,
                  prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, draft: Transformer | None = None,
-                 draft_tokens: int = 4):
+                 draft_tokens: int = 4, compile: bool = False):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_queue < 0:
@@ -362,6 +371,21 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = collections.Counter()  # steps, prefills, shifts, cancelled, max_rows, ...
+        # compile: the decode step is torch.compile'd (CUDA graphs on a GPU) with static shapes: the
+        # running rows padded to a bucket (1, 2, 4, ... max_batch_size) and attention over the whole
+        # timeline under a mask, so one graph per bucket serves every step.
+        self.compile = compile
+        if compile:
+            if self.adapters:
+                raise ValueError("compile cannot be combined with stacked LoRA adapters (each row selects its "
+                                 "own); merge them or drop one")
+            check_compilable(model)
+            self.buckets = sorted({min(1 << i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
+            # One set of cache views per bucket, made once: the compiled graph of a bucket reads
+            # the very same view objects every step.
+            self._bucket_views = {b: [_CacheView(k[:b], v[:b]) for k, v in zip(self.keys, self.values)]
+                                  for b in self.buckets}
+            self._compiled_decode = compile_decode_step(self._decode_logits, model)
 
     # -- the event-loop side ---------------------------------------------------------------
     def submit(self, requests: Sequence[Request]) -> list[Handle]:
@@ -643,8 +667,38 @@ class Engine:
         self._sample(self.rows[n:], logits)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(self.rows))
 
+    def _decode_logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
+        """Float32 logits [B, V] of one decode step (what ``compile`` compiles)."""
+        return self.model.output(self.model.hidden_states(tokens, positions, slots, mask)[:, -1]).float()
+
+    def _decode_compiled(self) -> None:
+        """``_decode`` through the compiled step: rows padded to the next bucket (a padding row
+        attends to its own slot only; it writes a cache row no running or staged row uses) and
+        keys over the whole timeline, masked."""
+        self._make_room()
+        c, n, dev = self.cursor, len(self.rows), self.device
+        b = next(size for size in self.buckets if size >= n)
+        tokens = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        tokens[:n, 0] = torch.tensor([r.last for r in self.rows], device=dev)
+        starts = torch.tensor([r.start for r in self.rows] + [c] * (b - n), device=dev)
+        keys = torch.arange(self.capacity, device=dev).view(1, 1, 1, -1)
+        mask = (keys >= starts.view(b, 1, 1, 1)) & (keys <= c)
+        for layer, view in zip(self.model.layers, self._bucket_views[b]):
+            layer.attention.cache = view
+        try:
+            logits = self._compiled_decode(tokens, (c - starts).view(b, 1), torch.tensor([c], device=dev), mask)
+        finally:
+            self._detach()
+        self.cursor += 1
+        self.stats["steps"] += 1
+        self.stats["compiled_steps"] += 1
+        self.stats["row_steps"] += n
+        self._sample(self.rows, logits[:n])
+
     def _decode(self) -> None:
         """Feed every row its newest token at the cursor and sample the next one."""
+        if self.compile and self.pending is None:  # (padding rows would write into a staged prompt's rows)
+            return self._decode_compiled()
         self._make_room()
         c, n, dev = self.cursor, len(self.rows), self.device
         tokens = torch.tensor([r.last for r in self.rows], device=dev).view(n, 1)
