@@ -28,6 +28,10 @@ The sides:
   vocabulary: ``--model DIR``'s own, or ``--tokenizer``; a random preset with the Llama 2
   vocabulary (110m, 7b, ...) uses the repository's test copy (tests/fixtures/llama2-tokenizer).
 
+The roofline: the device's copy bandwidth is measured in the same run (a buffer copied, bytes
+read + written per second), and each of our sides reports its weight bytes x decode steps per
+second as a fraction of it (a step reads every weight once, whatever ``--batch``).
+
 Ratios are ours' tokens/s over the other side's (> 1: ours is faster); "greedy tokens" counts the
 positions where a side's tokens equal ours in ``--dtype``. ``--json`` prints one object: the
 headline keys (``ours_tok_s``, ``transformers_tok_s``, ``ratio``, ``same_tokens``, ...) plus
@@ -38,7 +42,7 @@ why), ``ratios`` and each side's ``tokens``.
     python benchmarks/decode.py --threads 2 --quantize int8,int4:64   # + quantized ours, + llama.cpp
     python benchmarks/decode.py --threads 2 --quantize int8 --no-llama-cpp --json
     python benchmarks/decode.py --threads 2 --compile --bf16 --quantize w8a8   # every CPU precision
-    python benchmarks/decode.py --device cuda --dtype bfloat16 --preset 7b
+    python benchmarks/decode.py --device cuda --dtype bfloat16 --preset 7b --compile --batch 8
 """
 
 from __future__ import annotations
@@ -82,13 +86,37 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ours(gen: Generator, prompt: list[int], n: int, device: str) -> tuple[float, list[int]]:
+def time_ours(gen: Generator, prompts: list[list[int]], n: int, device: str) -> tuple[float, list[int]]:
+    """Seconds to decode every prompt (one batch), and the first row's tokens."""
     params = SamplingParams(temperature=0.0, max_new_tokens=n, stop_at_eos=False)
     sync(device)
     t0 = time.perf_counter()
-    out = gen.generate([prompt], params)[0]
+    out = gen.generate(prompts, params)[0]
     sync(device)
     return time.perf_counter() - t0, out.tokens
+
+
+def copy_bandwidth(device: str, nbytes: int) -> float:
+    """The device's memory bandwidth in bytes/s as a copy measures it: ``nbytes`` read and
+    ``nbytes`` written, best of 5 (what the roofline of decoding is compared with)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads from memory at least: every tensor of the model but the token
+    embeddings (one row of them per token)."""
+    embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in embed]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @torch.inference_mode()
@@ -109,10 +137,10 @@ def time_floor(model: Transformer, n: int, device: str) -> float:
 
 
 @torch.inference_mode()
-def time_hf(model, prompt: list[int], n: int, device: str) -> tuple[float, list[int]]:
+def time_hf(model, prompts: list[list[int]], n: int, device: str) -> tuple[float, list[int]]:
     from transformers import GenerationConfig
 
-    ids = torch.tensor([prompt], device=device)
+    ids = torch.tensor(prompts, device=device)  # (all of one length: no padding)
     config = GenerationConfig(
         do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=True,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -121,7 +149,7 @@ def time_hf(model, prompt: list[int], n: int, device: str) -> tuple[float, list[
     t0 = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     sync(device)
-    return time.perf_counter() - t0, out[0, len(prompt):].tolist()
+    return time.perf_counter() - t0, out[0, len(prompts[0]):].tolist()
 
 
 def time_llama_cpp(llm, prompt: list[int], n: int) -> tuple[float, list[int]]:
@@ -219,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                     help="float32 on CPU, bfloat16 on CUDA by default")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt length in tokens (BOS + random ids)")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="prompts decoded together by ours and transformers (llama.cpp: batch 1 only); tokens/s "
+                         "counts every row, the greedy-token columns the first")
+    ap.add_argument("--copy-bytes", type=int, default=None, metavar="N",
+                    help="buffer size of the copy-bandwidth measurement (default 1 GiB on a GPU, 256 MiB on a CPU)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None,
@@ -290,27 +323,33 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ours.config
         if args.prompt_len + n > cfg.max_seq_len:
             raise SystemExit(f"prompt-len + new-tokens exceeds the context ({cfg.max_seq_len})")
-        if args.llama_cpp is not False:
+        if args.batch < 1:
+            raise SystemExit(f"--batch must be at least 1, got {args.batch}")
+        if args.batch > 1 and args.llama_cpp is not False:
+            note = "llama.cpp side skipped: it is timed at batch 1 only"
+        elif args.llama_cpp is not False:
             llms, note = load_llama_cpp(args, path, cfg.vocab_size, args.prompt_len + n + 8, threads, tmp, say)
             for llm in llms.values():
                 stack.callback(llm.close)
         if note is not None and args.json:  # the table ends with it otherwise
             say(note)
         g = torch.Generator().manual_seed(args.seed)
-        prompt = [1] + torch.randint(3, cfg.vocab_size, (args.prompt_len - 1,), generator=g).tolist()
+        prompts = [[1] + torch.randint(3, cfg.vocab_size, (args.prompt_len - 1,), generator=g).tolist()
+                   for _ in range(args.batch)]
+        prompt = prompts[0]
 
         # (side, precision, timed run): run(k) decodes k new tokens -> (seconds, tokens)
         sides: list[tuple[str, str, Callable[[int], tuple[float, list[int]]]]] = []
         gen = Generator(ours, compile=args.compile)
-        sides.append(("ours", dname, lambda k: time_ours(gen, prompt, k, args.device)))
-        sides.append(("transformers", dname, lambda k: time_hf(theirs, prompt, k, args.device)))
+        sides.append(("ours", dname, lambda k: time_ours(gen, prompts, k, args.device)))
+        sides.append(("transformers", dname, lambda k: time_hf(theirs, prompts, k, args.device)))
         if half is not None:
             hgen = Generator(half, compile=args.compile)
-            sides.append(("ours bfloat16", "bfloat16", lambda k: time_ours(hgen, prompt, k, args.device)))
+            sides.append(("ours bfloat16", "bfloat16", lambda k: time_ours(hgen, prompts, k, args.device)))
         for s, qmodel in quantized.items():
             qgen = Generator(qmodel, compile=args.compile and s != "w8a8")  # (w8a8 does not compile)
             sides.append((f"ours {s}", f"{s}, {str(act_dtype(s)).removeprefix('torch.')} activations",
-                          lambda k, qgen=qgen: time_ours(qgen, prompt, k, args.device)))
+                          lambda k, qgen=qgen: time_ours(qgen, prompts, k, args.device)))
         for kind, llm in llms.items():
             sides.append((f"llama.cpp {kind}", kind, lambda k, llm=llm: time_llama_cpp(llm, prompt, k)))
 
@@ -331,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                 t, tokens[side] = run(n)
                 best[side] = min(best[side], t)
             best_floor = min(best_floor, time_floor(ours, n, args.device))
+        copy_bytes = args.copy_bytes or (2**30 if args.device.startswith("cuda") else 2**28)
+        bandwidth = copy_bandwidth(args.device, copy_bytes)
+        models = {"ours": ours, "ours bfloat16": half, **{f"ours {s}": m for s, m in quantized.items()}}
+        read = {side: weight_bytes(m) for side, m in models.items() if m is not None}
 
     def same(side: str) -> str:
         return f"{sum(a == b for a, b in zip(tokens[side], tokens['ours']))}/{n}"
@@ -343,22 +386,29 @@ def main(argv: list[str] | None = None) -> int:
              # q8_0 rounds the activations to 8 bits too: w8a8 is its like, int8 (weight-only) the fallback
              "llama.cpp q8_0": "ours w8a8" if "w8a8" in specs else "ours int8" if "int8" in specs else None,
              "llama.cpp q4_0": f"ours {int4[0]}" if int4 else None}
+    B = args.batch
     rows = []
     for side, precision, _ in sides:
         peer = peers.get(side)
-        rows.append({"side": side, "precision": precision, "tok_s": n / best[side],
+        # The roofline: each step reads the weights once (whatever the batch), so weight bytes x
+        # steps/s over the measured copy bandwidth is the fraction of the memory's speed reached.
+        frac = read[side] * (n / best[side]) / bandwidth if side in read else None
+        rows.append({"side": side, "precision": precision, "tok_s": B * n / best[side],
                      "peer": peer, "ratio": best[side] / best[peer] if peer else None,
-                     "same_tokens": None if side == "ours" else same(side)})
+                     "same_tokens": None if side == "ours" else same(side),
+                     "weight_bytes": read.get(side), "bandwidth_fraction": frac})
     match = sum(a == b for a, b in zip(tokens["ours"], tokens["transformers"]))
     result = {
         "model": name, "params": cfg.num_params(), "device": args.device, "dtype": dname,
-        "threads": threads, "batch": 1, "prompt_tokens": len(prompt), "new_tokens": n,
-        "ours_tok_s": n / best["ours"], "transformers_tok_s": n / best["transformers"],
+        "threads": threads, "batch": B, "prompt_tokens": len(prompt), "new_tokens": n,
+        "ours_tok_s": B * n / best["ours"], "transformers_tok_s": B * n / best["transformers"],
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "ours_bandwidth_fraction": read["ours"] * (n / best["ours"]) / bandwidth,
         "ratio": best["transformers"] / best["ours"],
         "matmul_floor_tok_s": n / best_floor,
         "same_tokens": f"{match}/{n}", "compiled": args.compile,
         "sides": rows,
-        "quantized": {s: {"tok_s": n / best[f"ours {s}"], "same_tokens": same(f"ours {s}"),
+        "quantized": {s: {"tok_s": B * n / best[f"ours {s}"], "same_tokens": same(f"ours {s}"),
                           "activations": str(act_dtype(s)).removeprefix("torch.")} for s in specs},
         "llama_cpp": {kind: {"tok_s": n / best[f"llama.cpp {kind}"], "same_tokens": same(f"llama.cpp {kind}")}
                       for kind in llms} or None,
@@ -369,20 +419,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{name} ({cfg.num_params() / 1e6:.0f}M params), {args.device}, {dname}, {threads} threads, batch 1, "
+        print(f"{name} ({cfg.num_params() / 1e6:.0f}M params), {args.device}, {dname}, {threads} threads, batch {B}, "
               f"prompt {len(prompt)} tokens, {n} new tokens, best of {args.repeats}")
         w = max(len(r["side"]) for r in rows)
         pw = max(len(r["precision"]) for r in rows)
         label = {"ours": f"ours {dname}"}
-        print(f"  {'side':<{w}}  {'precision':<{pw}}  {'tokens/s':>9}  {'ours / this side (which ours)':<30}  "
-              f"greedy tokens = ours {dname}")
+        print(f"  {'side':<{w}}  {'precision':<{pw}}  {'tokens/s':>9}  {'of bandwidth':>12}  "
+              f"{'ours / this side (which ours)':<30}  greedy tokens = ours {dname}")
         for r in rows:
             peer = label.get(r["peer"], r["peer"])
             ratio = f"{r['ratio']:.2f}x  ({peer})" if r["ratio"] is not None else "-"
-            print(f"  {r['side']:<{w}}  {r['precision']:<{pw}}  {r['tok_s']:9.1f}  {ratio:<30}  "
+            frac = f"{r['bandwidth_fraction']:.0%}" if r["bandwidth_fraction"] is not None else "-"
+            print(f"  {r['side']:<{w}}  {r['precision']:<{pw}}  {r['tok_s']:9.1f}  {frac:>12}  {ratio:<30}  "
                   f"{r['same_tokens'] or '(reference)'}")
         if note is not None:
             print(f"  {note}")
+        print(f"  copy bandwidth {result['copy_bandwidth_gb_s']:8.1f} GB/s (a {copy_bytes >> 20} MiB buffer copied: "
+              f"bytes read + written per second); 'of bandwidth' = the side's weight bytes x decode steps/s over it")
         print(f"  matmul-only floor {result['matmul_floor_tok_s']:8.1f} tokens/s (the weights' matrix-vector "
               f"products alone, one eager call each: on a CPU the bound of batch-1 decoding in this dtype; on a "
               f"GPU the eager calls are launch-bound, so a compiled decoder can beat it)")

@@ -74,3 +74,15 @@ def test_bf16_side_is_ours_with_bfloat16_weights(bench, model_dir, capsys):
     assert sides["ours bfloat16"]["precision"] == "bfloat16" and sides["ours bfloat16"]["tok_s"] > 0
     k, n = map(int, sides["ours bfloat16"]["same_tokens"].split("/"))
     assert n == 4 and 0 <= k <= 4
+
+
+def test_a_batch_and_the_bandwidth_roofline(bench, model_dir, capsys):
+    res = run(bench, capsys, model_dir, "--new-tokens", "4", "--batch", "3", "--copy-bytes", str(1 << 20))
+    assert res["batch"] == 3 and res["llama_cpp"] is None and "batch 1 only" in res["llama_cpp_note"]
+    assert res["copy_bandwidth_gb_s"] > 0 and 0 < res["ours_bandwidth_fraction"]
+    ours = next(r for r in res["sides"] if r["side"] == "ours")
+    # every weight but the embeddings, in float32; the fraction follows from the row's own numbers
+    assert ours["weight_bytes"] == 4 * (res["params"] - 32000 * 64)
+    steps = ours["tok_s"] / 3
+    assert ours["bandwidth_fraction"] == pytest.approx(ours["weight_bytes"] * steps / (res["copy_bandwidth_gb_s"] * 1e9))
+    assert res["same_tokens"] == "4/4"  # the first row, against transformers' first row

@@ -250,12 +250,38 @@ def test_info_prefill_peak_is_weights_cache_and_the_prompts_mask_and_activations
 
     info = gather("codellama-7b", context=16384, dtype="bf16")
     cfg = ModelConfig.from_preset("codellama-7b")
-    # boolean mask + its bf16 additive copy, quadratic in the context, dominate at 16k
-    assert prefill_bytes(cfg, 16384, 1, 2) >= 16384**2 * 3
+    # One prompt: one block's activations (SDPA's causal kernels, no mask) ...
+    assert prefill_bytes(cfg, 16384, 1, 2) == 16384 * (3 * 2 * cfg.hidden_dim + 2 * 2 * cfg.dim)
+    # ... a left-padded batch adds a boolean mask and its bf16 additive copy, quadratic in the context.
+    assert prefill_bytes(cfg, 16384, 2, 2) == 2 * prefill_bytes(cfg, 16384, 1, 2) + 2 * 16384**2 * 3
     assert info["prefill"]["peak_bytes"] == info["weight_bytes"] + info["kv_cache"]["bytes"] + prefill_bytes(
         cfg, 16384, 1, 2)
     code, out, _ = run_cli(capsys, "info", "codellama-7b", "--context", "16384")
-    assert code == 0 and "prefill peak        22.56 GiB" in out and "16,384-token prompts" in out
+    assert code == 0 and "prefill peak        21.81 GiB" in out and "16,384-token prompt at once" in out
+
+
+def test_one_prompts_prefill_builds_no_mask_and_equals_the_masked_one(monkeypatch):
+    import torch.nn.functional as F
+
+    from llama2 import Generator, SamplingParams
+
+    model = Transformer.from_config(long_config(max_seq_len=96), seed=0).eval()
+    masks = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        masks.append(attn_mask)
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    params = SamplingParams(temperature=0, max_new_tokens=6, stop_at_eos=False, logprobs=True)
+    gen = Generator(model)
+    alone = gen.generate([[1, 5, 9, 33, 7]], params)[0]
+    assert masks[0] is None  # the prefill: SDPA's causal path
+    assert all(m is not None for m in masks[model.config.n_layers:])  # decoding: the filled prefix
+    padded = gen.generate([[1, 5, 9, 33, 7], [1, 2]], params)[0]  # left padding needs the mask
+    assert padded.tokens == alone.tokens
+    assert padded.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
 
 
 def test_info_shows_a_directorys_rope_scaling(tmp_path, capsys):

@@ -452,9 +452,12 @@ class Generator:
         real = keys >= pads.view(B, 1, 1, 1)  # [B, 1, 1, total]: a row's padding is never attended to
         all_positions = (all_slots.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)  # [B, total]
         # Prefill: real keys only, causally; a padding query may see itself so no softmax row is empty.
+        # Without padding (one prompt, or prompts of one length) no mask: SDPA's fused causal kernels.
         slots = all_slots[:width]
-        causal = keys[..., :width] <= slots.view(1, 1, -1, 1)
-        mask = (real[..., :width] & causal) | torch.eye(width, dtype=torch.bool, device=self.device)
+        mask = None
+        if any(len(p) != width for p in prompts):
+            causal = keys[..., :width] <= slots.view(1, 1, -1, 1)
+            mask = (real[..., :width] & causal) | torch.eye(width, dtype=torch.bool, device=self.device)
         try:
             logits = self._last_logits(tokens, positions=all_positions[:, :width], slots=slots, mask=mask)
             for step in range(n_new):

@@ -7,8 +7,10 @@
 The KV cache holds K and V for every layer: 2 * n_layers * context * n_kv_heads * head_dim
 * batch * bytes per element; grouped-query attention (70B, Code Llama 34B) shrinks it by
 n_heads / n_kv_heads. The prefill peak adds what reading a whole ``--context``-token prompt at
-once costs on top (memory.prefill_bytes): the attention mask grows with the square of the
-context, which is what long contexts (Code Llama §2.4: 16,384 tokens) run into first:
+once costs on top (memory.prefill_bytes): the activations of one block, and for a left-padded
+batch an attention mask that grows with the square of the context (one prompt alone runs SDPA's
+causal kernels without one), which is what long contexts (Code Llama §2.4: 16,384 tokens) run
+into first:
 
     llama2 info codellama-7b --context 16384
 
@@ -135,7 +137,7 @@ def _resolve(model: str):
 def quantized_weight_bytes(cfg, spec: str, dtype: str = "bf16") -> int:
     """Weight memory with every linear layer (attention, feed-forward, output head) weight-only
     quantized as model/quant.py stores it: int8 = 1 byte per weight + a float32 scale per output
-    row; int4 = half a byte per weight + a bf16 (scale, zero) pair per GROUP inputs of each row.
+    row (and its bfloat16 copy for the CPU kernel); int4 = half a byte per weight + a bf16 (scale, zero) pair per GROUP inputs of each row.
     Embeddings and norms stay in ``dtype``."""
     kind, group = parse_quantize(spec)
     parts = param_breakdown(cfg)
@@ -144,9 +146,9 @@ def quantized_weight_bytes(cfg, spec: str, dtype: str = "bf16") -> int:
     rows = cfg.n_layers * (q + 2 * kv + cfg.dim + 2 * cfg.hidden_dim + cfg.dim) + cfg.vocab_size
     rest = (parts["embeddings"] + parts["norms"]) * BYTES[dtype]
     if kind == "int8":
-        return linear + 4 * rows + rest
+        return linear + (4 + 2) * rows + rest
     if kind == "w8a8":  # the int8 weights and fbgemm's packed copy of them, built on first use
-        return 2 * linear + 4 * rows + rest
+        return 2 * linear + (4 + 2) * rows + rest
     return linear // 2 + (linear // group) * 2 * 2 + rest
 
 
@@ -238,7 +240,8 @@ def render(info: dict) -> str:
                                       f"{kv['bytes_per_token'] / 1024:,.0f} KiB/token)"),
         ("weights + KV cache", _size(info["total_bytes"])),
         ("prefill peak", f"{_size(info['prefill']['peak_bytes'])} (+ {_size(info['prefill']['activation_bytes'])} "
-                         f"attention mask and activations to read {kv['context']:,}-token prompts at once, SDPA)"),
+                         f"{'attention mask and ' if kv['batch'] > 1 else ''}activations to read "
+                         f"{kv['context']:,}-token prompt{'s' if kv['batch'] > 1 else ''} at once, SDPA)"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

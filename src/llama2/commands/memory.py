@@ -242,16 +242,16 @@ def kv_cache_bytes(cfg, context: int, batch: int, bytes_per_element: int) -> int
 
 def prefill_bytes(cfg, prompt_len: int, batch: int, act_bytes: int) -> int:
     """Transient memory of one prefill forward (generate.py) over ``batch`` prompts of
-    ``prompt_len`` tokens, on top of the weights and the KV cache: the [prompt, prompt] boolean
-    attention mask and the additive copy hidden_states makes of it once (``act_bytes`` per
-    element; the quadratic term that dominates at long contexts), and one block's largest
-    activations at a time: the SwiGLU intermediates (silu output, w3 output, their product) and
-    two [tokens, dim] tensors (residual and normalised input). Assumes SDPA's fused kernels
-    (CUDA's memory-efficient attention takes the mask): no [heads, prompt, prompt] score matrix.
-    Only the last position's logits are computed."""
+    ``prompt_len`` tokens, on top of the weights and the KV cache: one block's largest
+    activations at a time (the SwiGLU intermediates: silu output, w3 output, their product; and
+    two [tokens, dim] tensors: residual and normalised input) and, for a batch (its prompts
+    left-padded), the [prompt, prompt] boolean attention mask and the additive copy
+    hidden_states makes of it once (``act_bytes`` per element; the quadratic term). One prompt
+    alone takes no mask: SDPA's fused causal kernels, and no [heads, prompt, prompt] score
+    matrix. Only the last position's logits are computed."""
     tokens = batch * prompt_len
-    return tokens * (3 * act_bytes * cfg.hidden_dim + 2 * act_bytes * cfg.dim) \
-        + batch * prompt_len * prompt_len * (1 + act_bytes)
+    mask = batch * prompt_len * prompt_len * (1 + act_bytes) if batch > 1 else 0
+    return tokens * (3 * act_bytes * cfg.hidden_dim + 2 * act_bytes * cfg.dim) + mask
 
 
 # -- the plan ------------------------------------------------------------------------------------

@@ -90,8 +90,10 @@ class Attention(nn.Module):
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)  # tables from rope_tables, once per forward
         if self.cache is not None and slots is not None:
             k, v = self.cache.update(slots, k, v)
-            if mask is not None:  # only the slots the mask covers take part (the filled prefix)
-                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+            # Only the slots the mask covers take part (the filled prefix); without a mask the
+            # queries are a prompt at slots 0..T-1 (see Transformer.hidden_states).
+            S = T if mask is None else mask.shape[-1]
+            k, v = k[:, :, :S], v[:, :, :S]
         # GQA: each K/V head serves n_heads // n_kv_heads adjacent query heads.
         gqa = self.n_kv_heads != self.n_heads
         if mask is None:
@@ -181,9 +183,12 @@ class Transformer(nn.Module):
             base = slots if slots is not None else torch.arange(T, device=tokens.device)
             positions = base.unsqueeze(0).expand(B, T)
         if slots is not None and self.layers[0].attention.cache is not None and mask is None:
-            # Decoding with a cache: attend to every filled slot up to each query's own slot.
+            # Decoding with a cache: attend to every filled slot up to each query's own slot. A
+            # prompt written from slot 0 is plainly causal: no mask, so SDPA runs its fused causal
+            # (flash) kernels, with no [T, T] mask in memory (Code Llama's 16k prompts).
             S = int(slots[-1]) + 1
-            mask = (torch.arange(S, device=tokens.device) <= slots.unsqueeze(-1)).view(1, 1, T, S)
+            if S != T:
+                mask = (torch.arange(S, device=tokens.device) <= slots.unsqueeze(-1)).view(1, 1, T, S)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
                                 self.config.rope_scaling)
         h = self.tok_embeddings(tokens)
