@@ -2,6 +2,8 @@
 # One GPU session: environment, the CUDA tests, then the benchmarks, all inside ~9 minutes.
 #
 #   bash benchmarks/gpu_session.sh            # from the repository root; logs go to $OUT (default /tmp/out)
+#   PART=decode bash benchmarks/gpu_session.sh   # the decoding and long-context checks instead (below)
+#   SMOKE=1 PART=decode bash benchmarks/gpu_session.sh   # this script itself, on a CPU, tiny models
 #
 # Writes at most 5 files to $OUT:
 #   session.log   everything printed (environment, pytest, every benchmark)
@@ -84,6 +86,30 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
     TRAIN=(--device cpu --preset tiny --batch 2 --seq 32 --bf16 --steps 1 --rounds 1)
     TRAINC=("${TRAIN[@]}")
     PPO=(--iterations 1 --batch 4 --minibatch 2 --max-new-tokens 4)
+fi
+
+if [[ "${PART:-base}" == decode ]]; then
+    # Decoding at the roofline, the server on the GPU, speculative decoding, 16k context (~9 min).
+    D7=(--device cuda --dtype bfloat16 --preset 7b --new-tokens 128 --repeats 3)
+    S110=(--device cuda --preset 110m --clients 1,8,32,64 --max-tokens 64)
+    SPEC=(--device cuda --preset 7b --draft-tokens 2,4 --new-tokens 64 --repeats 2)
+    LONG=(--device cuda --preset 7b --seq-len 16384 --new-tokens 64 --repeats 2)
+    if [[ "${SMOKE:-0}" == 1 ]]; then
+        D7=(--device cpu --preset tiny --prompt-len 8 --new-tokens 8 --repeats 1 --no-llama-cpp)
+        S110=(--device cpu --preset nano --clients 1,2 --max-tokens 4)
+        SPEC=(--device cpu --preset nano --draft-tokens 2 --new-tokens 8 --repeats 1 --draft-quantize int8)
+        LONG=(--device cpu --preset nano --seq-len 512 --new-tokens 8 --repeats 1)
+    fi
+    step pytest-cuda-decode 120 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "generat or compile or cache"
+    step decode-7b-b1-compile 170 python3 benchmarks/decode.py "${D7[@]}" --compile --json
+    step decode-7b-b8-compile 120 python3 benchmarks/decode.py "${D7[@]}" --compile --batch 8 --json
+    step long-context-7b-16k 120 python3 benchmarks/long_context.py "${LONG[@]}" --json
+    step speculative-7b 90 python3 benchmarks/speculative.py "${SPEC[@]}" --json
+    step serve-110m 90 python3 benchmarks/serve.py "${S110[@]}" --json
+    step serve-110m-compile 120 python3 benchmarks/serve.py "${S110[@]}" --compile --json
+    echo "== total $(( $(date +%s) - START )) s" | tee -a "$SUMMARY" "$LOG"
+    echo; echo "===== summary"; cat "$SUMMARY"
+    exit 0
 fi
 
 # 1. Correctness on the GPU (~1.5-2 min: two torch.compile tests, two torchrun launches).
