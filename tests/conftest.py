@@ -161,3 +161,16 @@ def load_benchmark(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def model_dirs(llama_tokenizer, tmp_path_factory):
+    """Saved (model, draft) directories for speculative decoding: a tiny model and a smaller one, one tokenizer."""
+    from llama2 import save_model
+
+    root = tmp_path_factory.mktemp("spec")
+    big = save_model(Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=96), seed=0), root / "big",
+                     tokenizer=llama_tokenizer)
+    small = save_model(Transformer.from_config(tiny_config(dim=32, n_layers=1, vocab_size=32000, max_seq_len=96),
+                                               seed=1), root / "small", tokenizer=llama_tokenizer)
+    return big, small

@@ -3,7 +3,6 @@ tokens are the plain engine's, its sampled tokens keep the model's distribution.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 from types import SimpleNamespace
@@ -20,6 +19,8 @@ pytest.importorskip("fastapi")
 
 from llama2.serve.engine import Engine, Request  # noqa: E402
 
+from .test_serve_chunked import _drive  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOKENIZER = SimpleNamespace(eos_id=2, decode=lambda ids: "".join(f"<{i}>" for i in ids))
@@ -34,22 +35,6 @@ def target():
 @pytest.fixture(scope="module")
 def draft():
     return Transformer.from_config(tiny_config(dim=32, n_layers=1, n_heads=2, n_kv_heads=1), seed=1).eval()
-
-
-def _drive(engine: Engine, submissions: dict[int, Request]):
-    """Submit request i at step i, step until idle; the Results."""
-    async def run():
-        handles = {}
-        for step in range(2000):
-            if step in submissions:
-                (handles[step],) = engine.submit([submissions[step]])
-            engine.step()
-            await asyncio.sleep(0)
-            if step > max(submissions) and not engine.running and not engine.queued and engine.pending is None:
-                break
-        return {i: await h.result() for i, h in handles.items()}
-
-    return asyncio.run(run())
 
 
 def _greedy(prompt, n, **kw):
@@ -122,18 +107,6 @@ def test_sampled_tokens_follow_the_models_distribution_not_the_drafts():
 
 
 # ---- llama2 serve --draft-model ---------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model_dirs(llama_tokenizer, tmp_path_factory):
-    from llama2 import save_model
-
-    root = tmp_path_factory.mktemp("serve-spec")
-    big = save_model(Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=96), seed=0), root / "big",
-                     tokenizer=llama_tokenizer)
-    small = save_model(Transformer.from_config(tiny_config(dim=32, n_layers=1, vocab_size=32000, max_seq_len=96),
-                                               seed=1), root / "small", tokenizer=llama_tokenizer)
-    return big, small
-
 
 def test_serve_with_a_draft_model_streams_the_plain_greedy_text(model_dirs):
     import httpx

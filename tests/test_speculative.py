@@ -151,18 +151,6 @@ def test_sampled_tokens_follow_the_models_distribution_not_the_drafts():
 
 # ---- the command line: --draft-model / --draft-tokens ----------------------------------------
 
-@pytest.fixture(scope="module")
-def model_dirs(llama_tokenizer, tmp_path_factory):
-    from llama2 import save_model
-
-    root = tmp_path_factory.mktemp("spec")
-    big = save_model(Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=96), seed=0), root / "big",
-                     tokenizer=llama_tokenizer)
-    small = save_model(Transformer.from_config(tiny_config(dim=32, n_layers=1, vocab_size=32000, max_seq_len=96),
-                                               seed=1), root / "small", tokenizer=llama_tokenizer)
-    return big, small
-
-
 def test_generate_with_a_draft_model_prints_the_same_greedy_text(capsys, model_dirs):
     import json
 

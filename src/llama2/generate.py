@@ -234,6 +234,23 @@ def freezes_weights(device: torch.device, dtype: torch.dtype, quantized: bool = 
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not quantized
 
 
+def last_logits(model: Transformer, tokens: Tensor, **kw) -> Tensor:
+    """Float32 logits of the last position only (a prompt's other positions are never sampled,
+    and projecting them to the vocabulary is the costliest part of a long prefill)."""
+    if type(model).forward is Transformer.forward:
+        return model.output(model.hidden_states(tokens, **kw)[:, -1]).float()
+    return model(tokens, **kw)[:, -1].float()
+
+
+def check_draft(model: Transformer, draft: Transformer, draft_tokens: int) -> None:
+    """Refuse, in one line, a draft that cannot draft for ``model`` (speculative decoding)."""
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"the draft model's vocabulary has {draft.config.vocab_size} tokens, the model's "
+                         f"{model.config.vocab_size}: a draft must share the model's tokenizer")
+    if draft_tokens < 1:
+        raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+
+
 def check_compilable(model: Transformer) -> None:
     """Refuse, in one line, a model whose decode step torch.compile cannot take."""
     if any(getattr(m, "dynamic_activations", False) for m in model.modules()):
@@ -281,11 +298,7 @@ class Generator:
         # 2023, Chen et al. 2023). Greedy output is the plain greedy output; sampled output has
         # exactly the plain distribution. One sequence at a time: batches decode row by row.
         if draft is not None:
-            if draft.config.vocab_size != model.config.vocab_size:
-                raise ValueError(f"the draft model's vocabulary has {draft.config.vocab_size} tokens, the model's "
-                                 f"{model.config.vocab_size}: a draft must share the model's tokenizer")
-            if draft_tokens < 1:
-                raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+            check_draft(model, draft, draft_tokens)
             if compile:
                 raise ValueError("compile and a draft model cannot be combined yet (the verification step's "
                                  "shapes vary); drop one")
@@ -334,11 +347,7 @@ class Generator:
         return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
 
     def _last_logits(self, tokens: Tensor, **kw) -> Tensor:
-        """Float32 logits of the last position only (a prompt's other positions are never sampled)."""
-        model = self.model
-        if type(model).forward is Transformer.forward:
-            return model.output(model.hidden_states(tokens, **kw)[:, -1]).float()
-        return model(tokens, **kw)[:, -1].float()
+        return last_logits(self.model, tokens, **kw)
 
     def _compiled_step(self):
         if self._step is None:

@@ -64,7 +64,9 @@ from torch import Tensor, nn
 from llama2.generate import (
     SamplingParams,
     check_compilable,
+    check_draft,
     compile_decode_step,
+    last_logits,
     propose,
     sample,
     sampling_probs,
@@ -335,11 +337,7 @@ class Engine:
             raise ValueError(f"prefill_chunk must be at least 1 (or None: whole prompts), got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         if draft is not None:
-            if draft.config.vocab_size != model.config.vocab_size:
-                raise ValueError(f"the draft model's vocabulary has {draft.config.vocab_size} tokens, the model's "
-                                 f"{model.config.vocab_size}: a draft must share the model's tokenizer")
-            if draft_tokens < 1:
-                raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+            check_draft(model, draft, draft_tokens)
             if draft is model:  # it keeps a cache of its own, which the engine's would replace
                 raise ValueError("the draft must be a model object of its own (load it separately)")
             draft.eval().setup_cache(1)  # one sequence: its own slots, slot = position
@@ -669,53 +667,46 @@ class Engine:
 
     def _decode_logits(self, tokens: Tensor, positions: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
         """Float32 logits [B, V] of one decode step (what ``compile`` compiles)."""
-        return self.model.output(self.model.hidden_states(tokens, positions, slots, mask)[:, -1]).float()
+        return last_logits(self.model, tokens, positions=positions, slots=slots, mask=mask)
 
-    def _decode_compiled(self) -> None:
-        """``_decode`` through the compiled step: rows padded to the next bucket (a padding row
-        attends to its own slot only; it writes a cache row no running or staged row uses) and
-        keys over the whole timeline, masked."""
+    def _decode(self) -> None:
+        """Feed every row its newest token at the cursor and sample the next one.
+
+        Compiled (``compile``): the rows padded to the next bucket (a padding row attends to its
+        own slot only and writes a cache row no running row uses) and keys over the whole
+        timeline, masked. Not while a prefill is staged: padding rows would write into its rows.
+        """
         self._make_room()
         c, n, dev = self.cursor, len(self.rows), self.device
-        b = next(size for size in self.buckets if size >= n)
+        compiled = self.compile and self.pending is None
+        b = next(size for size in self.buckets if size >= n) if compiled else n
         tokens = torch.zeros(b, 1, dtype=torch.long, device=dev)
         tokens[:n, 0] = torch.tensor([r.last for r in self.rows], device=dev)
         starts = torch.tensor([r.start for r in self.rows] + [c] * (b - n), device=dev)
-        keys = torch.arange(self.capacity, device=dev).view(1, 1, 1, -1)
+        keys = torch.arange(self.capacity if compiled else c + 1, device=dev).view(1, 1, 1, -1)
         mask = (keys >= starts.view(b, 1, 1, 1)) & (keys <= c)
-        for layer, view in zip(self.model.layers, self._bucket_views[b]):
-            layer.attention.cache = view
-        try:
-            logits = self._compiled_decode(tokens, (c - starts).view(b, 1), torch.tensor([c], device=dev), mask)
-        finally:
-            self._detach()
-        self.cursor += 1
-        self.stats["steps"] += 1
-        self.stats["compiled_steps"] += 1
-        self.stats["row_steps"] += n
-        self._sample(self.rows, logits[:n])
-
-    def _decode(self) -> None:
-        """Feed every row its newest token at the cursor and sample the next one."""
-        if self.compile and self.pending is None:  # (padding rows would write into a staged prompt's rows)
-            return self._decode_compiled()
-        self._make_room()
-        c, n, dev = self.cursor, len(self.rows), self.device
-        tokens = torch.tensor([r.last for r in self.rows], device=dev).view(n, 1)
-        starts = torch.tensor([r.start for r in self.rows], device=dev)
-        positions = (c - starts).view(n, 1)
-        mask = torch.arange(c + 1, device=dev).view(1, 1, 1, c + 1) >= starts.view(n, 1, 1, 1)
-        self._attach(0, n)
+        if compiled:
+            for layer, view in zip(self.model.layers, self._bucket_views[b]):
+                layer.attention.cache = view
+            step = self._compiled_decode
+        else:
+            self._attach(0, n)
+            step = self._decode_logits
         self._select(self.rows)
         try:
-            logits = self.model(tokens, positions=positions, slots=torch.tensor([c], device=dev), mask=mask)
+            logits = step(tokens, (c - starts).view(b, 1), torch.tensor([c], device=dev), mask)
         finally:
             self._detach()
             self._unselect()
         self.cursor += 1
         self.stats["steps"] += 1
+        self.stats["compiled_steps"] += compiled
         self.stats["row_steps"] += n
-        self._sample(self.rows, logits[:, -1])
+        self._sample(self.rows, logits[:n])
+
+    def _draft_count(self, row: _Row) -> int:
+        """Tokens to draft for ``row`` this round: never past the last token it may still get."""
+        return min(self.draft_tokens, row.max_new - len(row.tokens) - 1)
 
     def _alone(self) -> bool:
         """Whether this step speculates: a draft model is loaded and one stream decodes alone.
@@ -725,7 +716,7 @@ class Engine:
         if self.draft is None or len(self.rows) != 1 or self.pending is not None or self.waiting:
             return False
         row = self.rows[0]
-        k = min(self.draft_tokens, row.max_new - len(row.tokens) - 1)
+        k = self._draft_count(row)
         length = len(row.handle.request.prompt) + len(row.tokens) + k
         return k >= 1 and not row.done() and length <= self.draft.config.max_seq_len
 
@@ -736,7 +727,7 @@ class Engine:
         The greedy text is the plain greedy text; sampled text keeps the model's distribution."""
         row = self.rows[0]
         p = row.params
-        k = min(self.draft_tokens, row.max_new - len(row.tokens) - 1)
+        k = self._draft_count(row)
         if self.cursor + k + 1 > self.capacity:
             self._shift(-row.start)  # the row then starts at 0: it fits, as it fits the context
         if self._drafted_for is not row:
