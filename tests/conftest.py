@@ -44,6 +44,29 @@ def tiny_model() -> Transformer:
     return Transformer.from_config(tiny_config(), seed=0).eval()
 
 
+# Directories of session-scoped fixtures (pretrain_data), which later modules still read.
+SESSION_TMP_DIRS = ("pre",)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_tmp_dirs(request, tmp_path_factory):
+    """Removes the temporary directories a test module made once its tests have passed: the
+    module-scoped model directories (PPO runs with checkpoints among them) would otherwise stay
+    until the session ends, gigabytes over the suite. A failing module keeps them to look at."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        import shutil
+
+        for d in set(base.iterdir()) - before:
+            if d.is_symlink():  # pytest's "<name>current" link to the newest numbered directory
+                d.unlink()
+            elif d.name.rstrip("0123456789") not in SESSION_TMP_DIRS:
+                shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pretrain_data(tmp_path_factory):
     """Token shards of 150k characters of the bundled corpus on a 384-piece tokenizer."""
