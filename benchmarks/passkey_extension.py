@@ -17,8 +17,9 @@ it to have an answer:
 
 Measured on this 2-core machine (benchmarks/results/cpu-2026-12-02/passkey_extension*.txt):
 with seed 0 the model trained at 128 retrieves 83% at 128 and 0% at 256; after 150 steps at 512,
-θ 10⁴ gets 60% at 512 and 10% at 1,024, θ 10⁶ 73% and 13%. With seed 1 retrieval had not formed
-after 2,000 steps (10% at 128): when the circuit forms depends on the seed.
+θ 10⁴ gets 60% at 512 and 10% at 1,024, θ 10⁶ 73% and 13% (seed 2: 73% at 128, 3% at 256; then
+37% / 40% at 512, 7% / 13% at 1,024). With seed 1 retrieval had not formed after 2,000 steps (10% at
+128): when the circuit forms depends on the seed.
 
 The texts use ~75 distinct pieces of the Llama 2 vocabulary (fixture tokenizer); the model's
 embedding holds only those (``CompactTokenizer``), so a step costs the transformer, not a 32k
