@@ -41,10 +41,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from llama2 import ModelConfig, Tokenizer, Transformer
 from llama2.eval.passkey import format_passkey_table, passkey_documents, passkey_eval, passkey_prompts
+from llama2.train.core import cross_entropy
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "llama2-tokenizer" / "tokenizer.model"
 
@@ -112,7 +112,7 @@ def train(model: Transformer, texts: list[tuple[list[int], int]], steps: int, ba
         for g in opt.param_groups:
             g["lr"] = lr * scale
         x, y = completion_batch([texts[(s * batch + j) % len(texts)] for j in range(batch)])
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+        loss = cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -142,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     log = lambda m: print(m, flush=True)  # noqa: E731
 
-    tok = compact_tokenizer(Tokenizer(FIXTURE), [args.short, args.long])
+    try:  # bad lengths or depths stop here, in one line, before any training
+        tok = compact_tokenizer(Tokenizer(FIXTURE), [args.short, args.long])
+        for n in {*args.lengths, args.short, args.long}:
+            passkey_prompts(tok, n, args.depths, 1)
+    except ValueError as e:
+        print(f"passkey_extension: {e}", file=sys.stderr)
+        return 2
     short = completion_texts(tok, args.short, 6000, args.seed)
     long = completion_texts(tok, args.long, 1500, args.seed + 1)
     answer = len(short[0][0]) - short[0][1]  # the key's pieces, the newline and EOS
