@@ -43,7 +43,13 @@ from pathlib import Path
 import torch
 
 from llama2 import ModelConfig, Tokenizer, Transformer
-from llama2.eval.passkey import format_passkey_table, passkey_documents, passkey_eval, passkey_prompts
+from llama2.eval.passkey import (
+    accuracy_by_length,
+    format_passkey_table,
+    passkey_documents,
+    passkey_eval,
+    passkey_prompts,
+)
 from llama2.train.core import cross_entropy
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "llama2-tokenizer" / "tokenizer.model"
@@ -159,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     def probe(name: str, model: Transformer, losses: list[float]) -> None:
         r = passkey_eval(model, tok, args.lengths, args.depths, n_per_cell=args.per_cell, seed=args.seed,
                          batch_size=10, max_new_tokens=answer)
-        by_length = {n: sum(c["accuracy"] * c["n"] for c in r["cells"] if c["length"] == n) /
-                     sum(c["n"] for c in r["cells"] if c["length"] == n) for n in args.lengths}
+        by_length = accuracy_by_length(r)
         results["models"][name] = {"by_length": by_length, "cells": r["cells"], "losses": losses,
                                    "seconds": round(time.time() - t0)}
         log(f"{name}: " + ", ".join(f"{n}: {100 * a:.0f}%" for n, a in by_length.items()))

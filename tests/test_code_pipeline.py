@@ -218,6 +218,19 @@ def test_the_long_data_holds_passkey_texts_at_the_long_length(code_run):
     assert length - 16 <= per_doc <= length
 
 
+def test_passkey_answer_only_trains_the_passkey_texts_on_their_answers(code_run):
+    """code-smoke sets passkey_answer_only in data-long only: its passkey texts carry a loss mask."""
+    plain, answer_only = (json.loads((code_run / stage / "index.json").read_text()) for stage in ("data", "data-long"))
+    assert "completions" not in plain
+    assert answer_only["completions"]["train"] + answer_only["completions"]["val"] == 10
+    stream = TokenStream(code_run / "data-long" / "passkey", "train")
+    tok = Tokenizer(code_run / "data-long" / "tokenizer.model")
+    ids, keep = stream.read(0, len(stream)), stream.read_mask(0, len(stream)) > 0
+    answers = tok.decode([int(t) for t in ids[keep] if t != tok.eos_id]).split()
+    assert len(answers) == answer_only["completions"]["train"] and all(a.isdigit() and len(a) == 5 for a in answers)
+    assert TokenStream(code_run / "data-long", "train").masked  # the merged directory reads the mask too
+
+
 # -- the run -------------------------------------------------------------------------------
 
 def test_every_stage_writes_its_folder_and_done_marker(code_run):

@@ -3,9 +3,11 @@ complete shards, malformed lines reported, no window twice per epoch, rank aware
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from llama2.corpus import default_corpus_files, read_text
 from llama2.data import shards
@@ -19,7 +21,7 @@ from llama2.data.shards import (
     read_index,
     token_dtype,
 )
-from llama2.tokenizer import Tokenizer, train_tokenizer
+from llama2.tokenizer import Tokenizer, add_infilling_pieces, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +216,113 @@ def test_prepare_writes_the_bytes_it_always_wrote(corpus, tmp_path):
         data = path.read_bytes().replace(str(corpus["jsonl"].parent).encode(), b"<corpus>")
         h.update(path.name.encode() + b"\0" + data)
     assert h.hexdigest()[:16] == "db673ee75fbad4d3"
+
+
+# ---- prompt/completion rows: the completion-only loss -------------------------------------------
+
+@pytest.fixture
+def completions(corpus, tmp_path):
+    """Three prompt/completion rows between two plain texts, prepared into one shard."""
+    rows = [{"text": "A plain document before them."},
+            *({"prompt": f"Question {k}: what comes after the door?", "completion": f" The garden, {k} times."}
+              for k in range(3)),
+            {"text": "A plain document after them."}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    index = prepare([path], corpus["tok"], tmp_path / "d", val_fraction=0.0, workers=1, log=quiet)
+    return {"rows": rows, "index": index, "dir": tmp_path / "d", "tok": Tokenizer(corpus["tok"])}
+
+
+def test_prompt_completion_rows_are_one_document_each_with_a_mask(completions):
+    index, tok = completions["index"], completions["tok"]
+    assert index["documents"]["train"] == 5 and index["completions"] == {"train": 3, "val": 0}
+    assert index["splits"]["train"][0]["mask"] == "train-00000.mask"
+    stream = TokenStream(completions["dir"], "train")
+    ids, kind = stream.read(0, len(stream)), stream.read_mask(0, len(stream))
+    keep = kind > 0
+    starts = np.flatnonzero(ids == tok.bos_id).tolist() + [len(ids)]
+    docs = [(ids[a + 1:b - 1], keep[a + 1:b - 1]) for a, b in zip(starts, starts[1:])]  # without BOS, EOS
+    assert [tok.decode(d.tolist()) for d, _ in docs] == [r.get("text") or r["prompt"] + r["completion"]
+                                                         for r in completions["rows"]]
+    # The targets: all of a plain document, the completion of a prompt/completion row.
+    assert [tok.decode(d[k].tolist()) for d, k in docs] == [r.get("text") or r["completion"].strip()
+                                                            for r in completions["rows"]]
+    assert keep[ids == tok.eos_id].all() and keep.sum() < len(ids)
+    assert set(kind[:int(np.argmax(ids == tok.eos_id)) + 1]) == {1}  # the plain text before them
+    assert set(kind[keep]) == {1, 2}
+
+
+def test_the_loader_sets_a_prompts_labels_to_ignore(completions):
+    stream = TokenStream(completions["dir"], "train")
+    seqs = PackedSequences(stream, 16)
+    batch = seqs.batch(range(len(seqs)))
+    keep = np.concatenate([stream.read_mask(16 * i + 1, 16 * i + 17) for i in range(len(seqs))]) > 0
+    labels = batch["labels"].flatten().numpy()
+    assert (labels[~keep] == -100).all() and (labels[keep] >= 0).all()
+    assert (batch["tokens"] >= 0).all() and "weights" not in batch  # inputs are never masked
+
+
+def test_completion_weight_weighs_a_completions_targets(completions):
+    from llama2.train.core import cross_entropy
+
+    stream = TokenStream(completions["dir"], "train")
+    seqs = PackedSequences(stream, 16, completion_weight=4.0)
+    batch = seqs.batch(range(len(seqs)))
+    kind = torch.from_numpy(np.stack([stream.read_mask(16 * i + 1, 16 * i + 17) for i in range(len(seqs))]))
+    assert torch.equal(batch["weights"], torch.where(kind == 2, 4.0, 1.0))
+    logits = torch.randn(*batch["labels"].shape, 384)
+    each = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    w = batch["weights"].flatten() * (batch["labels"].flatten() >= 0)
+    assert torch.allclose(cross_entropy(logits, batch["labels"], weights=batch["weights"]), (each * w).sum() / w.sum())
+    # weights of 1 are the plain mean
+    assert torch.allclose(cross_entropy(logits, batch["labels"], weights=torch.ones_like(batch["weights"])),
+                          cross_entropy(logits, batch["labels"]))
+    with pytest.raises(ValueError, match="completion_weight must be > 0"):
+        PackedSequences(stream, 16, completion_weight=0)
+
+
+def test_plain_texts_prepare_as_before_and_need_no_mask(corpus, tmp_path):
+    index = prepare([corpus["jsonl"]], corpus["tok"], tmp_path / "d", val_fraction=0.1, workers=1, log=quiet)
+    assert "completions" not in index and not list((tmp_path / "d").glob("*.mask"))
+    assert not TokenStream(tmp_path / "d").masked
+
+
+def test_a_missing_mask_and_a_bad_row_are_one_line(completions, corpus, tmp_path):
+    (completions["dir"] / "train-00000.mask").unlink()
+    with pytest.raises(FileNotFoundError, match="train-00000.mask: loss mask missing"):
+        TokenStream(completions["dir"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "no completion"}\n{"prompt": "x", "completion": ""}\n{"text": "fine"}\n')
+    messages = []
+    index = prepare([bad], corpus["tok"], tmp_path / "b", val_fraction=0.0, workers=1, log=messages.append)
+    assert index["malformed"] == 2 and any('"completion"' in m and "bad.jsonl:1" in m for m in messages)
+
+
+def test_completion_rows_are_never_fim_transformed(tmp_path):
+    tok_file = Path(__file__).parent / "fixtures" / "llama2-tokenizer" / "tokenizer.model"
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "def f():\n    return", "completion": " 1\n"}) + "\n")
+    add_infilling_pieces(tok_file, tmp_path / "code.model")
+    index = prepare([path], tmp_path / "code.model", tmp_path / "d", val_fraction=0.0, workers=1, log=quiet,
+                    fim_rate=1.0)
+    tok = Tokenizer(tmp_path / "code.model")
+    ids = TokenStream(tmp_path / "d").read(0, index["tokens"]["train"]).tolist()
+    assert ids == tok.encode("def f():\n    return 1\n", bos=True, eos=True)
+
+
+def test_pretraining_weighs_completions_only_when_the_data_has_them(corpus, completions, tmp_path):
+    from llama2.model import ModelConfig
+    from llama2.train import pretrain
+
+    plain = tmp_path / "plain"
+    prepare([corpus["jsonl"]], corpus["tok"], plain, val_fraction=0.1, workers=1, log=quiet)
+    model = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=384, multiple_of=16, max_seq_len=16)
+    settings = dict(model=model, seq_len=16, batch_size=2, micro_batch_size=2, max_steps=1, warmup_steps=1,
+                    eval_every=0, save_every=0, completion_weight=4.0)
+    with pytest.raises(ValueError, match=r"completion_weight 4.0: .*plain has no prompt/completion rows"):
+        pretrain.run(pretrain.PretrainConfig(data=str(plain), out=str(tmp_path / "a"), **settings), quiet=True)
+    last = pretrain.run(pretrain.PretrainConfig(data=str(completions["dir"]), out=str(tmp_path / "b"), **settings),
+                        quiet=True)
+    assert last["step"] == 1 and last["loss"] > 0
+    with pytest.raises(ValueError, match="completion_weight must be > 0"):
+        pretrain.PretrainConfig(completion_weight=-1.0)

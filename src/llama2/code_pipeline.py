@@ -7,7 +7,9 @@ tokenizer -> data -> pretrain -> data-fim -> fim -> data-long -> long -> evaluat
   Code Llama's 16 pieces (the infilling sentinels PRE/SUF/MID/EOT) appended (Code Llama §2.3).
 * **data**, **pretrain**: plain next-token pretraining of a tiny model on that code, plus short
   passkey texts at the pretraining length, so the base model knows the probe's task at its own
-  length (Code Llama starts from Llama 2; here the base model is trained from scratch).
+  length (Code Llama starts from Llama 2; here the base model is trained from scratch). With
+  ``passkey_answer_only`` a data stage writes them as prompt/completion rows (the loss on the
+  answer alone; ``completion_weight`` of the training stage weighs it against the code).
 * **data-fim**, **fim**: the code with the fill-in-the-middle transformation (Code Llama §2.3:
   90% of documents, half of them in SPM order; the tiny recipe cuts at line starts,
   ``fim_unit: line``, and gives the code world's functions without their tests), and pretraining
@@ -70,8 +72,8 @@ from llama2.eval.passkey import (
     HEADER,
     KEY_LINE,
     QUESTION,
-    passkey_documents,
     passkey_eval,
+    passkey_examples,
     read_answer,
 )
 from llama2.eval.perplexity import loss_by_position
@@ -133,6 +135,9 @@ class CodeDataConfig(PrepareConfig):
                                                    "spread evenly from this to passkey_length, so the short ones "
                                                    "teach the copy and the long ones the distance; none: all "
                                                    "passkey_length")
+    passkey_answer_only: bool = setting(False, "train the passkey texts on their answer alone (prompt/completion "
+                                               "rows, the loss on the key and EOS); off: the loss on every token, "
+                                               "as plain text")
     seed: int = setting(0, "seed of the code world's surface and of the passkey texts")
 
     def __post_init__(self) -> None:
@@ -258,14 +263,18 @@ def _config(cls, ctx: Context, stage: str, **paths):
     return from_dict(cls, {**stage_settings(ctx.recipe, stage, cls), **paths}, f"recipe stage {stage!r}")
 
 
-def _write_jsonl(path: Path, texts: Sequence[str]) -> Path:
+def _write_rows(path: Path, rows: Sequence[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for t in texts:
-            f.write(json.dumps({"text": t}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def _write_jsonl(path: Path, texts: Sequence[str]) -> Path:
+    return _write_rows(path, [{"text": t} for t in texts])
 
 
 def _code_texts(cfg, folder: Path) -> list[Path]:
@@ -318,6 +327,9 @@ def merge_prepared(parts: dict[str, Path], out: Path) -> dict:
     merged["documents"] = {s: sum(i["documents"][s] for i in indexes.values()) for s in first["documents"]}
     merged["inputs"] = [x for i in indexes.values() for x in i["inputs"]]
     merged["malformed"] = sum(i["malformed"] for i in indexes.values())
+    if any(i.get("completions") for i in indexes.values()):
+        merged["completions"] = {s: sum((i.get("completions") or {}).get(s, 0) for i in indexes.values())
+                                 for s in first["tokens"]}
     fim = [i["fim"] for i in indexes.values() if i.get("fim")]
     if fim:
         merged["fim"] = fim[0]
@@ -342,10 +354,14 @@ def _data(stage: str):
         if cfg.passkey_documents:
             tok = Tokenizer(tok_file)
             lengths = cfg.passkey_lengths()
-            texts = [t for length in dict.fromkeys(lengths)
-                     for t in passkey_documents(length, lengths.count(length), cfg.seed, tok)]
+            # Answer-only: prompt/completion rows, the loss on the key (a five-digit copy is ~1% of a
+            # text's tokens, which the filler's loss drowns); otherwise plain texts.
+            examples = [e for length in dict.fromkeys(lengths)
+                        for e in passkey_examples(length, lengths.count(length), cfg.seed, tok)]
+            rows = [{"prompt": p, "completion": a} if cfg.passkey_answer_only else {"text": p + a}
+                    for p, a in examples]
             parts["passkey"] = folder / "passkey"
-            prepare([_write_jsonl(folder / "passkey.jsonl", texts)], tok_file, parts["passkey"],
+            prepare([_write_rows(folder / "passkey.jsonl", rows)], tok_file, parts["passkey"],
                     val_fraction=cfg.val_fraction, workers=cfg.workers, progress=cfg.progress, log=ctx.log)
         index = merge_prepared(parts, folder)
         return {"tokens": index["tokens"], "parts": index["parts"]}

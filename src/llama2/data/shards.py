@@ -7,6 +7,9 @@ A prepared data directory::
     tokenizer.model     the tokenizer the shards were made with (so the directory is self-contained)
     train-00000.bin     raw little-endian uint16 token ids (uint32 when the vocabulary needs it)
     train-00000.json    the shard's sidecar: its content key, token and document counts
+    train-00000.mask    only for a shard with prompt/completion documents: one byte per token,
+                        0 for a prompt's token (no target of the loss), 2 for a completion's,
+                        1 for a plain text's
     val-00000.bin ...   the held-out validation split
 
 Each document is wrapped ``BOS ... EOS`` and documents are concatenated. The split is decided
@@ -26,6 +29,14 @@ shards plain token arrays that the loader reads as before; new cuts each epoch w
 text at training time. A small corpus read for many epochs thus repeats its cuts; more
 documents give more cuts (``code_world_documents`` makes as many as asked, each cut afresh). ``fim_rate = 0`` (the default) gives exactly the shards and index made
 without it.
+
+A JSONL row ``{"prompt": ..., "completion": ...}`` (TRL's prompt-completion format) is one
+document, the prompt then the completion, whose loss covers only the completion's tokens and the
+EOS (the completion-only loss of TRL and of the SFT stage, torchtune's ``train_on_input: False``):
+the shard gets a ``.mask`` file and the loader sets the labels of the prompt's tokens to -100
+(and, with ``completion_weight``, weighs a completion's tokens against plain text's in a mixture).
+Such a document is never FIM-transformed (it is a task, asked in its order). A row has either a
+``text`` or a ``prompt`` and a ``completion``.
 
 The loader cuts the concatenated stream of a split into windows of ``seq_len + 1`` tokens
 (inputs and next-token labels; consecutive windows share one token), shuffles the windows
@@ -65,6 +76,8 @@ from llama2.tokenizer import Tokenizer
 INDEX = "index.json"
 FORMAT = "llama2-token-shards"
 SPLITS = ("train", "val")
+IGNORE_INDEX = -100  # the label cross-entropy skips (train.core's)
+COMPLETION = 2  # a completion's token in a .mask file (0: a prompt's, 1: a plain text's)
 
 
 # ==========================================================================================
@@ -102,10 +115,26 @@ def _is_jsonl(path: Path) -> bool:
     return name.endswith((".jsonl", ".json"))
 
 
+class PromptCompletion(str):
+    """A document whose loss covers only its completion: the text is ``prompt + completion``
+    (so everything that reads documents as text reads it whole), ``prompt`` is its first part."""
+
+    prompt: str
+
+    def __new__(cls, prompt: str, completion: str) -> PromptCompletion:
+        doc = super().__new__(cls, prompt + completion)
+        doc.prompt = prompt
+        return doc
+
+    def __reduce__(self):  # to the tokenizer processes
+        return PromptCompletion, (self.prompt, self[len(self.prompt):])
+
+
 def read_documents(path: str | os.PathLike, stats: InputStats | None = None) -> Iterator[str]:
-    """Documents of one input file. JSONL: one ``{"text": ...}`` per line; a line that is not
-    JSON, not an object or has no string ``text`` is counted in ``stats`` as malformed, never
-    silently dropped. Text files: as ``llama2.corpus.iter_documents`` splits them."""
+    """Documents of one input file. JSONL: one ``{"text": ...}`` per line, or one
+    ``{"prompt": ..., "completion": ...}`` (a :class:`PromptCompletion`); a line that is not
+    JSON, not an object or has neither is counted in ``stats`` as malformed, never silently
+    dropped. Text files: as ``llama2.corpus.iter_documents`` splits them."""
     path = Path(path)
     stats = stats if stats is not None else InputStats(str(path))
     if not path.is_file():
@@ -133,8 +162,15 @@ def read_documents(path: str | os.PathLike, stats: InputStats | None = None) -> 
                 stats.bad(n, f"invalid JSON ({e.msg})")
                 continue
             text = obj.get("text") if isinstance(obj, dict) else None
+            if isinstance(obj, dict) and "text" not in obj and ("prompt" in obj or "completion" in obj):
+                prompt, completion = obj.get("prompt"), obj.get("completion")
+                if not (isinstance(prompt, str) and isinstance(completion, str) and completion):
+                    stats.bad(n, 'a prompt/completion row needs a string "prompt" and a non-empty string '
+                                 '"completion"')
+                    continue
+                text = PromptCompletion(prompt, completion)
             if not isinstance(text, str):
-                stats.bad(n, 'no string "text" field')
+                stats.bad(n, 'no string "text" field (nor "prompt" and "completion")')
                 continue
             if text:
                 stats.documents += 1
@@ -242,6 +278,8 @@ def _job(out: Path, split: str, name: str, texts: list[str], tok_sha: str, dtype
     for t in texts:
         h.update(len(t).to_bytes(8, "little"))
         h.update(t.encode("utf-8"))
+        if isinstance(t, PromptCompletion):  # (plain texts hash as before, so old shards are reused)
+            h.update(b" completion after %d" % len(t.prompt))
     tok_file = str((out / "tokenizer.model").resolve())
     return split, (tok_file, texts, str(out / name), dtype.name, h.hexdigest(), fim)
 
@@ -299,15 +337,36 @@ def _shard_done(out_file: Path, key: str, itemsize: int) -> dict | None:
         return None
     if meta.get("key") != key or not out_file.is_file() or out_file.stat().st_size != meta["tokens"] * itemsize:
         return None
+    mask = out_file.with_name(meta["mask"]) if "mask" in meta else None
+    if mask is not None and (not mask.is_file() or mask.stat().st_size != meta["tokens"]):
+        return None
     return meta
 
 
 _TOKENIZERS: dict[str, Tokenizer] = {}
 
 
+def completion_tokens(tok: Tokenizer, doc: PromptCompletion) -> tuple[list[int], int]:
+    """``BOS prompt completion EOS`` and how many of its first tokens are the prompt's: those its
+    own encoding shares with the whole (a piece that straddles the seam is the completion's)."""
+    ids = tok.encode(doc, bos=True, eos=True)
+    prompt = tok.encode(doc.prompt, bos=True)
+    n = 0
+    while n < min(len(prompt), len(ids)) and ids[n] == prompt[n]:
+        n += 1
+    return ids, n
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def _encode_shard(job: tuple) -> dict:
     """Worker: tokenize one shard's documents (BOS ... EOS each, or FIM examples) and write it
-    atomically."""
+    atomically; with prompt/completion documents, its loss mask too."""
     tok_path, texts, out_file, dtype, key = job[:5]
     fim = job[5] if len(job) > 5 else None
     tok = _TOKENIZERS.get(tok_path)
@@ -318,15 +377,23 @@ def _encode_shard(job: tuple) -> dict:
     else:
         rate, spm_rate, seed, *unit = fim
         name = Path(out_file).name
-        encoded = [fim_tokens(tok, t, document_rng(seed, name, i), rate, spm_rate, *unit) for i, t in enumerate(texts)]
+        encoded = [None if isinstance(t, PromptCompletion) else
+                   fim_tokens(tok, t, document_rng(seed, name, i), rate, spm_rate, *unit) for i, t in enumerate(texts)]
+    masks = [None] * len(texts)
+    for i, t in enumerate(texts):
+        if isinstance(t, PromptCompletion):
+            encoded[i], n = completion_tokens(tok, t)
+            masks[i] = np.concatenate([np.zeros(n, np.uint8), np.full(len(encoded[i]) - n, COMPLETION, np.uint8)])
     arrays = [np.asarray(ids, dtype=dtype) for ids in encoded]
     tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
     out = Path(out_file)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(tokens.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tobytes())
-    os.replace(tmp, out)
+    _write_atomic(out, tokens.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tobytes())
     meta = {"file": out.name, "key": key, "tokens": int(tokens.size), "documents": len(texts)}
+    completions = sum(m is not None for m in masks)
+    if completions:
+        mask = np.concatenate([m if m is not None else np.ones(a.size, np.uint8) for m, a in zip(masks, arrays)])
+        _write_atomic(out.with_suffix(".mask"), mask.tobytes())
+        meta.update(mask=out.with_suffix(".mask").name, completions=completions)
     side = out.with_suffix(".json")
     side_tmp = side.with_name(side.name + ".tmp")
     side_tmp.write_text(json.dumps(meta), encoding="utf-8")
@@ -338,10 +405,14 @@ def _remove_stale_shards(out: Path, shards: dict[str, list[dict]]) -> None:
     """Shards left over from an earlier, larger input."""
     for split in SPLITS:
         expected = {m["file"] for m in shards[split]}
+        masks = {m["mask"] for m in shards[split] if "mask" in m}
         for stale in out.glob(f"{split}-*.bin"):
             if stale.name not in expected:
                 stale.unlink()
                 stale.with_suffix(".json").unlink(missing_ok=True)
+        for stale in out.glob(f"{split}-*.mask"):
+            if stale.name not in masks:
+                stale.unlink()
 
 
 def _index(tok: Tokenizer, tok_sha: str, dtype: np.dtype, val_fraction: float, shards: dict[str, list[dict]],
@@ -353,12 +424,16 @@ def _index(tok: Tokenizer, tok_sha: str, dtype: np.dtype, val_fraction: float, s
         "format": FORMAT, "version": 1, "dtype": dtype.name, "vocab_size": tok.vocab_size,
         "bos_id": tok.bos_id, "eos_id": tok.eos_id, "tokenizer": "tokenizer.model",
         "tokenizer_sha256": tok_sha, "val_fraction": val_fraction,
-        "splits": {s: [{k: m[k] for k in ("file", "tokens", "documents")} for m in shards[s]] for s in SPLITS},
+        "splits": {s: [{k: m[k] for k in ("file", "tokens", "documents", "mask") if k in m} for m in shards[s]]
+                   for s in SPLITS},
         "tokens": {s: sum(m["tokens"] for m in shards[s]) for s in SPLITS},
         "documents": {s: sum(m["documents"] for m in shards[s]) for s in SPLITS},
         "inputs": [{"path": st.path, "documents": st.documents, "malformed": st.malformed} for st in stats],
         "malformed": sum(st.malformed for st in stats),
     }
+    completions = {s: sum(m.get("completions", 0) for m in shards[s]) for s in SPLITS}
+    if any(completions.values()):  # (absent otherwise: an index as before prompt/completion rows existed)
+        index["completions"] = completions
     if fim is not None:
         index["fim"] = {"rate": fim[0], "spm_rate": fim[1], "seed": fim[2], "unit": (fim[3:] or ("char",))[0],
                         "static": True,
@@ -376,6 +451,8 @@ def _log_summary(log, out: Path, index: dict, reused: int, stats: Sequence[Input
     log(f"prepared {out}: train {index['tokens']['train']:,} tokens / {index['documents']['train']:,} docs, "
         f"val {index['tokens']['val']:,} tokens / {index['documents']['val']:,} docs, {index['dtype']}"
         + (f" ({reused} complete shard(s) reused)" if reused else ""))
+    if index.get("completions"):
+        log(f"completion-only loss on {sum(index['completions'].values()):,} prompt/completion document(s)")
     fim = fim_settings(index)
     if fim["rate"]:
         log(f"fill-in-the-middle: rate {fim['rate']}, SPM share {fim['spm_rate']}, cut at {fim.get('unit', 'char')} "
@@ -414,35 +491,51 @@ class TokenStream:
         if split not in self.index["splits"]:
             raise ValueError(f"{self.dir}: no split {split!r}")
         dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
-        self.arrays = []
+        self.arrays, self.masks = [], []
         for shard in self.index["splits"][split]:
             path = self.dir / shard["file"]
             if not path.is_file() or path.stat().st_size != shard["tokens"] * dtype.itemsize:
                 raise FileNotFoundError(f"{path}: shard missing or incomplete; re-run `llama2 prepare`")
+            mask = path.parent / Path(shard["mask"]).name if "mask" in shard else None
+            if mask is not None and (not mask.is_file() or mask.stat().st_size != shard["tokens"]):
+                raise FileNotFoundError(f"{mask}: loss mask missing or incomplete; re-run `llama2 prepare`")
             if shard["tokens"]:
                 self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+                self.masks.append(np.memmap(mask, dtype=np.uint8, mode="r") if mask is not None else None)
         self.offsets = np.cumsum([0] + [a.size for a in self.arrays])
+        self.masked = any(m is not None for m in self.masks)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) as int64, across shard boundaries."""
-        parts = []
+        parts = [a[lo:hi] for a, _, lo, hi in self._pieces(start, stop)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def read_mask(self, start: int, stop: int) -> np.ndarray:
+        """Each token of [start, stop): 0 a prompt's (no target), 1 a plain text's, 2 a completion's."""
+        parts = [m[lo:hi] if m is not None else np.ones(hi - lo, np.uint8) for _, m, lo, hi in self._pieces(start, stop)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+    def _pieces(self, start: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray | None, int, int]]:
         i = int(np.searchsorted(self.offsets, start, side="right")) - 1
         while start < stop:
             base = int(self.offsets[i])
             end = min(stop, int(self.offsets[i + 1]))
-            parts.append(self.arrays[i][start - base:end - base])
+            yield self.arrays[i], self.masks[i], start - base, end - base
             start, i = end, i + 1
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 class PackedSequences:
-    """Windows of ``seq_len + 1`` tokens: window i = tokens[i*seq_len : (i+1)*seq_len + 1]."""
+    """Windows of ``seq_len + 1`` tokens: window i = tokens[i*seq_len : (i+1)*seq_len + 1].
+    ``completion_weight``: with prompt/completion documents, the loss weight of a completion's
+    token against a plain text's (batches then carry ``"weights"``)."""
 
-    def __init__(self, stream: TokenStream, seq_len: int):
-        self.stream, self.seq_len = stream, seq_len
+    def __init__(self, stream: TokenStream, seq_len: int, completion_weight: float = 1.0):
+        if not completion_weight > 0:
+            raise ValueError(f"completion_weight must be > 0, got {completion_weight}")
+        self.stream, self.seq_len, self.completion_weight = stream, seq_len, completion_weight
 
     def __len__(self) -> int:
         return max(0, (len(self.stream) - 1) // self.seq_len)
@@ -455,7 +548,15 @@ class PackedSequences:
         import torch
 
         rows = torch.from_numpy(np.stack([self[i] for i in indices]))
-        return {"tokens": rows[:, :-1], "labels": rows[:, 1:]}
+        batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:]}
+        if self.stream.masked:  # a prompt's tokens are no targets (completion-only loss)
+            kind = torch.from_numpy(np.stack([self.stream.read_mask(int(i) * self.seq_len + 1,
+                                                                    (int(i) + 1) * self.seq_len + 1)
+                                              for i in indices]))
+            batch["labels"] = batch["labels"].masked_fill(kind == 0, IGNORE_INDEX)
+            if self.completion_weight != 1.0:
+                batch["weights"] = torch.where(kind == COMPLETION, self.completion_weight, 1.0)
+        return batch
 
 
 class PackedLoader:

@@ -138,20 +138,26 @@ def passkey_prompts(tok, length: int, depths: Sequence[float], n: int, seed: int
             for depth in depths for i in range(n)]
 
 
-def passkey_documents(length_tokens: int, n: int, seed: int, tok) -> list[str]:
-    """``n`` training texts of about ``length_tokens`` tokens: a probe-shaped prompt at a uniform
-    random depth, then the answer and a newline. Their seed space is separate from the probe's
-    (same seed, different keys and filler), so the probe never tests a training text."""
+def passkey_examples(length_tokens: int, n: int, seed: int, tok) -> list[tuple[str, str]]:
+    """``n`` training examples of about ``length_tokens`` tokens as (prompt, answer): a
+    probe-shaped prompt at a uniform random depth, and the key with a newline. Their seed space is
+    separate from the probe's (same seed, different keys and filler), so the probe never tests a
+    training text."""
     _check(length_tokens, [0.0], n)
     costs = _line_costs(tok)
     answer = len(tok.encode(" 12345\n")) + 1  # room for the answer and EOS
-    docs = []
+    examples = []
     for i in range(n):
         rng = random.Random(f"passkey-train/{seed}/{length_tokens}/{i}")
         depth = rng.random()
         p = _build(tok, rng, length_tokens - answer, depth, costs)
-        docs.append(p.text + f" {p.key}\n")
-    return docs
+        examples.append((p.text, f" {p.key}\n"))
+    return examples
+
+
+def passkey_documents(length_tokens: int, n: int, seed: int, tok) -> list[str]:
+    """:func:`passkey_examples` as whole texts, the answer after its prompt."""
+    return [prompt + answer for prompt, answer in passkey_examples(length_tokens, n, seed, tok)]
 
 
 def read_answer(text: str) -> str | None:
@@ -188,6 +194,13 @@ def passkey_eval(model, tok, lengths: Sequence[int], depths: Sequence[float] = (
             shown.append({"length": length, "depth": p.depth, "key": p.key, "answer": tok.decode(ids)})
     total = sum(c["n"] for c in cells)
     return {"cells": cells, "accuracy": right_all / total, "n": total, "samples": shown}
+
+
+def accuracy_by_length(result: dict) -> dict[int, float]:
+    """A :func:`passkey_eval` result's accuracy at each length, over all its depths."""
+    lengths = dict.fromkeys(c["length"] for c in result["cells"])
+    return {n: sum(c["accuracy"] * c["n"] for c in result["cells"] if c["length"] == n) /
+            sum(c["n"] for c in result["cells"] if c["length"] == n) for n in lengths}
 
 
 def format_passkey_table(result: dict) -> str:

@@ -185,21 +185,27 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
                              fused=fused or None)
 
 
-def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX,
+                  weights: Tensor | None = None) -> Tensor:
     """Mean next-token loss over the positions whose label is not ``ignore_index`` (-100), in
     float32. ``labels[b, t]`` is the target for ``logits[b, t]`` (already shifted). A batch with
-    no such position (all prompt or padding) has loss 0 and no gradient, not NaN."""
+    no such position (all prompt or padding) has loss 0 and no gradient, not NaN. ``weights``
+    (the labels' shape): a weighted mean instead, ``sum(w * loss) / sum(w)``."""
     labels = labels.flatten()
-    total = F.cross_entropy(logits.float().flatten(0, -2), labels, ignore_index=ignore_index, reduction="sum")
-    return total / (labels != ignore_index).sum().clamp(min=1)
+    if weights is None:
+        total = F.cross_entropy(logits.float().flatten(0, -2), labels, ignore_index=ignore_index, reduction="sum")
+        return total / (labels != ignore_index).sum().clamp(min=1)
+    each = F.cross_entropy(logits.float().flatten(0, -2), labels, ignore_index=ignore_index, reduction="none")
+    weights = weights.flatten().float() * (labels != ignore_index)
+    return (each * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
 def lm_loss(model: nn.Module, batch: dict) -> tuple[Tensor, dict]:
-    """Language-model loss for a batch ``{"tokens", "labels"[, "positions", "mask"]}``: the
-    ``loss_fn`` of pretraining, and of SFT once prompt labels are -100 and packed documents
+    """Language-model loss for a batch ``{"tokens", "labels"[, "positions", "mask", "weights"]}``:
+    the ``loss_fn`` of pretraining, and of SFT once prompt labels are -100 and packed documents
     carry ``positions`` and a block-diagonal ``mask``."""
     logits = model(batch["tokens"], positions=batch.get("positions"), mask=batch.get("mask"))
-    return cross_entropy(logits, batch["labels"]), {}
+    return cross_entropy(logits, batch["labels"], weights=batch.get("weights")), {}
 
 
 # ==========================================================================================

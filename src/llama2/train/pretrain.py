@@ -77,10 +77,15 @@ class PretrainConfig(TrainConfig):
                             "shape; only --model.rope-theta, --model.rope-scaling and --model.max-seq-len may "
                             "change; the optimizer starts fresh; empty: a random init", metavar="DIR")
     val_fraction: float = setting(0.01, "share of the embedded corpus's documents held out for validation")
+    completion_weight: float = setting(1.0, "loss weight of a completion's token (the data's prompt/completion "
+                                            "rows) against a plain text's, in training; 1: every target alike "
+                                            "(the validation loss always weighs them alike)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         refuse_lora(self, "pretraining")
+        if not self.completion_weight > 0:
+            raise ValueError(f"completion_weight must be > 0, got {self.completion_weight}")
         if self.seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {self.seq_len}")
         # With --init the model's fields are DIR's, known only once it is read (check_init).
@@ -230,7 +235,10 @@ def run(cfg: PretrainConfig, quiet: bool = False) -> dict:
     tokenizer = Tokenizer(data / index["tokenizer"]) if (data / index["tokenizer"]).is_file() else None
 
     accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch_size, info.world_size)
-    train = PackedLoader(PackedSequences(TokenStream(data, "train"), cfg.seq_len), cfg.micro_batch_size,
+    train_stream = TokenStream(data, "train")
+    if cfg.completion_weight != 1.0 and not train_stream.masked:
+        raise ValueError(f"completion_weight {cfg.completion_weight}: {data} has no prompt/completion rows to weigh")
+    train = PackedLoader(PackedSequences(train_stream, cfg.seq_len, cfg.completion_weight), cfg.micro_batch_size,
                          grad_accum=accum, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     val_seqs = PackedSequences(TokenStream(data, "val"), cfg.seq_len)
     evals = EvalBatches(val_seqs, cfg.micro_batch_size, info.rank, info.world_size, max_batches=cfg.eval_batches)
