@@ -326,3 +326,18 @@ def test_pretraining_weighs_completions_only_when_the_data_has_them(corpus, comp
     assert last["step"] == 1 and last["loss"] > 0
     with pytest.raises(ValueError, match="completion_weight must be > 0"):
         pretrain.PretrainConfig(completion_weight=-1.0)
+
+
+def test_masks_read_across_shards_with_and_without_one(corpus, tmp_path):
+    """A window may span a plain shard (no .mask: every token a target) and a masked one."""
+    path = tmp_path / "rows.jsonl"
+    rows = [{"text": "A plain document of some length. " * 5}] * 3 + [{"prompt": "Q: x?", "completion": " y."}] * 3
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare([path], corpus["tok"], tmp_path / "d", val_fraction=0.0, workers=1, shard_chars=300, log=quiet)
+    index = read_index(tmp_path / "d")
+    assert len(index["splits"]["train"]) >= 2 and "mask" not in index["splits"]["train"][0]
+    stream = TokenStream(tmp_path / "d")
+    whole = stream.read_mask(0, len(stream))
+    first = index["splits"]["train"][0]["tokens"]
+    assert (whole[:first] == 1).all() and {0, 2} <= set(whole[first:].tolist())
+    assert np.array_equal(stream.read_mask(first - 3, first + 4), whole[first - 3:first + 4])
