@@ -229,6 +229,8 @@ def test_passkey_answer_only_trains_the_passkey_texts_on_their_answers(code_run)
     answers = tok.decode([int(t) for t in ids[keep] if t != tok.eos_id]).split()
     assert len(answers) == answer_only["completions"]["train"] and all(a.isdigit() and len(a) == 5 for a in answers)
     assert TokenStream(code_run / "data-long", "train").masked  # the merged directory reads the mask too
+    assert "completions" in answer_only["parts"]["passkey"] and "completions" not in plain["parts"]["passkey"]
+    assert "data-long | passkey (loss on the answer only) |" in (code_run / "report.md").read_text()
 
 
 # -- the run -------------------------------------------------------------------------------

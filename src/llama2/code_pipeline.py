@@ -334,7 +334,8 @@ def merge_prepared(parts: dict[str, Path], out: Path) -> dict:
     if fim:
         merged["fim"] = fim[0]
     merged["parts"] = {name: {"tokens": i["tokens"], "documents": i["documents"], "fim": (i.get("fim") or {}).get(
-        "rate", 0.0)} for name, i in indexes.items()}
+        "rate", 0.0)} | ({"completions": i["completions"]} if i.get("completions") else {})
+        for name, i in indexes.items()}
     tmp = out / (INDEX + ".tmp")
     tmp.write_text(json.dumps(merged, indent=1), encoding="utf-8")
     os.replace(tmp, out / INDEX)

@@ -378,7 +378,8 @@ def section_training(data: dict, figdir: Path) -> list[Block]:
         if not index:
             continue
         for part, facts in (index.get("parts") or {}).items():
-            rows.append([stage, part, f"{facts['tokens']['train']:,}", f"{facts['documents']['train']:,}",
+            rows.append([stage, part + (" (loss on the answer only)" if facts.get("completions") else ""),
+                         f"{facts['tokens']['train']:,}", f"{facts['documents']['train']:,}",
                          pct(facts.get("fim") or 0.0)])
     if rows:
         out += [Heading(2, "Training data"),
