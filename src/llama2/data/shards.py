@@ -701,7 +701,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True, metavar="T",
                         help="tokenizer.model (or a directory holding one)")
     parser.add_argument("--input", required=True, nargs="+", metavar="FILE",
-                        help="text (.txt, .gz, .xz) or JSONL ({\"text\": ...}) files")
+                        help="text (.txt, .gz, .xz) or JSONL files: {\"text\": ...} lines, or {\"prompt\": ..., "
+                             "\"completion\": ...} lines trained on the completion alone")
     parser.add_argument("--out", required=True, metavar="DIR", help="output data directory")
     add_config_args(parser, PrepareConfig, config_flag=False)
 
