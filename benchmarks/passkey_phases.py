@@ -15,7 +15,7 @@ own parts: ``llama2 prepare`` with prompt/completion rows (the loss on the answe
    code tokens (an answer is ~7 of a text's tokens, ~1% of the mixture's targets); and
    **passkey**, the passkey texts alone. Each is probed at 1x .. 8x the original length.
 
-    python benchmarks/passkey_phases.py --init runs/code/fim/model --code runs/code/data-fim/code
+    python benchmarks/passkey_phases.py --init runs/code/fim/model --code runs/code/data-fim/code   # ~18 min, 2 cores
     python benchmarks/passkey_phases.py --init M --code D --teach-steps 20 --extend-steps 5 --per-cell 1  # smoke
 
 Results of a run on this 2-core machine: benchmarks/results/cpu-2026-12-02/passkey_phases.txt.
