@@ -43,11 +43,13 @@ from pathlib import Path
 import torch
 
 from llama2 import ModelConfig, Tokenizer, Transformer
+from llama2.data.shards import PromptCompletion, completion_tokens
 from llama2.eval.passkey import (
     accuracy_by_length,
     format_passkey_table,
     passkey_documents,
     passkey_eval,
+    passkey_examples,
     passkey_prompts,
 )
 from llama2.train.core import cross_entropy
@@ -99,12 +101,9 @@ def completion_batch(texts: list[tuple[list[int], int]]) -> tuple[torch.Tensor, 
 
 
 def completion_texts(tok, length: int, count: int, seed: int) -> list[tuple[list[int], int]]:
-    """``passkey_documents`` as (ids, prompt length): the prompt ends at the question's ``=``."""
-    out = []
-    for doc in passkey_documents(length, count, seed, tok):
-        prompt = doc[:doc.rstrip("\n").rindex(" ")]
-        out.append((tok.encode(doc, bos=True, eos=True), len(tok.encode(prompt, bos=True))))
-    return out
+    """``passkey_examples`` as (ids, prompt length), tokenized as ``llama2 prepare`` does a
+    prompt/completion row."""
+    return [completion_tokens(tok, PromptCompletion(p, a)) for p, a in passkey_examples(length, count, seed, tok)]
 
 
 def train(model: Transformer, texts: list[tuple[list[int], int]], steps: int, batch: int, lr: float, warmup: int,

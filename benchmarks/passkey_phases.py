@@ -34,21 +34,19 @@ from pathlib import Path
 import torch
 
 from llama2.checkpoint import load_model
-from llama2.code_pipeline import merge_prepared
+from llama2.code_pipeline import CodeDataConfig, merge_prepared, passkey_rows
 from llama2.data.shards import prepare, read_index
-from llama2.eval.passkey import accuracy_by_length, format_passkey_table, passkey_eval, passkey_examples
+from llama2.eval.passkey import accuracy_by_length, format_passkey_table, passkey_eval
 from llama2.recipe import from_dict
 from llama2.tokenizer import Tokenizer
 from llama2.train import pretrain
 
-LEVELS = 8  # distinct text lengths, as the code recipe's data stages
 
-
-def passkey_rows(tok, shortest: int, longest: int, n: int, seed: int) -> list[dict]:
-    """``n`` prompt/completion rows, lengths spread over ``LEVELS`` levels from shortest to longest."""
-    levels = sorted({round(shortest + (longest - shortest) * k / (LEVELS - 1)) for k in range(LEVELS)})
-    return [{"prompt": p, "completion": a} for length in levels
-            for p, a in passkey_examples(length, n // len(levels), seed, tok)]
+def answer_only_rows(tok, shortest: int, longest: int, n: int, seed: int) -> list[dict]:
+    """``n`` prompt/completion rows of shortest..longest tokens, as the code recipe's data stages
+    make them with ``passkey_answer_only``."""
+    return passkey_rows(CodeDataConfig(passkey_documents=n, passkey_min_length=shortest, passkey_length=longest,
+                                       passkey_answer_only=True, seed=seed, world_seed=seed), tok)
 
 
 def prepare_phase(folder: Path, tok_file: Path, rows: list[dict], code: Path | None) -> Path:
@@ -130,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     probe("init", args.init, short)
     log(f"teach: {args.teach_steps} steps, answer-only passkey texts of {args.teach_min}-{args.teach_max} tokens")
     data = prepare_phase(args.out / "teach-data", tok_file,
-                         passkey_rows(tok, args.teach_min, args.teach_max, 15 * args.teach_steps, args.seed),
+                         answer_only_rows(tok, args.teach_min, args.teach_max, 15 * args.teach_steps, args.seed),
                          None)
     taught = train_phase(args.init, data, args.out / "teach", args.teach_steps, length, 8, 1e-3, None, args.seed)
     probe("taught", taught, short)
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, data_name, code, n, weight in variants:
         log(f"extend ({name}): {args.extend_steps} steps at {4 * length} tokens, θ {args.theta:g}")
         data = prepare_phase(args.out / f"{data_name}-data", tok_file,
-                             passkey_rows(tok, args.extend_min or length // 2, 4 * length, n, args.seed + 1), code)
+                             answer_only_rows(tok, args.extend_min or length // 2, 4 * length, n, args.seed + 1), code)
         model = train_phase(taught, data, args.out / name.replace(", ", "-").replace(" ", "-"), args.extend_steps,
                             4 * length, 4, 1e-3, args.theta, args.seed, weight)
         probe(f"extended, {name}", model, long)

@@ -91,7 +91,7 @@ from llama2.train import pretrain
 from llama2.utils import default_device
 
 __all__ = ["CODE_STAGE_CONFIGS", "CodeDataConfig", "CodeEvaluateConfig", "CodeTokenizerConfig", "merge_prepared",
-           "read_code_recipe", "run_code_pipeline"]
+           "passkey_rows", "read_code_recipe", "run_code_pipeline"]
 
 
 # ---- the stages' configs ------------------------------------------------------------------------
@@ -342,6 +342,16 @@ def merge_prepared(parts: dict[str, Path], out: Path) -> dict:
     return merged
 
 
+def passkey_rows(cfg: CodeDataConfig, tok) -> list[dict]:
+    """A data stage's passkey texts as JSONL rows, shortest first (``cfg.passkey_lengths()``). With
+    ``passkey_answer_only``, prompt/completion rows: the loss on the key alone (a five-digit copy
+    is ~1% of a text's tokens, which the filler's loss drowns); otherwise plain texts."""
+    lengths = cfg.passkey_lengths()
+    examples = [e for length in dict.fromkeys(lengths)
+                for e in passkey_examples(length, lengths.count(length), cfg.seed, tok)]
+    return [{"prompt": p, "completion": a} if cfg.passkey_answer_only else {"text": p + a} for p, a in examples]
+
+
 def _data(stage: str):
     def run(ctx: Context) -> dict:
         cfg = _config(CodeDataConfig, ctx, stage)
@@ -353,15 +363,8 @@ def _data(stage: str):
         prepare_from_config(dataclasses.replace(cfg, code_world_documents=0), _code_texts(cfg, folder), tok_file,
                             parts["code"], log=ctx.log)
         if cfg.passkey_documents:
-            tok = Tokenizer(tok_file)
-            lengths = cfg.passkey_lengths()
-            # Answer-only: prompt/completion rows, the loss on the key (a five-digit copy is ~1% of a
-            # text's tokens, which the filler's loss drowns); otherwise plain texts.
-            examples = [e for length in dict.fromkeys(lengths)
-                        for e in passkey_examples(length, lengths.count(length), cfg.seed, tok)]
-            rows = [{"prompt": p, "completion": a} if cfg.passkey_answer_only else {"text": p + a}
-                    for p, a in examples]
             parts["passkey"] = folder / "passkey"
+            rows = passkey_rows(cfg, Tokenizer(tok_file))
             prepare([_write_rows(folder / "passkey.jsonl", rows)], tok_file, parts["passkey"],
                     val_fraction=cfg.val_fraction, workers=cfg.workers, progress=cfg.progress, log=ctx.log)
         index = merge_prepared(parts, folder)

@@ -394,10 +394,7 @@ def _encode_shard(job: tuple) -> dict:
         mask = np.concatenate([m if m is not None else np.ones(a.size, np.uint8) for m, a in zip(masks, arrays)])
         _write_atomic(out.with_suffix(".mask"), mask.tobytes())
         meta.update(mask=out.with_suffix(".mask").name, completions=completions)
-    side = out.with_suffix(".json")
-    side_tmp = side.with_name(side.name + ".tmp")
-    side_tmp.write_text(json.dumps(meta), encoding="utf-8")
-    os.replace(side_tmp, side)  # written last: a sidecar means the shard is complete
+    _write_atomic(out.with_suffix(".json"), json.dumps(meta).encode())  # last: a sidecar means the shard is complete
     return meta
 
 
