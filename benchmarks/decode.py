@@ -10,8 +10,7 @@ reported (prefill included, so tokens/s = new tokens / wall time).
 The sides:
 
 * ours and transformers in ``--dtype`` (float32 on CPU, bfloat16 on CUDA by default);
-* ``--bf16``: ours again with bfloat16 weights, the peer of llama.cpp's f16 (with ``--compile`` on a
-  CPU the weights are frozen into the graph and packed for oneDNN: ``generate.compile_options``);
+* ``--bf16``: ours again with bfloat16 weights, the peer of llama.cpp's f16;
 * ``--quantize int8,w8a8,int4:64``: ours again, loaded with ``load_model(path, quantize=SPEC)`` per
   SPEC (int8 | w8a8 | int4 | int4:32|64|128): weight-only int8/int4 on PyTorch's packed kernels with
   bfloat16 activations; w8a8 (CPU) = int8 weights and activations on fbgemm's kernels, the rest of
@@ -23,7 +22,7 @@ The sides:
   q8_0 and q4_0 (``export_gguf(quant=...)``, llama-quantize ``--pure``), run with the same
   threads. Compared at the same precision: ours float32 / llama.cpp f32 (F32 KV cache, as ours;
   its greedy tokens should equal ours), ours bfloat16 (``--bf16``; else ours in ``--dtype`` float16 or bfloat16) / llama.cpp f16 (llama.cpp's
-  default F16 KV cache), ours w8a8 (else int8) / q8_0, ours int4 / q4_0 (blocks of 32: the int4 run with
+  default F16 KV cache), the faster of ours w8a8 and int8 / q8_0, ours int4 / q4_0 (blocks of 32: the int4 run with
   the smallest group is its peer). GGUF needs a ``tokenizer.model`` with the model's
   vocabulary: ``--model DIR``'s own, or ``--tokenizer``; a random preset with the Llama 2
   vocabulary (110m, 7b, ...) uses the repository's test copy (tests/fixtures/llama2-tokenizer).
@@ -119,19 +118,37 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@torch.inference_mode()
-def time_floor(model: Transformer, n: int, device: str) -> float:
-    """Seconds for n tokens' worth of the model's matrix-vector products and nothing else: the
-    weights stream through memory once per token, which bounds batch-1 decoding from below."""
+def floor_step(model: Transformer, device: str, compiled: bool) -> Callable[[], None]:
+    """One token's worth of the model's matrix-vector products and nothing else: every weight
+    streams through memory once, which bounds batch-1 decoding from below. ``compiled`` on a CPU:
+    the products in the form our compiled decode step gives them (llama2.model.matvec), compiled
+    together; otherwise one eager ``F.linear`` call each."""
     import torch.nn.functional as F
+
+    from llama2.model.matvec import MatVecMode
 
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {w.shape[1]: torch.zeros(1, 1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+
+    def products(xs, weights):
+        return [F.linear(xs[w.shape[1]], w) for w in weights]
+
+    if compiled and device == "cpu":
+        def traced(xs, weights):
+            with MatVecMode():
+                return products(xs, weights)
+        step = torch.compile(traced, fullgraph=True, dynamic=False)
+        return lambda: step(xs, weights)
+    return lambda: products(xs, weights)
+
+
+@torch.inference_mode()
+def time_floor(step: Callable[[], None], n: int, device: str) -> float:
+    """Seconds for n calls of a :func:`floor_step`."""
     sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
-        for w in weights:
-            F.linear(xs[w.shape[1]], w)
+        step()
     sync(device)
     return time.perf_counter() - t0
 
@@ -264,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="our Generator with its compiled decode step (CUDA graphs on a GPU); transformers "
                          "stays eager")
     ap.add_argument("--bf16", action="store_true",
-                    help="also time ours with bfloat16 weights, llama.cpp f16's peer (with --compile on a CPU: "
-                         "the weights frozen into the graph and packed for oneDNN's bf16 kernels)")
+                    help="also time ours with bfloat16 weights, llama.cpp f16's peer")
     ap.add_argument("--quantize", default=None, metavar="SPEC[,SPEC...]",
                     help="also time ours loaded with load_model(quantize=SPEC) for each SPEC: int8, int4, "
                          "int4:32|64|128 (weight-only, bfloat16 activations)")
@@ -315,8 +331,13 @@ def main(argv: list[str] | None = None) -> int:
             path, name = args.model, str(args.model)
         ours = load_model(path, dtype=dtype, device=args.device)
         theirs = LlamaForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
-        def act_dtype(spec: str) -> torch.dtype:  # w8a8 takes float32 in; the weight-only kernels bf16
-            return torch.float32 if spec == "w8a8" else qdtype
+        def act_dtype(spec: str) -> torch.dtype:
+            # w8a8 takes float32 in; so does int8 compiled on a CPU, whose products become float32
+            # sums (llama2.model.matvec) and where bf16 norms and attention only cost time; the
+            # weight-only kernels otherwise take bf16
+            if spec == "w8a8" or (spec == "int8" and args.compile and args.device == "cpu"):
+                return torch.float32
+            return qdtype
 
         quantized = {s: load_model(path, dtype=act_dtype(s), device=args.device, quantize=s) for s in specs}
         half = load_model(path, dtype=torch.bfloat16, device=args.device) if args.bf16 else None
@@ -362,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         best = {side: float("inf") for side, _, _ in sides}
         tokens: dict[str, list[int]] = {}
         best_floor = float("inf")
+        floor = floor_step(ours, args.device, args.compile)
+        time_floor(floor, 2, args.device)  # warm-up (and, compiled, its compilation)
         for _ in range(args.repeats):  # alternate, so a busy spell on the machine hits every side
             for side, _, run in sides:
                 # A pause first: OpenMP threads (torch's, and llama.cpp's own runtime) spin a while
@@ -369,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(args.pause)
                 t, tokens[side] = run(n)
                 best[side] = min(best[side], t)
-            best_floor = min(best_floor, time_floor(ours, n, args.device))
+            best_floor = min(best_floor, time_floor(floor, n, args.device))
         copy_bytes = args.copy_bytes or (2**30 if args.device.startswith("cuda") else 2**28)
         bandwidth = copy_bandwidth(args.device, copy_bytes)
         models = {"ours": ours, "ours bfloat16": half, **{f"ours {s}": m for s, m in quantized.items()}}
@@ -383,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     peers = {"transformers": "ours", "llama.cpp f32": "ours" if dtype == torch.float32 else None,
              "llama.cpp f16": "ours bfloat16" if half is not None else
                               "ours" if dtype in (torch.float16, torch.bfloat16) else None,
-             # q8_0 rounds the activations to 8 bits too: w8a8 is its like, int8 (weight-only) the fallback
-             "llama.cpp q8_0": "ours w8a8" if "w8a8" in specs else "ours int8" if "int8" in specs else None,
+             # 8-bit weights: the faster of ours w8a8 (8-bit activations too, as q8_0) and int8
+             "llama.cpp q8_0": min((f"ours {s}" for s in ("w8a8", "int8") if s in specs), key=best.get, default=None),
              "llama.cpp q4_0": f"ours {int4[0]}" if int4 else None}
     B = args.batch
     rows = []
@@ -436,9 +459,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {note}")
         print(f"  copy bandwidth {result['copy_bandwidth_gb_s']:8.1f} GB/s (a {copy_bytes >> 20} MiB buffer copied: "
               f"bytes read + written per second); 'of bandwidth' = the side's weight bytes x decode steps/s over it")
+        how = ("compiled as our decode step compiles them (llama2.model.matvec)" if args.compile and args.device == "cpu"
+               else "one eager call each")
         print(f"  matmul-only floor {result['matmul_floor_tok_s']:8.1f} tokens/s (the weights' matrix-vector "
-              f"products alone, one eager call each: on a CPU the bound of batch-1 decoding in this dtype; on a "
-              f"GPU the eager calls are launch-bound, so a compiled decoder can beat it)")
+              f"products alone, {how}: on a CPU the bound of batch-1 decoding in this dtype; on a GPU eager "
+              f"calls are launch-bound, so a compiled decoder can beat them)")
     return 0
 
 

@@ -343,19 +343,16 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_reuses_its_cache(model)
     model.clear_cache()
 
 
-def test_the_compiled_step_freezes_16_bit_weights_on_cpu_only():
-    from llama2.generate import compile_options, freezes_weights
+def test_the_compiled_step_replays_cuda_graphs_on_a_gpu_only():
+    from llama2.generate import compile_options
 
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert freezes_weights(cpu, torch.bfloat16) and freezes_weights(cpu, torch.float16)
-    assert not freezes_weights(cpu, torch.float32) and not freezes_weights(cpu, torch.bfloat16, quantized=True)
-    assert not freezes_weights(cuda, torch.bfloat16)
-    assert compile_options(cuda) == {"mode": "reduce-overhead"} and compile_options(cpu) == {}
+    assert compile_options(torch.device("cuda")) == {"mode": "reduce-overhead"}
+    assert compile_options(torch.device("cpu")) == {}
 
 
 @pytest.mark.slow
 def test_compiled_bfloat16_decoding_on_cpu_gives_the_eager_tokens():
-    # The frozen graph runs oneDNN's packed bf16 kernels (compile_options): other roundings than
+    # The compiled step sums its products in float32 (model/matvec.py): other roundings than
     # eager bf16's, so the log-probs agree to bf16's precision and the greedy tokens exactly
     # (a model with peaked logits, so no near-tie decides a token).
     model = Transformer.from_config(tiny_config(max_seq_len=128), seed=0).eval().bfloat16()

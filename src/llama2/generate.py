@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llama2.model import Transformer
-from llama2.model.quant import Int4Linear, Int8Linear
+from llama2.model.matvec import MatVecMode
 
 # Temperatures below this are greedy decoding, as in vLLM: dividing logits by a tiny
 # temperature overflows them to inf (NaN probabilities below ~1e-38), and long before that the
@@ -214,26 +214,6 @@ def compile_options(device: torch.device) -> dict:
     return {"mode": "reduce-overhead"} if device.type == "cuda" else {}
 
 
-# The CPU decode step with frozen 16-bit weights (``freezes_weights``). Tried on top, random 110m
-# bf16, 2 threads, one process, best of 20 alternating runs: inductor's concatenated projections
-# (cpp.enable_concat_linear) 49.9 tokens/s and its C++ wrapper 54.0 against 53.0 frozen alone
-# (eager 35.5): within this machine's noise, and the wrapper doubles the compile time; a
-# hand-written attention for one query instead of SDPA was slower (45.8 vs 65.7).
-FROZEN_CPU_INDUCTOR = {"freezing": True}
-
-
-def freezes_weights(device: torch.device, dtype: torch.dtype, quantized: bool = False) -> bool:
-    """Whether the compiled decode step is built with inductor's freezing: on a CPU with 16-bit
-    weights, which become constants of the graph, so inductor packs them once for oneDNN's bf16
-    matrix-vector kernels (AMX / AVX-512 bf16) at the memory bandwidth, where PyTorch's eager bf16
-    ``F.linear`` reaches ~60% of it. Measured here, random 110m, 2 threads: bf16 51-66 tokens/s
-    frozen vs 43-47 compiled without. Not for float32 (MKL's sgemv is already at the limit; the
-    packed copy was slower: 34 vs 43 tokens/s), nor for ``quantized`` models (their int8/int4
-    kernels take their own packed weights). A frozen graph keeps the weights it was compiled
-    with: a Generator is made for a model whose weights stay."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not quantized
-
-
 def last_logits(model: Transformer, tokens: Tensor, **kw) -> Tensor:
     """Float32 logits of the last position only (a prompt's other positions are never sampled,
     and projecting them to the vocabulary is the costliest part of a long prefill)."""
@@ -260,20 +240,15 @@ def check_compilable(model: Transformer) -> None:
 
 def compile_decode_step(fn, model: Transformer):
     """``torch.compile`` of a decode step ``fn`` that runs ``model``: static shapes, CUDA graphs on
-    a GPU, and on a CPU with 16-bit weights inductor's freezing (``freezes_weights``)."""
-    ref = model.tok_embeddings.weight
-    step = torch.compile(fn, fullgraph=True, dynamic=False, **compile_options(ref.device))
-    quantized = any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
-    if not freezes_weights(ref.device, ref.dtype, quantized):
-        return step
-
-    # (inductor reads this from its global config when a graph is compiled, which happens at a
-    # call; torch.compile's ``options`` did not reach ``freezing``)
-    def frozen(*args, **kwargs):
-        with torch._inductor.config.patch(FROZEN_CPU_INDUCTOR):
-            return step(*args, **kwargs)
-
-    return frozen
+    a GPU; on a CPU every one-row product traced as a product and a sum (``model.matvec``), which
+    inductor compiles into loops that stream the weights at the memory's bandwidth."""
+    device = model.tok_embeddings.weight.device
+    traced = fn
+    if device.type == "cpu":
+        def traced(*args, **kwargs):
+            with MatVecMode():
+                return fn(*args, **kwargs)
+    return torch.compile(traced, fullgraph=True, dynamic=False, **compile_options(device))
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
