@@ -60,8 +60,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="skip checking the weight files against the model directory's checksums.json "
                         "(one extra read of the weights; faster start)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (CUDA graphs on a GPU): faster decoding after a first "
-                        "call that compiles")
+                   help="torch.compile the decode step (CUDA graphs on a GPU; on a CPU its matrix-vector products "
+                        "become reductions that stream the weights at the memory's speed, 2-3x eager): faster "
+                        "decoding after a first call that compiles (~30-60 s)")
     p.add_argument("--draft-model", type=Path, default=None, metavar="DIR",
                    help="speculative decoding: a smaller model with the same tokenizer (e.g. a 7B for a 70B, or a "
                         "small one for a 7B) proposes --draft-tokens tokens that --model checks in one pass; greedy "
