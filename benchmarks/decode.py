@@ -118,14 +118,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def floor_step(model: Transformer, device: str, compiled: bool) -> Callable[[], None]:
+def floor_step(model: Transformer, compiled: bool) -> Callable[[], None]:
     """One token's worth of the model's matrix-vector products and nothing else: every weight
-    streams through memory once, which bounds batch-1 decoding from below. ``compiled`` on a CPU:
-    the products in the form our compiled decode step gives them (llama2.model.matvec), compiled
-    together; otherwise one eager ``F.linear`` call each."""
+    streams through memory once, which bounds batch-1 decoding from below. ``compiled`` (``--compile``
+    on a CPU): the products compiled together as our decode step compiles them
+    (``generate.compile_decode_step``); otherwise one eager ``F.linear`` call each."""
     import torch.nn.functional as F
 
-    from llama2.model.matvec import MatVecMode
+    from llama2.generate import compile_decode_step
 
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {w.shape[1]: torch.zeros(1, 1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
@@ -133,13 +133,8 @@ def floor_step(model: Transformer, device: str, compiled: bool) -> Callable[[], 
     def products(xs, weights):
         return [F.linear(xs[w.shape[1]], w) for w in weights]
 
-    if compiled and device == "cpu":
-        def traced(xs, weights):
-            with MatVecMode():
-                return products(xs, weights)
-        step = torch.compile(traced, fullgraph=True, dynamic=False)
-        return lambda: step(xs, weights)
-    return lambda: products(xs, weights)
+    step = compile_decode_step(products, model) if compiled else products
+    return lambda: step(xs, weights)
 
 
 @torch.inference_mode()
@@ -297,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     dname = str(dtype).removeprefix("torch.")
+    cpu_compiled = args.compile and args.device == "cpu"  # the products become reductions (llama2.model.matvec)
     # quantized layers take bfloat16 activations (their kernels' dtype): the rest of the model too
     qdtype = dtype if args.device != "cpu" and dtype != torch.float32 else torch.bfloat16
     specs = [quant_name(s) for s in args.quantize.split(",") if s.strip()] if args.quantize else []
@@ -335,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             # w8a8 takes float32 in; so does int8 compiled on a CPU, whose products become float32
             # sums (llama2.model.matvec) and where bf16 norms and attention only cost time; the
             # weight-only kernels otherwise take bf16
-            if spec == "w8a8" or (spec == "int8" and args.compile and args.device == "cpu"):
+            if spec == "w8a8" or (spec == "int8" and cpu_compiled):
                 return torch.float32
             return qdtype
 
@@ -383,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         best = {side: float("inf") for side, _, _ in sides}
         tokens: dict[str, list[int]] = {}
         best_floor = float("inf")
-        floor = floor_step(ours, args.device, args.compile)
+        floor = floor_step(ours, cpu_compiled)
         time_floor(floor, 2, args.device)  # warm-up (and, compiled, its compilation)
         for _ in range(args.repeats):  # alternate, so a busy spell on the machine hits every side
             for side, _, run in sides:
@@ -459,8 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {note}")
         print(f"  copy bandwidth {result['copy_bandwidth_gb_s']:8.1f} GB/s (a {copy_bytes >> 20} MiB buffer copied: "
               f"bytes read + written per second); 'of bandwidth' = the side's weight bytes x decode steps/s over it")
-        how = ("compiled as our decode step compiles them (llama2.model.matvec)" if args.compile and args.device == "cpu"
-               else "one eager call each")
+        how = "compiled as our decode step compiles them (llama2.model.matvec)" if cpu_compiled else "one eager call each"
         print(f"  matmul-only floor {result['matmul_floor_tok_s']:8.1f} tokens/s (the weights' matrix-vector "
               f"products alone, {how}: on a CPU the bound of batch-1 decoding in this dtype; on a GPU eager "
               f"calls are launch-bound, so a compiled decoder can beat them)")

@@ -240,8 +240,8 @@ def check_compilable(model: Transformer) -> None:
 
 def compile_decode_step(fn, model: Transformer):
     """``torch.compile`` of a decode step ``fn`` that runs ``model``: static shapes, CUDA graphs on
-    a GPU; on a CPU every one-row product traced as a product and a sum (``model.matvec``), which
-    inductor compiles into loops that stream the weights at the memory's bandwidth."""
+    a GPU; on a CPU every product of a few rows traced as products and sums (``model.matvec``),
+    which inductor compiles into loops that stream the weights at the memory's bandwidth."""
     device = model.tok_embeddings.weight.device
     traced = fn
     if device.type == "cpu":
