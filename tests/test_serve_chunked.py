@@ -190,8 +190,8 @@ def test_the_compiled_engine_gives_the_eager_engines_tokens(model):
     with torch.no_grad():
         tm.output.weight.mul_(8)
     # Three streams join at once (bucket 4: one padding row), two end together, the last decodes
-    # alone (bucket 1): two graphs.
-    requests = [_greedy(_prompt(12, 0), 10), _greedy(_prompt(30, 1), 10), _greedy(_prompt(20, 2), 30)]
+    # alone (bucket 1) past slot 128 (the second timeline bucket): three graphs.
+    requests = [_greedy(_prompt(12, 0), 10), _greedy(_prompt(30, 1), 10), _greedy(_prompt(20, 2), 120)]
     alone = [_alone(tm, tok, r).tokens for r in requests]
     engine = Engine(tm, tok, max_batch_size=4, compile=True)
 
@@ -204,7 +204,16 @@ def test_the_compiled_engine_gives_the_eager_engines_tokens(model):
 
     assert asyncio.run(run()) == alone
     assert engine.stats["compiled_steps"] == engine.stats["steps"] > 0 and engine.stats["max_rows"] == 3
-    assert engine.buckets == [1, 2, 4]
+    assert engine.buckets == [1, 2, 4] and engine.timeline_buckets == [128, 256]
+    assert sorted(engine._bucket_views) == [(1, 128), (1, 256), (4, 128)]
+
+
+def test_the_compiled_engine_has_a_graph_per_batch_and_timeline_bucket(model):
+    _, tok = model
+    tm = Transformer.from_config(tiny_config(vocab_size=32000, max_seq_len=1000), seed=0).eval()
+    engine = Engine(tm, tok, max_batch_size=8, compile=True)  # (nothing compiles before the first step)
+    assert engine.buckets == [1, 2, 4, 8] and engine.timeline_buckets == [128, 256, 512, 1000]
+    assert torch._dynamo.config.recompile_limit >= 4 * 4  # else dynamo would run the rest eagerly
 
 
 def test_compile_is_refused_with_stacked_adapters_or_w8a8(model):

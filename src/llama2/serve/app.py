@@ -1093,8 +1093,9 @@ def configure(parser) -> None:
                         help="tokens the draft proposes per round (default 4, with --draft-model)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the batched decode step (CUDA graphs on a GPU), one graph per batch "
-                             "size bucket (1, 2, 4, ... --max-batch-size), each compiled when first needed. Not "
-                             "with --adapter or --quantize w8a8")
+                             "size bucket (1, 2, 4, ... --max-batch-size) and timeline bucket (attention over the "
+                             "cache's first 128, 256, ... slots), each compiled when first needed. Not with "
+                             "--adapter or --quantize w8a8")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="sequences allowed to wait for a free slot before answering 503 (default: 64)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",

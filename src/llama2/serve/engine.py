@@ -87,6 +87,10 @@ TEXT_CONTEXT_TOKENS = 5
 # of this order): a step then costs at most about one chunk's forward, however long the prompt.
 DEFAULT_PREFILL_CHUNK = 512
 
+# The compiled decode step's shortest timeline: its attention reads 128, 256, ... slots (doubling up
+# to the cache's capacity), the fewest that hold the cursor.
+TIMELINE_BUCKET = 128
+
 
 class QueueFull(RuntimeError):
     """Too many requests are waiting; try again later (HTTP 503)."""
@@ -370,8 +374,10 @@ class Engine:
         self._stopping = False
         self.stats = collections.Counter()  # steps, prefills, shifts, cancelled, max_rows, ...
         # compile: the decode step is torch.compile'd (CUDA graphs on a GPU) with static shapes: the
-        # running rows padded to a bucket (1, 2, 4, ... max_batch_size) and attention over the whole
-        # timeline under a mask, so one graph per bucket serves every step.
+        # running rows padded to a bucket (1, 2, 4, ... max_batch_size) and attention over the
+        # timeline's first 128, 256, ... capacity slots under a mask (the shortest that holds the
+        # cursor), so one graph per (rows, slots) bucket serves every step, and a few short streams
+        # do not read a whole max_seq_len of keys and values per row.
         self.compile = compile
         if compile:
             if self.adapters:
@@ -379,11 +385,15 @@ class Engine:
                                  "own); merge them or drop one")
             check_compilable(model)
             self.buckets = sorted({min(1 << i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
-            # One set of cache views per bucket, made once: the compiled graph of a bucket reads
-            # the very same view objects every step.
-            self._bucket_views = {b: [_CacheView(k[:b], v[:b]) for k, v in zip(self.keys, self.values)]
-                                  for b in self.buckets}
+            self.timeline_buckets = sorted({min(TIMELINE_BUCKET << i, self.capacity)
+                                            for i in range(max(1, self.capacity // TIMELINE_BUCKET).bit_length() + 1)})
+            # One set of cache views per bucket, made on first use and kept: the compiled graph of a
+            # bucket reads the very same view objects every step (dynamo guards on them).
+            self._bucket_views: dict[tuple[int, int], list[_CacheView]] = {}
             self._compiled_decode = compile_decode_step(self._decode_logits, model)
+            # Each bucket is a graph of its own; dynamo's default limit (8) would send the rest to eager.
+            graphs = len(self.buckets) * len(self.timeline_buckets)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
 
     # -- the event-loop side ---------------------------------------------------------------
     def submit(self, requests: Sequence[Request]) -> list[Handle]:
@@ -673,20 +683,22 @@ class Engine:
         """Feed every row its newest token at the cursor and sample the next one.
 
         Compiled (``compile``): the rows padded to the next bucket (a padding row attends to its
-        own slot only and writes a cache row no running row uses) and keys over the whole
-        timeline, masked. Not while a prefill is staged: padding rows would write into its rows.
+        own slot only and writes a cache row no running row uses) and keys over the timeline's
+        first 128, 256, ... slots, the fewest that hold the cursor, masked. Not while a prefill is
+        staged: padding rows would write into its rows.
         """
         self._make_room()
         c, n, dev = self.cursor, len(self.rows), self.device
         compiled = self.compile and self.pending is None
         b = next(size for size in self.buckets if size >= n) if compiled else n
+        slots = next(size for size in self.timeline_buckets if size > c) if compiled else c + 1
         tokens = torch.zeros(b, 1, dtype=torch.long, device=dev)
         tokens[:n, 0] = torch.tensor([r.last for r in self.rows], device=dev)
         starts = torch.tensor([r.start for r in self.rows] + [c] * (b - n), device=dev)
-        keys = torch.arange(self.capacity if compiled else c + 1, device=dev).view(1, 1, 1, -1)
+        keys = torch.arange(slots, device=dev).view(1, 1, 1, -1)
         mask = (keys >= starts.view(b, 1, 1, 1)) & (keys <= c)
         if compiled:
-            for layer, view in zip(self.model.layers, self._bucket_views[b]):
+            for layer, view in zip(self.model.layers, self._views(b, slots)):
                 layer.attention.cache = view
             step = self._compiled_decode
         else:
@@ -703,6 +715,14 @@ class Engine:
         self.stats["compiled_steps"] += compiled
         self.stats["row_steps"] += n
         self._sample(self.rows, logits[:n])
+
+    def _views(self, rows: int, slots: int) -> list[_CacheView]:
+        """The compiled step's cache views of a bucket: cache rows [0, rows), slots [0, slots)."""
+        views = self._bucket_views.get((rows, slots))
+        if views is None:
+            views = [_CacheView(k[:rows, :, :slots], v[:rows, :, :slots]) for k, v in zip(self.keys, self.values)]
+            self._bucket_views[rows, slots] = views
+        return views
 
     def _draft_count(self, row: _Row) -> int:
         """Tokens to draft for ``row`` this round: never past the last token it may still get."""
