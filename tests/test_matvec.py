@@ -68,7 +68,7 @@ def test_the_mode_rewrites_an_int8_layers_product():
 
 def peaked_model(**kw) -> Transformer:
     # Peaked logits: no near-tie decides a greedy token, whatever the summation order.
-    model = Transformer.from_config(tiny_config(max_seq_len=128, **kw), seed=0).eval()
+    model = Transformer.from_config(tiny_config(**{"max_seq_len": 128, **kw}), seed=0).eval()
     with torch.no_grad():
         model.output.weight.mul_(8)
     return model
@@ -89,4 +89,24 @@ def test_compiled_decoding_on_cpu_gives_the_eager_tokens(form):
         for x, y in zip(a, b):
             assert y.tokens == x.tokens
             assert y.logprobs == pytest.approx(x.logprobs, abs=1e-4 if form == "float32" else 0.05)
+    model.clear_cache()
+
+
+def test_timeline_buckets_double_from_128_up_to_the_capacity():
+    from llama2.generate import timeline_bucket, timeline_buckets
+
+    assert timeline_buckets(1024) == [128, 256, 512, 1024] and timeline_buckets(300) == [128, 256, 300]
+    assert timeline_buckets(100) == [100]
+    assert [timeline_bucket(s, 300) for s in (0, 127, 128, 255, 256, 299)] == [128, 128, 256, 256, 300, 300]
+
+
+@pytest.mark.slow
+def test_compiled_decoding_across_a_timeline_bucket_gives_the_eager_tokens():
+    # A 120-token prompt and 20 new tokens: the compiled step attends over 128 slots, then 256.
+    model = peaked_model(max_seq_len=256)
+    eager, compiled = Generator(model), Generator(model, compile=True)
+    params = SamplingParams(temperature=0, max_new_tokens=20, stop_at_eos=False, logprobs=True)
+    prompt = [1] + [(7 * i) % 500 + 3 for i in range(119)]
+    a, b = eager.generate([prompt], params)[0], compiled.generate([prompt], params)[0]
+    assert b.tokens == a.tokens and b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
     model.clear_cache()

@@ -238,6 +238,35 @@ def check_compilable(model: Transformer) -> None:
         raise ValueError("compile cannot be combined with w8a8 (fbgemm's int8 kernels); use int8 or drop one")
 
 
+# A compiled decode step attends over the cache's first 128, 256, 512, ... slots (up to its
+# capacity), the fewest that hold the newest token, under a mask: static shapes, one graph per
+# bucket, and a short sequence does not read a whole cache of keys and values every step.
+TIMELINE_BUCKET = 128
+
+
+def timeline_buckets(capacity: int) -> list[int]:
+    """The slot counts a compiled step over a cache of ``capacity`` slots attends over."""
+    return sorted({min(TIMELINE_BUCKET << i, capacity) for i in range(max(1, capacity // TIMELINE_BUCKET).bit_length() + 1)})
+
+
+def timeline_bucket(slot: int, capacity: int) -> int:
+    """The fewest slots of :func:`timeline_buckets` that hold ``slot``."""
+    return next(size for size in timeline_buckets(capacity) if size > slot)
+
+
+_graphs = 0  # decode-step graphs announced in this process (allow_graphs)
+
+
+def allow_graphs(n: int) -> None:
+    """Make room in dynamo for ``n`` more graphs of compiled decode steps (one per shape bucket).
+    Every compiled step of the process runs the same code (``compile_decode_step``'s wrapper, or
+    one method of a class), and dynamo keeps at most ``recompile_limit`` graphs (8 by default) per
+    code object; past it, with ``fullgraph``, the step fails."""
+    global _graphs
+    _graphs += n
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _graphs)
+
+
 def compile_decode_step(fn, model: Transformer):
     """``torch.compile`` of a decode step ``fn`` that runs ``model``: static shapes, CUDA graphs on
     a GPU; on a CPU every product of a few rows traced as products and sums (``model.matvec``),
@@ -285,7 +314,8 @@ class Generator:
         # compile=True: the one-token decode step is torch.compile'd with CUDA graphs (gpt-fast's
         # recipe). On a GPU, batch-1 decoding in eager mode waits on kernel launches, not memory;
         # a graph replays the whole step as one launch. The step then has static shapes: it
-        # attends over the whole cache under a mask instead of the filled prefix, and the cache
+        # attends over a timeline bucket of the cache (its first 128, 256, ... slots) under a
+        # mask instead of the filled prefix, one graph per bucket, and the cache
         # is kept between calls of the same (batch, length) so the graph is reused. Worth it on
         # a GPU for long answers; the first call of each shape pays for compilation.
         self.compile = compile
@@ -334,6 +364,8 @@ class Generator:
         if self.compile and cache is not None and (cache.k.shape[0], cache.k.shape[2]) == (B, total):
             return  # the compiled step's graph reads these very buffers: keep them
         self.model.setup_cache(B, total)
+        if self.compile:  # new buffers: a graph per timeline bucket
+            allow_graphs(len(timeline_buckets(total)))
 
     def steps(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
@@ -452,8 +484,8 @@ class Generator:
                 if step == n_new - 1:
                     break
                 slot = width + step
-                if self.compile:  # static shapes: the whole cache, slots past this one masked
-                    decode, mask = self._compiled_step(), real & (keys <= slot)
+                if self.compile:  # static shapes: a timeline bucket of the cache, slots past this one masked
+                    decode, mask = self._compiled_step(), (real & (keys <= slot))[..., :timeline_bucket(slot, total)]
                 else:
                     decode, mask = self._last_logits, real[..., : slot + 1]
                 logits = decode(nxt.view(B, 1), positions=all_positions[:, slot: slot + 1],

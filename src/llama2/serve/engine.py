@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from llama2.generate import (
     SamplingParams,
+    allow_graphs,
     check_compilable,
     check_draft,
     compile_decode_step,
@@ -70,6 +71,8 @@ from llama2.generate import (
     propose,
     sample,
     sampling_probs,
+    timeline_bucket,
+    timeline_buckets,
     truncate_at_stop,
     verify,
 )
@@ -86,10 +89,6 @@ TEXT_CONTEXT_TOKENS = 5
 # Prompt tokens prefilled per step while other streams decode (vLLM's chunked-prefill budget is
 # of this order): a step then costs at most about one chunk's forward, however long the prompt.
 DEFAULT_PREFILL_CHUNK = 512
-
-# The compiled decode step's shortest timeline: its attention reads 128, 256, ... slots (doubling up
-# to the cache's capacity), the fewest that hold the cursor.
-TIMELINE_BUCKET = 128
 
 
 class QueueFull(RuntimeError):
@@ -385,15 +384,12 @@ class Engine:
                                  "own); merge them or drop one")
             check_compilable(model)
             self.buckets = sorted({min(1 << i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
-            self.timeline_buckets = sorted({min(TIMELINE_BUCKET << i, self.capacity)
-                                            for i in range(max(1, self.capacity // TIMELINE_BUCKET).bit_length() + 1)})
+            self.timeline_buckets = timeline_buckets(self.capacity)
             # One set of cache views per bucket, made on first use and kept: the compiled graph of a
             # bucket reads the very same view objects every step (dynamo guards on them).
             self._bucket_views: dict[tuple[int, int], list[_CacheView]] = {}
             self._compiled_decode = compile_decode_step(self._decode_logits, model)
-            # Each bucket is a graph of its own; dynamo's default limit (8) would send the rest to eager.
-            graphs = len(self.buckets) * len(self.timeline_buckets)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+            allow_graphs(len(self.buckets) * len(self.timeline_buckets))
 
     # -- the event-loop side ---------------------------------------------------------------
     def submit(self, requests: Sequence[Request]) -> list[Handle]:
@@ -691,7 +687,7 @@ class Engine:
         c, n, dev = self.cursor, len(self.rows), self.device
         compiled = self.compile and self.pending is None
         b = next(size for size in self.buckets if size >= n) if compiled else n
-        slots = next(size for size in self.timeline_buckets if size > c) if compiled else c + 1
+        slots = timeline_bucket(c, self.capacity) if compiled else c + 1
         tokens = torch.zeros(b, 1, dtype=torch.long, device=dev)
         tokens[:n, 0] = torch.tensor([r.last for r in self.rows], device=dev)
         starts = torch.tensor([r.start for r in self.rows] + [c] * (b - n), device=dev)
