@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama2 import Generator, SamplingParams, Transformer
-from llama2.model.matvec import MAX_ROWS, MatVecMode, matvec
+from llama2.model.matvec import MAX_ROWS, MatVecMode, attend, matvec
 from llama2.model.quant import Int8Linear, quantize_model
 
 from .conftest import tiny_config
@@ -64,6 +64,33 @@ def test_the_mode_rewrites_an_int8_layers_product():
         y = layer(x)
     assert "_weight_int8pack_mm" not in log.ops
     torch.testing.assert_close(y, F.linear(x, layer.dequantize()), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, queries", [(1, 4, 4, 1), (3, 4, 2, 1), (2, 6, 2, 3)])
+@pytest.mark.parametrize("mask", ["none", "bool", "additive"])
+def test_attend_is_scaled_dot_product_attention(batch, heads, kv_heads, queries, mask):
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, queries, 16)
+    k, v = torch.randn(batch, kv_heads, 20, 16), torch.randn(batch, kv_heads, 20, 16)
+    m = None
+    if mask != "none":  # each row sees its own prefix of the keys; a query never sees nothing
+        m = torch.arange(20).view(1, 1, 1, -1) < torch.randint(1, 21, (batch, 1, queries, 1))
+        if mask == "additive":
+            m = torch.zeros(m.shape).masked_fill(~m, float("-inf"))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(attend(q, k, v, m), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), m), want.bfloat16(), rtol=2e-2,
+                               atol=2e-2)
+
+
+def test_the_mode_rewrites_decodings_attention_and_leaves_a_prompts():
+    k, v = torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    with MatVecMode(), OpLog() as decode:
+        F.scaled_dot_product_attention(torch.randn(1, 2, 1, 16), k, v)
+    with MatVecMode(), OpLog() as prompt:
+        F.scaled_dot_product_attention(torch.randn(1, 2, 12, 16), k, v, is_causal=True)
+    assert not any("attention" in op for op in decode.ops) and {"mul", "sum"} <= set(decode.ops)
+    assert any("attention" in op for op in prompt.ops)
 
 
 def peaked_model(**kw) -> Transformer:
