@@ -498,7 +498,8 @@ class Generator:
                     break
                 slot = width + step
                 if self.compile:  # static shapes: a timeline bucket of the cache, slots past this one masked
-                    decode, mask = self._compiled_step(), (real & (keys <= slot))[..., :timeline_bucket(slot, total)]
+                    S = timeline_bucket(slot, total)
+                    decode, mask = self._compiled_step(), real[..., :S] & (keys[..., :S] <= slot)
                 else:
                     decode, mask = self._last_logits, real[..., : slot + 1]
                 logits = decode(nxt.view(B, 1), positions=all_positions[:, slot: slot + 1],

@@ -101,7 +101,7 @@ class MatVecMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             q, k, v, mask, dropout, causal, scale = _sdpa_arguments(args, kwargs)
-            if few_rows(q.transpose(1, 2).flatten(-2)) and not dropout and not causal:
+            if q.device.type == "cpu" and q.shape[0] * q.shape[2] <= MAX_ROWS and not dropout and not causal:
                 return attend(q, k, v, mask, scale)
         elif func is F.linear:
             x, weight = args[0], args[1]
