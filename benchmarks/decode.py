@@ -14,7 +14,8 @@ The sides:
 * ``--quantize int8,w8a8,int4:64``: ours again, loaded with ``load_model(path, quantize=SPEC)`` per
   SPEC (int8 | w8a8 | int4 | int4:32|64|128): weight-only int8/int4 on PyTorch's packed kernels with
   bfloat16 activations; w8a8 (CPU) = int8 weights and activations on fbgemm's kernels, the rest of
-  the model in float32. Quantized greedy tokens legitimately drift from the float run after a
+  the model in float32 (with ``--compile``, fbgemm's product is one opaque op inside the compiled
+  step). Quantized greedy tokens legitimately drift from the float run after a
   while; the table says how many of the n agree;
 * llama.cpp, through llama-cpp-python when it is installed (``--llama-cpp``; on by default when
   ``import llama_cpp`` works, ``--no-llama-cpp`` turns it off; skipped with a note otherwise):
@@ -26,6 +27,8 @@ The sides:
   the smallest group is its peer). GGUF needs a ``tokenizer.model`` with the model's
   vocabulary: ``--model DIR``'s own, or ``--tokenizer``; a random preset with the Llama 2
   vocabulary (110m, 7b, ...) uses the repository's test copy (tests/fixtures/llama2-tokenizer).
+  Each GGUF type is first run for two tokens in a child process: one that crashes this llama.cpp
+  build (a CPU feature it assumes but cannot use) is left out with a note, not the whole run.
 
 The roofline: the device's copy bandwidth is measured in the same run (a buffer copied, bytes
 read + written per second), and each of our sides reports its weight bytes x decode steps per
@@ -205,6 +208,30 @@ def gguf_tokenizer(args, path: Path, vocab_size: int) -> tuple[Path | None, str 
     return Path(file), None
 
 
+# Loads a GGUF file in llama.cpp and evaluates two tokens: run in a child process first, since a
+# llama.cpp build can die on a CPU that advertises instructions it cannot run (seen: AMX tile
+# instructions in a VM that does not enable AMX, a general protection fault on q8_0 and q4_0).
+PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=16, n_threads=int(sys.argv[2]), n_gpu_layers=int(sys.argv[3]),
+                      verbose=False)
+llm.eval([1, 2])
+"""
+
+
+def probe_llama_cpp(file: Path, threads: int, gpu_layers: int) -> str | None:
+    """None if llama.cpp evaluates ``file`` in a child process, else why not (one line)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(file), str(threads), str(gpu_layers)],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0:
+        return None
+    why = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+    last = (proc.stderr.strip().splitlines() or [""])[-1][:120]
+    return f"{why}{': ' + last if last else ''}"
+
+
 def load_llama_cpp(args, path: Path, vocab_size: int, n_ctx: int, threads: int, out: Path,
                    say: Callable[[str], None]) -> tuple[dict, str | None]:
     """({gguf type: llama_cpp.Llama}, None) for the model at ``path``, or ({}, why not)."""
@@ -228,7 +255,7 @@ def load_llama_cpp(args, path: Path, vocab_size: int, n_ctx: int, threads: int, 
     from llama2.checkpoint import convert
     from llama2.checkpoint.gguf import export_gguf
 
-    llms = {}
+    llms, failed = {}, []
     for kind in GGUF_TYPES:
         file = out / f"model.{kind}.gguf"
         say(f"exporting GGUF {kind} -> {file.name}")
@@ -236,11 +263,18 @@ def load_llama_cpp(args, path: Path, vocab_size: int, n_ctx: int, threads: int, 
             convert(path, file, "gguf", dtype=torch.float32 if kind == "f32" else torch.float16, tokenizer=tok_file)
         else:
             export_gguf(path, file, tokenizer_path=tok_file, quant=kind, log=say)
+        why = probe_llama_cpp(file, threads, gpu_layers)
+        if why is not None:
+            failed.append(f"{kind} ({why})")
+            continue
         # f32: an F32 KV cache too (type 0), as ours in float32; the rest keep llama.cpp's default F16 cache
         cache = dict(type_k=0, type_v=0) if kind == "f32" else {}
         llms[kind] = llama_cpp.Llama(model_path=str(file), n_ctx=n_ctx, n_threads=threads,
                                      n_threads_batch=threads, n_batch=512, n_gpu_layers=gpu_layers,
                                      verbose=False, seed=0, **cache)
+    if failed:
+        return llms, (f"llama.cpp {', '.join(failed)} left out: this llama.cpp build failed to run it (a CPU "
+                      f"feature it assumes? rebuild llama-cpp-python for this CPU, see the README)")
     return llms, None
 
 
@@ -364,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             hgen = Generator(half, compile=args.compile)
             sides.append(("ours bfloat16", "bfloat16", lambda k: time_ours(hgen, prompts, k, args.device)))
         for s, qmodel in quantized.items():
-            qgen = Generator(qmodel, compile=args.compile and s != "w8a8")  # (w8a8 does not compile)
+            qgen = Generator(qmodel, compile=args.compile)
             sides.append((f"ours {s}", f"{s}, {str(act_dtype(s)).removeprefix('torch.')} activations",
                           lambda k, qgen=qgen: time_ours(qgen, prompts, k, args.device)))
         for kind, llm in llms.items():

@@ -88,3 +88,14 @@ def test_a_batch_and_the_bandwidth_roofline(bench, model_dir, capsys):
     steps = ours["tok_s"] / 3
     assert ours["bandwidth_fraction"] == pytest.approx(ours["weight_bytes"] * steps / (res["copy_bandwidth_gb_s"] * 1e9))
     assert res["same_tokens"] == "4/4"  # the first row, against transformers' first row
+
+
+def test_a_llama_cpp_build_that_crashes_is_probed_in_a_child_process(bench, monkeypatch, tmp_path):
+    # A llama.cpp build can die on a CPU that advertises what it cannot run (AMX in a VM): the
+    # benchmark asks a child process first and leaves that GGUF type out, with why.
+    monkeypatch.setattr(bench, "PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert bench.probe_llama_cpp(tmp_path / "m.gguf", 1, 0) == "killed by signal 11"
+    monkeypatch.setattr(bench, "PROBE", "import sys; sys.exit('no such file: ' + sys.argv[1])")
+    assert bench.probe_llama_cpp(tmp_path / "m.gguf", 1, 0) == f"exit status 1: no such file: {tmp_path / 'm.gguf'}"
+    monkeypatch.setattr(bench, "PROBE", "import sys; assert sys.argv[2:] == ['2', '0']")
+    assert bench.probe_llama_cpp(tmp_path / "m.gguf", 2, 0) is None

@@ -102,13 +102,13 @@ def peaked_model(**kw) -> Transformer:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form", ["float32", "int8"])
+@pytest.mark.parametrize("form", ["float32", "int8", "w8a8"])
 def test_compiled_decoding_on_cpu_gives_the_eager_tokens(form):
     # Every product of the compiled step is a matvec (batch 1 and a batch of 3 with padding);
-    # the eager step runs the matrix kernels.
+    # the eager step runs the matrix kernels. (w8a8's products are fbgemm's in both.)
     model = peaked_model()
-    if form == "int8":
-        quantize_model(model, "int8")
+    if form != "float32":
+        quantize_model(model, form)
     eager, compiled = Generator(model), Generator(model, compile=True)
     params = SamplingParams(temperature=0, max_new_tokens=20, stop_at_eos=False, logprobs=True)
     for prompts in ([[1, 7, 8, 100, 200, 3]], [[1, 5, 9], [1, 7, 8, 100, 200, 3], [1, 2]]):

@@ -216,9 +216,8 @@ def test_the_compiled_engine_has_a_graph_per_batch_and_timeline_bucket(model):
     assert torch._dynamo.config.recompile_limit >= 4 * 4  # else the step would fail past 8 graphs
 
 
-def test_compile_is_refused_with_stacked_adapters_or_w8a8(model):
+def test_compile_is_refused_with_stacked_adapters(model):
     from llama2.model.lora import stack_adapters
-    from llama2.model.quant import quantize_model
 
     tm, tok = model
     stacked = Transformer.from_config(tiny_config(vocab_size=32000), seed=0)
@@ -226,19 +225,14 @@ def test_compile_is_refused_with_stacked_adapters_or_w8a8(model):
     stack_adapters(stacked, [{"layers.0.attention.wq": (A, B, 1.0)}])
     with pytest.raises(ValueError, match="LoRA adapters"):
         Engine(stacked, tok, compile=True)
-    with pytest.raises(ValueError, match="w8a8"):
-        Engine(quantize_model(Transformer.from_config(tiny_config(vocab_size=32000), seed=0), "w8a8"), tok,
-               compile=True)
 
 
-def test_serve_compile_with_w8a8_is_refused_in_one_line(capsys, model, tmp_path):
+def test_serve_compiles_a_w8a8_model(model, tmp_path):
     from llama2 import save_model
+    from llama2.model.quant import Int8Linear
     from llama2.serve.app import create_app
-
-    from .conftest import run_cli
 
     tm, tok = model
     path = save_model(tm, tmp_path / "m", tokenizer=tok)
-    assert create_app(path, compile=True).state.server.engine.compile
-    rc, _, err = run_cli(capsys, "serve", "--model", path, "--port", "0", "--compile", "--quantize", "w8a8")
-    assert rc != 0 and "compile cannot be combined with w8a8" in err and len(err.strip().splitlines()) == 1
+    engine = create_app(path, compile=True, quantize="w8a8").state.server.engine
+    assert engine.compile and isinstance(engine.model.output, Int8Linear) and engine.model.output.dynamic_activations

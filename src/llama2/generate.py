@@ -244,13 +244,6 @@ def check_draft(model: Transformer, draft: Transformer, draft_tokens: int) -> No
         raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
 
 
-def check_compilable(model: Transformer) -> None:
-    """Refuse, in one line, a model whose decode step torch.compile cannot take."""
-    if any(getattr(m, "dynamic_activations", False) for m in model.modules()):
-        # fbgemm's prepacked weights are opaque to torch.compile (it stops with a graph break)
-        raise ValueError("compile cannot be combined with w8a8 (fbgemm's int8 kernels); use int8 or drop one")
-
-
 # A compiled decode step attends over the cache's first 128, 256, 512, ... slots (up to its
 # capacity), the fewest that hold the newest token, under a mask: static shapes, one graph per
 # bucket, and a short sequence does not read a whole cache of keys and values every step.
@@ -321,8 +314,6 @@ class Generator:
                                  "shapes vary); drop one")
             draft.eval()
         self.draft, self.draft_tokens = draft, draft_tokens
-        if compile:
-            check_compilable(model)
         self.stats = {"drafted": 0, "accepted": 0, "rounds": 0}  # speculative decoding, over this object's life
         # compile=True: the one-token decode step is torch.compile'd with CUDA graphs (gpt-fast's
         # recipe). On a GPU, batch-1 decoding in eager mode waits on kernel launches, not memory;

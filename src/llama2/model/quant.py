@@ -20,7 +20,9 @@ the device it is loaded on (:meth:`Int4Linear.from_quantized`).
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -70,6 +72,25 @@ def cpu_has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
+# fbgemm's prepacked weight is an opaque TorchScript object that torch.compile cannot trace, so
+# the w8a8 product is a custom op that names its layer by a number: a compiled decode step calls
+# it as one opaque kernel and compiles everything around it (norms, RoPE, attention).
+_W8A8_LAYERS: dict[int, weakref.ref] = {}
+_w8a8_keys = itertools.count()
+
+
+@torch.library.custom_op("llama2::w8a8_linear", mutates_args=())
+def w8a8_linear(x: Tensor, layer: int, out_features: int) -> Tensor:
+    """``x`` [rows, in] float32 times the int8 weight of the :class:`Int8Linear` registered as
+    ``layer``, with ``x`` quantized to int8 per tensor (fbgemm's dynamic quantized linear)."""
+    return _W8A8_LAYERS[layer]()._w8a8_product(x)
+
+
+@w8a8_linear.register_fake
+def _(x: Tensor, layer: int, out_features: int) -> Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
 class Int8Linear(nn.Module):
     """A bias-free linear layer with an int8 weight [out, in] and float32 scales [out].
 
@@ -92,6 +113,19 @@ class Int8Linear(nn.Module):
                              f"{weight.device.type}; use int8 there")
         self.dynamic_activations = dynamic_activations
         self._packed = None  # fbgemm's prepacked weight, built on first use (not saved)
+        if dynamic_activations:
+            self._register()
+
+    def _register(self) -> None:
+        """Give this layer its own number for :func:`w8a8_linear` (a copy gets a new one)."""
+        self._layer = next(_w8a8_keys)
+        _W8A8_LAYERS[self._layer] = weakref.ref(self)
+        weakref.finalize(self, _W8A8_LAYERS.pop, self._layer, None)
+
+    def __setstate__(self, state: dict) -> None:  # copy.deepcopy and pickle
+        super().__setstate__(state)
+        if self.dynamic_activations:
+            self._register()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dynamic_activations: bool = False) -> Int8Linear:
@@ -100,7 +134,7 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> Tensor:
         return self.weight.float() * self.scales[:, None]
 
-    def _w8a8(self, x2: Tensor) -> Tensor:
+    def _w8a8_product(self, x2: Tensor) -> Tensor:
         if self._packed is None:
             zeros = torch.zeros(self.out_features, dtype=torch.long)
             # PyTorch marks its quantized tensors deprecated (in favour of torchao, whose CPU int8
@@ -110,12 +144,13 @@ class Int8Linear(nn.Module):
                 warnings.simplefilter("ignore", UserWarning)
                 qw = torch._make_per_channel_quantized_tensor(self.weight, self.scales.double(), zeros, 0)
                 self._packed = torch.ops.quantized.linear_prepack(qw, None)
-        return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self._packed, not cpu_has_vnni())
+        return torch.ops.quantized.linear_dynamic(x2, self._packed, not cpu_has_vnni())
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         if self.dynamic_activations:
-            return self._w8a8(x2).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y = w8a8_linear(x2.float().contiguous(), self._layer, self.out_features)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if x.device.type == "cpu":
             # The CPU kernel is fast only with bfloat16 activations. Measured on a Xeon with
             # AVX-512 bf16/AMX, 1 thread, one token through 110m's w1 (768 -> 2048): float32

@@ -1095,7 +1095,7 @@ def configure(parser) -> None:
                         help="torch.compile the batched decode step (CUDA graphs on a GPU), one graph per batch "
                              "size bucket (1, 2, 4, ... --max-batch-size) and timeline bucket (attention over the "
                              "cache's first 128, 256, ... slots), each compiled when first needed. Not with "
-                             "--adapter or --quantize w8a8")
+                             "--adapter")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="sequences allowed to wait for a free slot before answering 503 (default: 64)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",

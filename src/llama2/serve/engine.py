@@ -64,7 +64,6 @@ from torch import Tensor, nn
 from llama2.generate import (
     SamplingParams,
     allow_graphs,
-    check_compilable,
     check_draft,
     compile_decode_step,
     last_logits,
@@ -382,7 +381,6 @@ class Engine:
             if self.adapters:
                 raise ValueError("compile cannot be combined with stacked LoRA adapters (each row selects its "
                                  "own); merge them or drop one")
-            check_compilable(model)
             self.buckets = sorted({min(1 << i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)})
             self.timeline_buckets = timeline_buckets(self.capacity)
             # One set of cache views per bucket, made on first use and kept: the compiled graph of a
