@@ -96,7 +96,7 @@ def test_w8a8_quantizes_activations_too_and_stays_close_to_float():
 
 
 def test_a_w8a8_layer_compiles_in_one_graph_to_its_eager_product():
-    # fbgemm's packed weight is opaque to torch.compile: the product is the custom op
+    # fbgemm's packed weight is opaque to torch.compile: the product is our op
     # llama2::w8a8_linear, one kernel inside the graph (fullgraph: no break around it).
     layer = Int8Linear.from_linear(nn.Linear(64, 48, bias=False), dynamic_activations=True)
     x = torch.randn(3, 64)

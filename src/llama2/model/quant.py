@@ -123,7 +123,7 @@ class Int8Linear(nn.Module):
             self._register()
 
     def _register(self) -> None:
-        """Give this layer its own number for :func:`w8a8_linear` (a copy gets a new one)."""
+        """Give this layer its own number for the ``llama2::w8a8_linear`` op (a copy gets a new one)."""
         self._layer = next(_w8a8_keys)
         _W8A8_LAYERS[self._layer] = weakref.ref(self)
         weakref.finalize(self, _W8A8_LAYERS.pop, self._layer, None)
