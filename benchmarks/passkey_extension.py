@@ -1,32 +1,24 @@
-"""Passkey retrieval before and after a context extension, at a size a 2-core CPU trains in minutes.
+"""Passkey retrieval before and after a context extension, with and without a new RoPE base.
 
-The code recipe's passkey probe (``llama2.eval.passkey``) stays at 0% at its budget: there the
-probe's texts are a small part of a pretraining mixture and the loss covers every token, so the
-five answer digits are ~5% of a text's loss and the retrieval circuit (an induction head, Olsson
-et al. 2022) never forms in a few hundred steps. This study isolates the question the probe asks
-(does the extension carry retrieval past the fine-tuning length?) and trains what is needed for
-it to have an answer:
+The code recipe (``llama2 run code``) learns the passkey probe (``llama2.eval.passkey``) inside
+its code mixture and extends it with θ 10⁶ (or position interpolation). This study isolates the
+question Code Llama §2.4 asks of the base: fine-tuned at a longer length, does θ 10⁶ carry
+retrieval further than keeping θ 10⁴?
 
-1. A 4-layer model (the code recipe's shape) learns the probe's task at ``--short`` tokens (128):
+1. A 4-layer model (the code recipe's shape) learns the probe's task at ``--short`` tokens (64):
    probe-shaped texts with the loss on the completion only (the answer's tokens, as TRL's
    completion-only loss and the SFT stage's answer-only loss), RoPE θ 10⁴.
-2. From that model, two fine-tunes of ``--long-steps`` steps on texts of ``--long`` tokens (512,
-   4x, Code Llama §2.4's ratio): one keeps θ = 10⁴, one raises it to 10⁶ (Code Llama §2.4).
-3. Each model is probed by depth and length up to 2x the fine-tuning length (``passkey_eval``,
-   greedy, five-digit keys the probe's seed space never trains on).
+2. From that model, two fine-tunes of ``--long-steps`` steps on texts of ``--long`` tokens (256,
+   4x, Code Llama §2.4's ratio): one keeps θ = 10⁴, one raises it to 10⁶.
+3. Each model is probed by depth and length up to 4x the fine-tuning length (``passkey_eval``,
+   greedy, keys and filler from the probe's own seed space).
 
-Measured on this 2-core machine (benchmarks/results/cpu-2026-12-02/passkey_extension*.txt):
-with seed 0 the model trained at 128 retrieves 83% at 128 and 0% at 256; after 150 steps at 512,
-θ 10⁴ gets 60% at 512 and 10% at 1,024, θ 10⁶ 73% and 13% (seed 2: 73% at 128, 3% at 256; then
-37% / 40% at 512, 7% / 13% at 1,024). With seed 1 retrieval had not formed after 2,000 steps (10% at
-128): when the circuit forms depends on the seed.
-
-The texts use ~75 distinct pieces of the Llama 2 vocabulary (fixture tokenizer); the model's
+The texts use ~170 distinct pieces of the Llama 2 vocabulary (fixture tokenizer); the model's
 embedding holds only those (``CompactTokenizer``), so a step costs the transformer, not a 32k
 softmax. Loss and schedule: AdamW (β 0.9/0.95, weight decay 0.1, clip 1.0), linear warm-up then
-cosine to 10%, as pretraining.
+cosine to 10%, as pretraining. Results: benchmarks/results/cpu-2026-12-02/passkey_extension*.txt.
 
-    python benchmarks/passkey_extension.py                       # ~9 minutes on 2 cores
+    python benchmarks/passkey_extension.py                       # ~75 seconds on 2 cores
     python benchmarks/passkey_extension.py --steps 40 --long-steps 10 --per-cell 2   # a smoke run
 """
 
@@ -45,6 +37,8 @@ import torch
 from llama2 import ModelConfig, Tokenizer, Transformer
 from llama2.data.shards import PromptCompletion, completion_tokens
 from llama2.eval.passkey import (
+    KEY_LINE,
+    KEYS,
     accuracy_by_length,
     format_passkey_table,
     passkey_documents,
@@ -79,11 +73,11 @@ class CompactTokenizer:
 
 
 def compact_tokenizer(base: Tokenizer, lengths: list[int]) -> CompactTokenizer:
-    """Every piece the probe's and the training texts can hold: their fixed lines, every digit."""
-    sample = [" 12345\n"]  # passkey_documents sizes its answer with this
+    """Every piece the probe's and the training texts can hold: their fixed lines, every key."""
+    sample = []
     sample += [d for n in lengths for d in passkey_documents(n, 20, 0, base)]
     sample += [p.text for n in lengths for p in passkey_prompts(base, n, [0.0, 1.0], 2)]
-    sample += [f"passkey = {d}{d}{d}{d}{d}  # remember this number\n {d}{d}{d}{d}{d}\n" for d in range(10)]
+    sample += [KEY_LINE.format(key=k) + f"\n {k}\n" for k in KEYS]
     return CompactTokenizer(base, sample)
 
 
@@ -132,12 +126,12 @@ def train(model: Transformer, texts: list[tuple[list[int], int]], steps: int, ba
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--short", type=int, default=128, help="tokens of the first training texts")
-    ap.add_argument("--long", type=int, default=512, help="tokens of the fine-tuning texts (the extension)")
-    ap.add_argument("--steps", type=int, default=1000, help="steps at --short (16 texts each)")
+    ap.add_argument("--short", type=int, default=64, help="tokens of the first training texts")
+    ap.add_argument("--long", type=int, default=256, help="tokens of the fine-tuning texts (the extension)")
+    ap.add_argument("--steps", type=int, default=300, help="steps at --short (16 texts each)")
     ap.add_argument("--long-steps", type=int, default=150, help="steps of each fine-tune at --long (4 texts each)")
     ap.add_argument("--theta", type=float, default=1e6, help="the extended RoPE base (Code Llama §2.4: 10^6)")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024], help="probe lengths")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024], help="probe lengths")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="probe depths")
     ap.add_argument("--per-cell", type=int, default=10, help="probe prompts per (length, depth)")
     ap.add_argument("--threads", type=int, default=2)
@@ -156,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     short = completion_texts(tok, args.short, 6000, args.seed)
     long = completion_texts(tok, args.long, 1500, args.seed + 1)
-    answer = len(short[0][0]) - short[0][1]  # the key's pieces, the newline and EOS
+    answer = max(len(ids) - n for ids, n in short)  # the longest key's pieces, the newline and EOS
     cfg = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=tok.vocab_size, multiple_of=32,
                       max_seq_len=max(args.lengths + [args.long]) + 16)
     results, t0 = {"vocab": tok.vocab_size, "models": {}}, time.time()

@@ -15,7 +15,8 @@ from llama2.code_pipeline import (
     merge_prepared,
     read_code_recipe,
 )
-from llama2.data.shards import TokenStream, prepare
+from llama2.data.shards import PackedSequences, TokenStream, prepare
+from llama2.eval.passkey import KEYS
 from llama2.pipeline import find_recipe, read_pipeline_recipe, run_pipeline
 from llama2.recipe import from_dict, stage_settings
 from llama2.stages import CODE_STAGES
@@ -103,14 +104,22 @@ def test_bad_evaluation_settings_fail_in_one_line():
         CodeEvaluateConfig(position_edges=[64, 128])
 
 
-def test_passkey_training_lengths_spread_from_the_shortest_to_the_longest():
-    cfg = CodeDataConfig(passkey_documents=16, passkey_min_length=64, passkey_length=256)
-    lengths = cfg.passkey_lengths()
-    assert len(lengths) == 16 and lengths == sorted(lengths)
-    assert (lengths[0], lengths[-1]) == (64, 256) and len(set(lengths)) == 8
+def test_passkey_texts_are_the_length_and_its_halves_longest_first():
+    lengths = CodeDataConfig(passkey_documents=7, passkey_min_length=64, passkey_length=256).passkey_lengths()
+    assert lengths == [256, 256, 256, 128, 128, 64, 64]
     assert set(CodeDataConfig(passkey_documents=3, passkey_length=256).passkey_lengths()) == {256}
-    with pytest.raises(ValueError, match="exceeds passkey_length"):
-        CodeDataConfig(passkey_min_length=512, passkey_length=256)
+    with pytest.raises(ValueError, match="passkey_min_length 96 must be passkey_length 256 halved"):
+        CodeDataConfig(passkey_documents=3, passkey_min_length=96, passkey_length=256)
+
+
+def test_a_passkey_length_that_does_not_fill_its_training_windows_is_refused(tmp_path):
+    recipe = yaml.safe_load(find_recipe("code-smoke").read_text())
+    recipe["stages"]["data-long"]["passkey_length"] = recipe["stages"]["long"]["seq_len"] * 3 // 4
+    recipe["stages"]["data-long"].pop("passkey_min_length")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="stage 'data-long': passkey_length 384 must be the seq_len 512 of stage 'long'"):
+        read_code_recipe(bad)
 
 
 def test_every_code_stage_has_a_config():
@@ -209,13 +218,38 @@ def test_passkey_texts_are_never_fim_transformed(code_run):
     assert tok.prefix_id not in passkey and tok.prefix_id in code
 
 
-def test_the_long_data_holds_passkey_texts_at_the_long_length(code_run):
+def test_the_long_data_holds_passkey_texts_of_the_long_length_and_its_halves(code_run):
     index = json.loads((code_run / "data-long" / "index.json").read_text())
-    docs = index["parts"]["passkey"]["documents"]
-    tokens = index["parts"]["passkey"]["tokens"]
-    per_doc = (tokens["train"] + tokens["val"]) / (docs["train"] + docs["val"])
-    length = read_code_recipe(find_recipe("code-smoke"))["stages"]["data-long"]["passkey_length"]
-    assert length - 16 <= per_doc <= length
+    docs, tokens = index["parts"]["passkey"]["documents"], index["parts"]["passkey"]["tokens"]
+    recipe = read_code_recipe(find_recipe("code-smoke"))
+    lengths = from_dict(CodeDataConfig, stage_settings(recipe, "data-long", CodeDataConfig)).passkey_lengths()
+    assert set(lengths) == {512, 256, 128} and docs["train"] + docs["val"] == len(lengths)
+    assert tokens["train"] + tokens["val"] == sum(lengths)  # each text exactly its length
+
+
+@pytest.mark.parametrize("stage", ["data", "data-fim", "data-long"])
+def test_training_windows_of_the_passkey_part_hold_whole_texts(code_run, stage):
+    """The passkey part comes first in the merged stream, its texts longest first and each a
+    power-of-two fraction of the window, so the trainer's windows never cut one (a cut text asks
+    for a key its window does not hold)."""
+    recipe = read_code_recipe(find_recipe("code-smoke"))
+    seq_len = recipe["stages"][{"data": "pretrain", "data-fim": "fim", "data-long": "long"}[stage]]["seq_len"]
+    index = json.loads((code_run / stage / "index.json").read_text())
+    assert list(index["parts"]) == ["passkey", "code"]
+    tok = Tokenizer(code_run / stage / "tokenizer.model")
+    stream = TokenStream(code_run / stage, "train")
+    passkey_tokens = index["parts"]["passkey"]["tokens"]["train"]
+    windows = PackedSequences(stream, seq_len)
+    texts = 0
+    for i in range(passkey_tokens // seq_len):
+        w = [int(t) for t in windows[i]][:seq_len]
+        starts = [j for j, t in enumerate(w) if t == tok.bos_id]
+        assert starts[0] == 0
+        for a, b in zip(starts, starts[1:] + [seq_len]):
+            assert w[b - 1] == tok.eos_id and tok.decode(w[a:b]).split()[-1] in KEYS
+            texts += 1
+    # every text but those in a last window the code part completes
+    assert index["parts"]["passkey"]["documents"]["train"] - seq_len // 64 <= texts
 
 
 def test_passkey_answer_only_trains_the_passkey_texts_on_their_answers(code_run):
@@ -227,7 +261,7 @@ def test_passkey_answer_only_trains_the_passkey_texts_on_their_answers(code_run)
     tok = Tokenizer(code_run / "data-long" / "tokenizer.model")
     ids, keep = stream.read(0, len(stream)), stream.read_mask(0, len(stream)) > 0
     answers = tok.decode([int(t) for t in ids[keep] if t != tok.eos_id]).split()
-    assert len(answers) == answer_only["completions"]["train"] and all(a.isdigit() and len(a) == 5 for a in answers)
+    assert len(answers) == answer_only["completions"]["train"] and all(a in KEYS for a in answers)
     assert TokenStream(code_run / "data-long", "train").masked  # the merged directory reads the mask too
     assert "completions" in answer_only["parts"]["passkey"] and "completions" not in plain["parts"]["passkey"]
     assert "data-long | passkey (loss on the answer only) |" in (code_run / "report.md").read_text()

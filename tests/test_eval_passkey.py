@@ -7,9 +7,11 @@ import pytest
 
 import llama2.eval.passkey as passkey
 from llama2.eval.passkey import (
+    KEYS,
     format_passkey_table,
     passkey_documents,
     passkey_eval,
+    passkey_examples,
     passkey_prompts,
     read_answer,
 )
@@ -49,10 +51,20 @@ def test_the_key_sits_at_the_requested_depth(llama_tokenizer):
         assert p.key_position <= end <= p.key_position + 12
 
 
-def test_the_key_is_the_only_number_and_the_prompt_ends_with_the_question(llama_tokenizer):
+def keys_in(text: str) -> list[str]:
+    return [w for w in re.findall(r"[a-z]+", text) if w in KEYS]
+
+
+def test_keys_are_64_words_the_fixed_lines_never_use():
+    fixed = set(re.findall(r"[a-z]+", "\n".join([passkey.HEADER, passkey.KEY_LINE, passkey.QUESTION,
+                                                   *passkey.FILLER]).lower()))
+    assert len(set(KEYS)) == len(KEYS) == 64 and all(k.isalpha() and k.islower() for k in KEYS)
+    assert not fixed & set(KEYS)
+
+
+def test_the_key_is_the_only_key_word_and_the_prompt_ends_with_the_question(llama_tokenizer):
     for p in passkey_prompts(llama_tokenizer, 256, DEPTHS, n=3, seed=2):
-        assert re.findall(r"\d+", p.text) == [p.key]
-        assert len(p.key) == 5
+        assert keys_in(p.text) == [p.key]
         assert p.text.endswith("# What is the passkey?\npasskey =")
 
 
@@ -74,21 +86,21 @@ def test_training_documents_have_the_probe_shape_with_the_answer(llama_tokenizer
     docs = passkey_documents(512, 4, seed=0, tok=llama_tokenizer)
     assert len(docs) == 4
     for d in docs:
-        key = re.findall(r"\d+", d)
+        key = keys_in(d)
         assert len(key) == 2 and key[0] == key[1]  # set once, answered once
         assert d.endswith(f"# What is the passkey?\npasskey = {key[0]}\n")
         assert 480 <= len(llama_tokenizer.encode(d, bos=True, eos=True)) <= 512
 
 
 def test_training_documents_come_from_another_seed_space_than_the_probe(llama_tokenizer):
-    probe = {p.key for p in passkey_prompts(llama_tokenizer, 256, DEPTHS, n=4, seed=0)}
-    train = {re.findall(r"\d+", d)[0] for d in passkey_documents(256, 20, seed=0, tok=llama_tokenizer)}
-    assert not probe & train
+    probe = [p.key for p in passkey_prompts(llama_tokenizer, 256, [0.5], n=20, seed=0)]
+    train = [keys_in(d)[0] for d in passkey_documents(256, 20, seed=0, tok=llama_tokenizer)]
+    assert probe != train  # 64 keys: the same words recur, drawn by other streams
     assert passkey_documents(256, 3, 5, llama_tokenizer) == passkey_documents(256, 3, 5, llama_tokenizer)
 
 
 def test_a_model_that_reads_the_key_scores_one_everywhere(llama_tokenizer, monkeypatch):
-    rig(monkeypatch, llama_tokenizer, lambda text: " " + re.search(r"passkey = (\d+)", text).group(1) + "\n")
+    rig(monkeypatch, llama_tokenizer, lambda text: " " + re.search(r"passkey = ([a-z]+)", text).group(1) + "\n")
     r = passkey_eval(model_with_context(1024), llama_tokenizer, [128, 512], DEPTHS, n_per_cell=2)
     assert [(c["length"], c["depth"]) for c in r["cells"]] == [(n, d) for n in (128, 512) for d in DEPTHS]
     assert all(c["accuracy"] == 1.0 and c["n"] == 2 for c in r["cells"])
@@ -96,15 +108,15 @@ def test_a_model_that_reads_the_key_scores_one_everywhere(llama_tokenizer, monke
 
 
 def test_a_model_that_answers_a_constant_scores_zero(llama_tokenizer, monkeypatch):
-    rig(monkeypatch, llama_tokenizer, lambda text: " 12345")
+    rig(monkeypatch, llama_tokenizer, lambda text: " quokka")
     r = passkey_eval(model_with_context(1024), llama_tokenizer, [128], DEPTHS, n_per_cell=2)
     assert all(c["accuracy"] == 0.0 for c in r["cells"]) and r["accuracy"] == 0.0
 
 
-def test_an_answer_counts_by_its_first_run_of_digits():
-    assert read_answer(" 48213\nassert x") == "48213"
-    assert read_answer(" 4821") == "4821"
-    assert read_answer(" passkey") is None
+def test_an_answer_counts_by_its_first_word():
+    assert read_answer(" falcon\nassert x") == "falcon"
+    assert read_answer(" falcons") == "falcons"  # a longer word is not the key
+    assert read_answer(" 48213") is None
 
 
 def test_a_length_past_the_models_context_is_refused(llama_tokenizer):
@@ -134,4 +146,15 @@ def test_a_tiny_random_model_runs_the_probe_end_to_end(llama_tokenizer):
     r = passkey_eval(model, llama_tokenizer, [64, 128], [0.0, 1.0], n_per_cell=2, max_new_tokens=6)
     assert len(r["cells"]) == 4 and r["n"] == 8
     assert all(0.0 <= c["accuracy"] <= 1.0 for c in r["cells"])
-    assert r["samples"] and all(s["key"].isdigit() for s in r["samples"])
+    assert r["samples"] and all(s["key"] in KEYS for s in r["samples"])
+
+
+def test_training_texts_too_short_for_the_tokenizer_say_their_length(llama_tokenizer):
+    with pytest.raises(ValueError, match="passkey training texts of 40 tokens are too short for this tokenizer"):
+        passkey_examples(40, 1, 0, llama_tokenizer)
+
+
+def test_training_texts_are_exactly_their_length(llama_tokenizer):
+    for length in (64, 100, 256):
+        for prompt, answer in passkey_examples(length, 5, 0, llama_tokenizer):
+            assert len(llama_tokenizer.encode(prompt + answer, bos=True, eos=True)) == length

@@ -6,10 +6,12 @@ tokenizer -> data -> pretrain -> data-fim -> fim -> data-long -> long -> evaluat
   standard library), the code world's training functions and the passkey probe's text, with
   Code Llama's 16 pieces (the infilling sentinels PRE/SUF/MID/EOT) appended (Code Llama §2.3).
 * **data**, **pretrain**: plain next-token pretraining of a tiny model on that code, plus short
-  passkey texts at the pretraining length, so the base model knows the probe's task at its own
-  length (Code Llama starts from Llama 2; here the base model is trained from scratch). With
-  ``passkey_answer_only`` a data stage writes them as prompt/completion rows (the loss on the
-  answer alone; ``completion_weight`` of the training stage weighs it against the code).
+  passkey texts (64 and 128 tokens: the key is then 1 of few tokens, and the copy forms within the
+  stage), so the base model knows the probe's task at its own length (Code Llama starts from
+  Llama 2; here the base model is trained from scratch). With ``passkey_answer_only`` a data stage
+  writes them as prompt/completion rows (the loss on the answer alone; ``completion_weight`` of
+  the training stage weighs it against the code). Each data stage lays its passkey texts out so
+  that no training window cuts one (:meth:`CodeDataConfig.passkey_lengths`).
 * **data-fim**, **fim**: the code with the fill-in-the-middle transformation (Code Llama §2.3:
   90% of documents, half of them in SPM order; the tiny recipe cuts at line starts,
   ``fim_unit: line``, and gives the code world's functions without their tests), and pretraining
@@ -71,6 +73,7 @@ from llama2.eval.passkey import (
     FILLER,
     HEADER,
     KEY_LINE,
+    KEYS,
     QUESTION,
     passkey_eval,
     passkey_examples,
@@ -129,12 +132,13 @@ class CodeDataConfig(PrepareConfig):
                                                  "(none: all of it, about 2 MB of Python)")
     passkey_documents: int = setting(0, "passkey training texts (a key hidden in code-like filler, then the "
                                         "question and the answer), never FIM-transformed; 0: none")
-    passkey_length: int = setting(256, "tokens of the longest passkey training texts: the length the next stage "
-                                       "trains at")
-    passkey_min_length: int | None = setting(None, "tokens of the shortest passkey training texts: their lengths are "
-                                                   "spread evenly from this to passkey_length, so the short ones "
-                                                   "teach the copy and the long ones the distance; none: all "
-                                                   "passkey_length")
+    passkey_length: int = setting(256, "tokens of the longest passkey training texts (BOS to EOS): the next "
+                                       "training stage's seq_len or that halved (texts fill its windows whole)")
+    passkey_min_length: int | None = setting(None, "tokens of the shortest passkey training texts: passkey_length "
+                                                   "halved one or more times (256 -> 128 -> 64), the documents dealt "
+                                                   "evenly among those lengths; short texts teach the copy (the "
+                                                   "key is 1 of 64 tokens, not 1 of 256), long ones the distance; "
+                                                   "none: all passkey_length")
     passkey_answer_only: bool = setting(False, "train the passkey texts on their answer alone (prompt/completion "
                                                "rows, the loss on the key and EOS); off: the loss on every token, "
                                                "as plain text")
@@ -153,19 +157,19 @@ class CodeDataConfig(PrepareConfig):
         shortest = self.passkey_length if self.passkey_min_length is None else self.passkey_min_length
         if self.passkey_documents and shortest < 64:
             raise ValueError(f"passkey texts of {shortest} tokens are too short (>= 64 tokens)")
-        if shortest > self.passkey_length:
-            raise ValueError(f"passkey_min_length {shortest} exceeds passkey_length {self.passkey_length}")
+        if shortest < 1 or self.passkey_length % shortest or (self.passkey_length // shortest) & (
+                self.passkey_length // shortest - 1):
+            raise ValueError(f"passkey_min_length {shortest} must be passkey_length {self.passkey_length} halved "
+                             "zero or more times")
 
     def passkey_lengths(self) -> list[int]:
-        """The length of each passkey training text: ``PASSKEY_LEVELS`` evenly spaced levels from
-        the shortest to the longest, the documents dealt out evenly among them."""
+        """The length of each passkey training text, longest first: passkey_length, its half, ... down to
+        passkey_min_length, the documents dealt evenly among them. Longest first, every length a power-of-two
+        fraction of the window, each text starts at a multiple of its own length in the stream, so no
+        window of passkey_length tokens ever cuts one (whatever texts the validation split takes)."""
         shortest = self.passkey_length if self.passkey_min_length is None else self.passkey_min_length
-        levels = sorted({round(shortest + (self.passkey_length - shortest) * k / (PASSKEY_LEVELS - 1))
-                         for k in range(PASSKEY_LEVELS)})
+        levels = [self.passkey_length >> k for k in range((self.passkey_length // shortest).bit_length())]
         return [levels[i * len(levels) // self.passkey_documents] for i in range(self.passkey_documents)]
-
-
-PASSKEY_LEVELS = 8  # distinct lengths of passkey training texts (each level is one seeded batch of texts)
 
 
 @dataclass
@@ -247,9 +251,17 @@ def read_code_recipe(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: stage(s) {', '.join(missing)} missing; a code recipe sets every stage")
     for stage, cls in CODE_STAGE_CONFIGS.items():
         from_dict(cls, stage_settings(recipe, stage, cls), f"{path}: stage {stage!r}")
-    for stage in TRAINING:
+    for stage, (data, _) in TRAINING.items():
         if {"init", "data", "out"} & set(stages[stage] or {}):
             raise ValueError(f"{path}: stage {stage!r}: init, data and out are wired by the pipeline, not set")
+        d = from_dict(CodeDataConfig, stage_settings(recipe, data, CodeDataConfig), f"{path}: stage {data!r}")
+        seq_len = from_dict(pretrain.PretrainConfig, stage_settings(recipe, stage, pretrain.PretrainConfig),
+                            f"{path}: stage {stage!r}").seq_len
+        ratio = seq_len // d.passkey_length
+        if d.passkey_documents and (seq_len % d.passkey_length or ratio & (ratio - 1)):
+            raise ValueError(f"{path}: stage {data!r}: passkey_length {d.passkey_length} must be the seq_len "
+                             f"{seq_len} of stage {stage!r}, halved zero or more times (the texts fill its "
+                             "windows whole)")
     return recipe
 
 
@@ -297,8 +309,9 @@ def stage_tokenizer(ctx: Context) -> dict:
     cfg = _config(CodeTokenizerConfig, ctx, "tokenizer")
     folder = ctx.folder("tokenizer")
     inputs = _code_texts(cfg, folder)
-    # The probe's fixed lines (header, key line, filler, question), so they are a few pieces each.
-    probe = "\n".join([HEADER, KEY_LINE.format(key=12345), *FILLER, QUESTION])
+    # The probe's fixed lines (header, key line with each key, filler, question), so they are a
+    # few pieces each and most keys one piece.
+    probe = "\n".join([HEADER, *(KEY_LINE.format(key=k) for k in KEYS), *FILLER, QUESTION])
     inputs.append(_write_jsonl(folder / "passkey.jsonl", [probe] * 20))
     tok = tokenizer_command.train(cfg, inputs, folder)
     return {"vocab_size": tok.vocab_size}
@@ -343,9 +356,10 @@ def merge_prepared(parts: dict[str, Path], out: Path) -> dict:
 
 
 def passkey_rows(cfg: CodeDataConfig, tok) -> list[dict]:
-    """A data stage's passkey texts as JSONL rows, shortest first (``cfg.passkey_lengths()``). With
-    ``passkey_answer_only``, prompt/completion rows: the loss on the key alone (a five-digit copy
-    is ~1% of a text's tokens, which the filler's loss drowns); otherwise plain texts."""
+    """A data stage's passkey texts as JSONL rows, each exactly its length of ``cfg.passkey_lengths()``
+    tokens, longest first. With ``passkey_answer_only``, prompt/completion rows: the loss on the key
+    alone (a one-word copy is ~1% of a text's tokens, which the filler's loss drowns); otherwise
+    plain texts."""
     lengths = cfg.passkey_lengths()
     examples = [e for length in dict.fromkeys(lengths)
                 for e in passkey_examples(length, lengths.count(length), cfg.seed, tok)]
@@ -357,16 +371,21 @@ def _data(stage: str):
         cfg = _config(CodeDataConfig, ctx, stage)
         folder = ctx.folder(stage)
         tok_file = ctx.folder("tokenizer") / "tokenizer.model"
-        parts = {"code": folder / "code"}
-        # The code world's functions come from _code_texts (seeded by the stage's seed), so
-        # prepare_from_config must not add its own copy of them.
-        prepare_from_config(dataclasses.replace(cfg, code_world_documents=0), _code_texts(cfg, folder), tok_file,
-                            parts["code"], log=ctx.log)
+        parts = {}
+        # The passkey texts first, each exactly its length, longest first: the trainer cuts its stream
+        # into windows of seq_len tokens from token 0, so each window of this part holds whole texts
+        # (CodeDataConfig.passkey_lengths). A text cut at a window's edge would ask for a key the
+        # window does not hold: noise, not a lesson.
         if cfg.passkey_documents:
             parts["passkey"] = folder / "passkey"
             rows = passkey_rows(cfg, Tokenizer(tok_file))
             prepare([_write_rows(folder / "passkey.jsonl", rows)], tok_file, parts["passkey"],
                     val_fraction=cfg.val_fraction, workers=cfg.workers, progress=cfg.progress, log=ctx.log)
+        parts["code"] = folder / "code"
+        # The code world's functions come from _code_texts (seeded by the stage's seed), so
+        # prepare_from_config must not add its own copy of them.
+        prepare_from_config(dataclasses.replace(cfg, code_world_documents=0), _code_texts(cfg, folder), tok_file,
+                            parts["code"], log=ctx.log)
         index = merge_prepared(parts, folder)
         return {"tokens": index["tokens"], "parts": index["parts"]}
     run.__doc__ = {

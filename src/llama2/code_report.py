@@ -320,7 +320,8 @@ def section_passkey(data: dict, figdir: Path) -> list[Block]:
         return []
     out: list[Block] = [
         Heading(2, "Passkey retrieval by depth and length"),
-        Paragraph(["A five-digit key hidden in code-like filler at a depth from 0 (first line) to 1 (last line); "
+        Paragraph(["A key (one of 64 words; chance 1 in 64) hidden in code-like filler at a depth from 0 (first line) "
+                   "to 1 (last line); "
                    "the prompt ends with the words that introduced the key and the model must write it (greedy). "
                    "Lengths past a model's training length show whether its context reaches beyond it "
                    "(the dashed line in the figure)."])]
@@ -384,7 +385,8 @@ def section_training(data: dict, figdir: Path) -> list[Block]:
     if rows:
         out += [Heading(2, "Training data"),
                 Paragraph(["Code: the bundled CPython standard-library subset and code-world training functions; "
-                           "passkey: probe-shaped texts at the next stage's training length, never FIM-transformed."]),
+                           "passkey: probe-shaped texts of the next stage's training length or halves of it, laid out so "
+                           "that no training window cuts one, never FIM-transformed."]),
                 Table(["data stage", "part", "train tokens", "train documents", "FIM rate"], rows)]
     if figure_losses(data, figdir / "losses.png"):
         out.append(Image("losses.png", "Loss curves of the training stages"))

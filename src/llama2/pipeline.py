@@ -429,7 +429,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", default="tiny",
                         help="a built-in recipe (tiny: ~33 min on a 2-core CPU; tiny-lora: the same with LoRA in "
                              "every fine-tuning stage; smoke: seconds per stage; code: Code Llama's infilling and "
-                             "long-context recipe, ~13 min; code-smoke: the same in seconds) or a YAML file "
+                             "long-context recipe, ~7 min; code-smoke: the same in seconds) or a YAML file "
                              "(default: tiny)")
     parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/demo; runs/code for the code "
                                                     "recipes)")

@@ -1,30 +1,38 @@
 """Passkey retrieval: a synthetic probe of how far a model's usable context reaches.
 
-A random five-digit passkey is hidden at some depth inside filler of a given token length, and
-the prompt ends with a question the model must answer with the key. Position interpolation
-(Chen et al. 2023) and Llama 2 Long (Xiong et al. 2023) use this probe to show that a model
-whose RoPE was stretched and fine-tuned on long sequences retrieves from the whole window,
-while one used past its training length fails. Code Llama's long-context fine-tuning (Code
-Llama §2.4) is measured with a code version of it (Code Llama §3.3, key retrieval: a function
-returning a number hidden in Python code, and an ``assert`` on its value to complete).
+A key is hidden at some depth inside filler of a given token length, and the prompt ends with a
+question the model must answer with the key. Position interpolation (Chen et al. 2023) and
+Llama 2 Long (Xiong et al. 2023) use this probe to show that a model whose RoPE was stretched and
+fine-tuned on long sequences retrieves from the whole window, while one used past its training
+length fails. Code Llama's long-context fine-tuning (Code Llama §2.4) is measured with a code
+version of it (Code Llama §3.3, key retrieval: a function returning a number hidden in Python
+code, and an ``assert`` on its value to complete).
 
-The filler is code-like: lines of plain Python statements drawn at random from a small pool,
-none with a digit in it, so the key is the only number in the prompt. Code-like because the
-models probed here are code models, whose training text is code. As in the original probe
-(Mohtashami & Jaggi 2023, the one Chen et al. use, whose answer starts by repeating the words
-that introduced the key), the prompt ends with
-the very tokens that come before the key in its line, so answering is copying from far back,
-which is what the probe measures and what a small model can learn:
+The filler is code-like: lines of plain Python statements drawn at random from a small pool.
+Code-like because the models probed here are code models, whose training text is code. As in the
+original probe (Mohtashami & Jaggi 2023, the one Chen et al. use, whose answer starts by
+repeating the words that introduced the key), the prompt ends with the very tokens that come
+before the key in its line:
 
     # A long file. One line below sets the passkey; remember it.
     total = total + step
     (more filler lines)
-    passkey = 48213  # remember this number
+    passkey = falcon  # remember this word
     (more filler lines)
     # What is the passkey?
     passkey =
 
-The answer (`` 48213``) is right when the first run of digits the model writes is the key.
+The key is one word of :data:`KEYS` (64 nouns, none of them in the filler), not the literature's
+five-digit number, and that is what a model of a few million parameters can learn in minutes:
+finding a word of a class seen nowhere else in the window and copying it takes one attention
+head, while copying five digits in order takes an induction circuit (a head that finds the
+previous occurrence of the current digit and one that copies the token after it, Olsson et al.
+2022), which at the code recipe's size and budget never formed (0% in every cell, and from
+scratch on passkey texts alone it needed ~1,000 steps and only some seeds). What the probe
+measures is the same: whether attention reaches the key from anywhere in the window, past the
+training length or not. Chance is 1 in 64.
+
+The answer (`` falcon``) is right when the first word the model writes is the key.
 ``passkey_documents`` gives training texts of the same shape with the answer appended, from a
 separate seed space: a small model fine-tuned on them at some length (the code recipe uses 4x
 the pretraining length, as Code Llama §2.4 extends 4k to 16k) can then be probed at that length
@@ -42,9 +50,18 @@ from dataclasses import dataclass
 from llama2.eval.infill import greedy_complete
 
 HEADER = "# A long file. One line below sets the passkey; remember it."
-KEY_LINE = "passkey = {key}  # remember this number"
+KEY_LINE = "passkey = {key}  # remember this word"
+# The keys: concrete nouns, none a word of the header, the filler or the question.
+KEYS = (
+    "anchor", "apple", "basket", "bridge", "candle", "canyon", "castle", "cherry", "cloud", "comet", "copper",
+    "desert", "dragon", "eagle", "engine", "falcon", "feather", "forest", "garden", "ginger", "glacier", "hammer",
+    "harbor", "island", "jacket", "kettle", "ladder", "lantern", "lemon", "magnet", "marble", "meadow", "mirror",
+    "needle", "ocean", "orange", "otter", "parrot", "pebble", "pepper", "pillow", "planet", "pocket", "rabbit",
+    "raven", "river", "rocket", "saddle", "salmon", "silver", "spider", "sunset", "thunder", "tiger", "tomato",
+    "tunnel", "turtle", "velvet", "violet", "walnut", "willow", "window", "wizard", "zebra",
+)
 QUESTION = "# What is the passkey?\npasskey ="
-# Plain statements, no blocks (any order is valid Python), no digits (the key is the only number).
+# Plain statements, no blocks (any order is valid Python), no word of KEYS (the key is the only one).
 FILLER = (
     "total = total + step",
     "name = name.strip()",
@@ -63,8 +80,8 @@ FILLER = (
 
 @dataclass
 class PasskeyPrompt:
-    """``ids``: the prompt's tokens (BOS first), the tokens of ``text``; ``key``: the five digits
-    to answer; ``key_position``: the index of the key line's first token in ``ids``."""
+    """``ids``: the prompt's tokens (BOS first), the tokens of ``text``; ``key``: the word to
+    answer; ``key_position``: the index of the key line's first token in ``ids``."""
 
     text: str
     ids: list[int]
@@ -88,7 +105,7 @@ def _line_costs(tok) -> dict[str, int]:
 
 
 def _build(tok, rng: random.Random, length: int, depth: float, costs: dict[str, int]) -> PasskeyPrompt:
-    key = str(rng.randint(10_000, 99_999))
+    key = rng.choice(KEYS)
     filler = [rng.choice(FILLER) for _ in range(length)]  # more lines than can ever fit: each is >= 1 token
     fixed = len(tok.encode(_text([], 0, 0, key)[1], bos=True))
     if fixed + 1 > length:
@@ -139,19 +156,34 @@ def passkey_prompts(tok, length: int, depths: Sequence[float], n: int, seed: int
 
 
 def passkey_examples(length_tokens: int, n: int, seed: int, tok) -> list[tuple[str, str]]:
-    """``n`` training examples of about ``length_tokens`` tokens as (prompt, answer): a
-    probe-shaped prompt at a uniform random depth, and the key with a newline. Their seed space is
-    separate from the probe's (same seed, different keys and filler), so the probe never tests a
-    training text."""
+    """``n`` training examples as (prompt, answer): a probe-shaped prompt at a uniform random
+    depth, and the key with a newline, each exactly ``length_tokens`` tokens as ``BOS prompt answer
+    EOS`` (blank lines between filler lines make up what whole lines leave), so a trainer's window
+    of that length holds one whole example. Their seed space is separate from the probe's (same
+    seed, different keys and filler), so the probe never tests a training text."""
     _check(length_tokens, [0.0], n)
     costs = _line_costs(tok)
-    answer = len(tok.encode(" 12345\n")) + 1  # room for the answer and EOS
+    answer = max(len(tok.encode(f" {k}\n")) for k in KEYS) + 1  # room for the longest answer and EOS
     examples = []
     for i in range(n):
         rng = random.Random(f"passkey-train/{seed}/{length_tokens}/{i}")
         depth = rng.random()
-        p = _build(tok, rng, length_tokens - answer, depth, costs)
-        examples.append((p.text, f" {p.key}\n"))
+        try:
+            p = _build(tok, rng, length_tokens - answer, depth, costs)
+        except ValueError as e:  # the message names the prompt's budget; say the text's length and why
+            raise ValueError(f"passkey training texts of {length_tokens} tokens are too short for this tokenizer: "
+                             f"{answer} go to the answer and EOS, and {str(e).split(': ', 1)[-1]}") from None
+        prompt, reply = p.text, f" {p.key}\n"
+        short = length_tokens - len(tok.encode(prompt + reply, bos=True, eos=True))
+        if short > 0:  # a newline is a token of its own (Llama 2's byte pieces), so each adds one
+            lines = prompt.split("\n")
+            for at in sorted(rng.choices(range(1, len(lines) - 1), k=short), reverse=True):
+                lines.insert(at, "")
+            prompt = "\n".join(lines)
+        if len(tok.encode(prompt + reply, bos=True, eos=True)) != length_tokens:
+            raise ValueError(f"cannot make a passkey text of exactly {length_tokens} tokens with this tokenizer "
+                             "(blank lines do not add one token each)")
+        examples.append((prompt, reply))
     return examples
 
 
@@ -161,8 +193,8 @@ def passkey_documents(length_tokens: int, n: int, seed: int, tok) -> list[str]:
 
 
 def read_answer(text: str) -> str | None:
-    """The first run of digits in a model's answer, or None."""
-    m = re.search(r"\d+", text)
+    """The first word (a run of letters) of a model's answer, or None."""
+    m = re.search(r"[A-Za-z]+", text)
     return m.group(0) if m else None
 
 
