@@ -74,8 +74,7 @@ class CompactTokenizer:
 
 def compact_tokenizer(base: Tokenizer, lengths: list[int]) -> CompactTokenizer:
     """Every piece the probe's and the training texts can hold: their fixed lines, every key."""
-    sample = []
-    sample += [d for n in lengths for d in passkey_documents(n, 20, 0, base)]
+    sample = [d for n in lengths for d in passkey_documents(n, 20, 0, base)]
     sample += [p.text for n in lengths for p in passkey_prompts(base, n, [0.0, 1.0], 2)]
     sample += [KEY_LINE.format(key=k) + f"\n {k}\n" for k in KEYS]
     return CompactTokenizer(base, sample)

@@ -121,6 +121,11 @@ class CodeTokenizerConfig(TokenizerConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
+def _halved(length: int, part: int) -> bool:
+    """Whether ``part`` is ``length`` halved zero or more times (256 -> 128 -> 64)."""
+    return 1 <= part <= length and length % part == 0 and (length // part) & (length // part - 1) == 0
+
+
 @dataclass
 class CodeDataConfig(PrepareConfig):
     """A data stage of a code recipe: ``llama2 prepare``'s flags for the code texts (the bundled
@@ -157,8 +162,7 @@ class CodeDataConfig(PrepareConfig):
         shortest = self.passkey_length if self.passkey_min_length is None else self.passkey_min_length
         if self.passkey_documents and shortest < 64:
             raise ValueError(f"passkey texts of {shortest} tokens are too short (>= 64 tokens)")
-        if shortest < 1 or self.passkey_length % shortest or (self.passkey_length // shortest) & (
-                self.passkey_length // shortest - 1):
+        if not _halved(self.passkey_length, shortest):
             raise ValueError(f"passkey_min_length {shortest} must be passkey_length {self.passkey_length} halved "
                              "zero or more times")
 
@@ -249,16 +253,13 @@ def read_code_recipe(path: str | os.PathLike) -> dict:
     missing = [s for s in CODE_STAGES if s not in stages]
     if missing:  # each block says something a default cannot (sizes that chain, the lengths)
         raise ValueError(f"{path}: stage(s) {', '.join(missing)} missing; a code recipe sets every stage")
-    for stage, cls in CODE_STAGE_CONFIGS.items():
-        from_dict(cls, stage_settings(recipe, stage, cls), f"{path}: stage {stage!r}")
+    configs = {stage: from_dict(cls, stage_settings(recipe, stage, cls), f"{path}: stage {stage!r}")
+               for stage, cls in CODE_STAGE_CONFIGS.items()}
     for stage, (data, _) in TRAINING.items():
         if {"init", "data", "out"} & set(stages[stage] or {}):
             raise ValueError(f"{path}: stage {stage!r}: init, data and out are wired by the pipeline, not set")
-        d = from_dict(CodeDataConfig, stage_settings(recipe, data, CodeDataConfig), f"{path}: stage {data!r}")
-        seq_len = from_dict(pretrain.PretrainConfig, stage_settings(recipe, stage, pretrain.PretrainConfig),
-                            f"{path}: stage {stage!r}").seq_len
-        ratio = seq_len // d.passkey_length
-        if d.passkey_documents and (seq_len % d.passkey_length or ratio & (ratio - 1)):
+        d, seq_len = configs[data], configs[stage].seq_len
+        if d.passkey_documents and not _halved(seq_len, d.passkey_length):
             raise ValueError(f"{path}: stage {data!r}: passkey_length {d.passkey_length} must be the seq_len "
                              f"{seq_len} of stage {stage!r}, halved zero or more times (the texts fill its "
                              "windows whole)")

@@ -108,9 +108,6 @@ def _build(tok, rng: random.Random, length: int, depth: float, costs: dict[str, 
     key = rng.choice(KEYS)
     filler = [rng.choice(FILLER) for _ in range(length)]  # more lines than can ever fit: each is >= 1 token
     fixed = len(tok.encode(_text([], 0, 0, key)[1], bos=True))
-    if fixed + 1 > length:
-        raise ValueError(f"passkey length {length} is too short: the header, key line and question alone "
-                         f"take {fixed} tokens")
 
     def split(n: int) -> tuple[int, int]:
         before = round(depth * n)
@@ -134,6 +131,12 @@ def _build(tok, rng: random.Random, length: int, depth: float, costs: dict[str, 
                          key_position=len(tok.encode(head, bos=True)))
 
 
+def _fixed_tokens(tok) -> int:
+    """Tokens of a prompt without filler (BOS, header, key line, question) with the longest key: the
+    least any prompt takes, whatever key it draws."""
+    return max(len(tok.encode(_text([], 0, 0, k)[1], bos=True)) for k in KEYS)
+
+
 def _check(length: int, depths: Sequence[float], n: int) -> None:
     if length < 1:
         raise ValueError(f"passkey length must be >= 1 token, got {length}")
@@ -149,6 +152,10 @@ def passkey_prompts(tok, length: int, depths: Sequence[float], n: int, seed: int
     filler line of it. Deterministic in ``seed``; each (length, depth, i) has its own random
     stream, so adding a depth or a length leaves the other prompts unchanged."""
     _check(length, depths, n)
+    fixed = _fixed_tokens(tok)
+    if fixed + 1 > length:
+        raise ValueError(f"passkey length {length} is too short: the header, key line and question alone "
+                         f"take {fixed} tokens")
     depths = list(dict.fromkeys(float(d) for d in depths))  # a depth given twice is one cell; 1 is 1.0
     costs = _line_costs(tok)
     return [_build(tok, random.Random(f"passkey-probe/{seed}/{length}/{depth!r}/{i}"), length, depth, costs)
@@ -164,15 +171,16 @@ def passkey_examples(length_tokens: int, n: int, seed: int, tok) -> list[tuple[s
     _check(length_tokens, [0.0], n)
     costs = _line_costs(tok)
     answer = max(len(tok.encode(f" {k}\n")) for k in KEYS) + 1  # room for the longest answer and EOS
+    fixed = _fixed_tokens(tok)
+    if fixed + answer + 1 > length_tokens:
+        raise ValueError(f"passkey training texts of {length_tokens} tokens are too short for this tokenizer: "
+                         f"{answer} go to the answer and EOS, and the header, key line and question alone take "
+                         f"{fixed} tokens")
     examples = []
     for i in range(n):
         rng = random.Random(f"passkey-train/{seed}/{length_tokens}/{i}")
         depth = rng.random()
-        try:
-            p = _build(tok, rng, length_tokens - answer, depth, costs)
-        except ValueError as e:  # the message names the prompt's budget; say the text's length and why
-            raise ValueError(f"passkey training texts of {length_tokens} tokens are too short for this tokenizer: "
-                             f"{answer} go to the answer and EOS, and {str(e).split(': ', 1)[-1]}") from None
+        p = _build(tok, rng, length_tokens - answer, depth, costs)
         prompt, reply = p.text, f" {p.key}\n"
         short = length_tokens - len(tok.encode(prompt + reply, bos=True, eos=True))
         if short > 0:  # a newline is a token of its own (Llama 2's byte pieces), so each adds one
